@@ -1,0 +1,39 @@
+"""User-facing errors.
+
+Every error a user can cause (bad file, bad manifest row, unknown model or tap,
+checkpoint that does not fit) is a :class:`MedfeatError`. Its message is one
+line that names the item and the reason; the CLI prints it without a traceback
+and exits non-zero. Subclasses also derive from the matching builtin so library
+callers can catch ``ValueError`` / ``KeyError`` as usual.
+"""
+
+
+class MedfeatError(Exception):
+    """Base class of all user-facing errors."""
+
+
+class InputError(MedfeatError, ValueError):
+    """Bad input data: unreadable or truncated file, NaN volume, wrong dimensions, singular affine."""
+
+
+class ManifestError(MedfeatError, ValueError):
+    """A missing manifest, or a bad row in one."""
+
+
+class UnknownNameError(MedfeatError, KeyError):
+    """An unknown model, tap, variant or format name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsError(MedfeatError, ValueError):
+    """A checkpoint that cannot be read or does not fit the architecture."""
+
+
+class RuntimeUnavailableError(MedfeatError, RuntimeError):
+    """A runtime, execution provider or operator that this machine cannot run."""
+
+
+class StoreError(MedfeatError, ValueError):
+    """A feature store that is missing, locked, or inconsistent."""

@@ -1,0 +1,1 @@
+"""Model families; each module registers its backbones on import."""

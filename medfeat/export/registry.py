@@ -1,0 +1,181 @@
+"""The backbone registry: name -> spec, and ``create_backbone`` that truncates and pools.
+
+Model families register themselves in their own modules (``medfeat/export/models/``),
+which :func:`_load_families` imports on first use.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from medfeat.errors import UnknownNameError, WeightsError
+from medfeat.export.pooling import pool, pooled_dim
+from medfeat.export.spec import BackboneSpec, TappedModel, TapSpec
+from medfeat.export.weights import load_strict, read_checkpoint, sha256_file
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+_LOADED = False
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add ``spec`` to the registry (a name may be registered once)."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"backbone {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_families() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    package = importlib.import_module("medfeat.export.models")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"medfeat.export.models.{info.name}")
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec of ``name``; an unknown name lists the known ones."""
+    _load_families()
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def resolve_taps(spec: BackboneSpec, taps: Sequence[str | int], table: Sequence[TapSpec]) -> list[TapSpec]:
+    """Tap specs for names or indices (negative indices count from the end), in forward order."""
+    by_name = {t.name: t for t in table}
+    chosen: list[TapSpec] = []
+    for tap in taps:
+        if isinstance(tap, int) or (isinstance(tap, str) and tap.lstrip("-").isdigit()):
+            index = int(tap)
+            if not -len(table) <= index < len(table):
+                raise UnknownNameError(f"{spec.name}: tap index {index} out of range (0..{len(table) - 1})")
+            chosen.append(table[index])
+        elif tap in by_name:
+            chosen.append(by_name[tap])
+        else:
+            names = ", ".join(t.name for t in table)
+            raise UnknownNameError(f"{spec.name}: unknown tap {tap!r}; taps are: {names}")
+    order = {t.name: i for i, t in enumerate(table)}
+    unique = {t.name: t for t in chosen}
+    return sorted(unique.values(), key=lambda t: order[t.name])
+
+
+class Backbone(nn.Module):
+    """A truncated backbone: ``forward(x) -> {tap: (B, D) pooled features}``.
+
+    Attributes
+    ----------
+    spec : the registry entry.
+    taps : the tap specs served, in forward order.
+    poolings : pooling per tap.
+    trunk : the underlying :class:`TappedModel`, pruned after the last tap.
+    provenance : model, config, weights path and sha256, taps, poolings.
+    """
+
+    def __init__(self, spec: BackboneSpec, trunk: TappedModel, taps: list[TapSpec],
+                 poolings: dict[str, str], provenance: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.trunk = trunk
+        self.taps = taps
+        self.poolings = poolings
+        self.provenance = provenance
+
+    @property
+    def tap_names(self) -> list[str]:
+        return [t.name for t in self.taps]
+
+    def output_dims(self) -> dict[str, int]:
+        """Pooled length per tap."""
+        return {t.name: pooled_dim(t.channels, self.poolings[t.name]) for t in self.taps}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raw = self.trunk.forward_taps(x, self.tap_names)
+        return {t.name: pool(raw[t.name], t.kind, self.poolings[t.name], t.prefix_tokens) for t in self.taps}
+
+
+def create_backbone(
+    name: str,
+    taps: Sequence[str | int],
+    weights: str | None = None,
+    *,
+    pooling: str | dict[str, str] | None = None,
+    seed: int = 0,
+    tiny: bool = False,
+    config: dict[str, Any] | None = None,
+) -> Backbone:
+    """Build ``name`` truncated after the last of ``taps``, with pooling per tap.
+
+    Parameters
+    ----------
+    name : registry name.
+    taps : tap names or indices into the tap table.
+    weights : a local checkpoint file in one of the spec's formats; seeded random init if None.
+    pooling : one pooling for all taps, a per-tap dict, or None for each tap's default.
+    seed : seed of the random init.
+    tiny : use the spec's tiny config (tests).
+    config : further build overrides.
+    """
+    spec = get_spec(name)
+    cfg = {**(spec.tiny_config if tiny else {}), **(config or {})}
+    table = spec.tap_table(**cfg)
+    chosen = resolve_taps(spec, taps, table)
+    if not chosen:
+        raise UnknownNameError(f"{name}: no taps given")
+    torch.manual_seed(seed)
+    trunk = spec.build(**cfg)
+    provenance: dict[str, Any] = {"model": name, "config": cfg, "seed": seed, "weights": None, "weights_sha256": None}
+    if weights is not None:
+        state = read_checkpoint(weights)
+        if spec.convert_checkpoint is not None:
+            state = spec.convert_checkpoint(state)
+        load_strict(trunk, state, name, source=str(weights))
+        provenance.update(weights=str(weights), weights_sha256=sha256_file(weights))
+    trunk.prune_after(chosen[-1].name)
+    trunk.eval()
+    poolings = _poolings(chosen, pooling)
+    provenance.update(taps=[t.name for t in chosen], poolings=poolings)
+    return Backbone(spec, trunk, chosen, poolings, provenance)
+
+
+def _poolings(taps: list[TapSpec], pooling: str | dict[str, str] | None) -> dict[str, str]:
+    if pooling is None:
+        return {t.name: t.pooling for t in taps}
+    if isinstance(pooling, str):
+        return {t.name: pooling for t in taps}
+    return {t.name: pooling.get(t.name, t.pooling) for t in taps}
+
+
+def converter_for(formats: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]],
+                  model: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A ``convert_checkpoint`` that tries each named format's detector/converter in turn.
+
+    Each format function returns the converted state dict, or None when the checkpoint is
+    not in its layout.
+    """
+
+    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for converter in formats.values():
+            out = converter(state)
+            if out is not None:
+                return out
+        sample = ", ".join(list(state)[:5])
+        raise WeightsError(
+            f"checkpoint is in none of the formats {model} loads ({', '.join(formats)}); first keys: {sample}"
+        )
+
+    return convert

@@ -1,0 +1,253 @@
+"""Cross-validated probe evaluation: out-of-fold predictions, metrics, CIs.
+
+For each seed the outer grouped k-fold produces one out-of-fold (OOF)
+prediction per item; metrics are computed on the pooled OOF predictions of
+that seed. The reported value is the mean over seeds, and its CI comes from
+a bootstrap over subjects in which each replicate draws one set of subjects
+and averages the metric over seeds on it.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medfeat.errors import InputError
+from medfeat.probes.linear import make_probe
+from medfeat.probes.metrics import (METRICS_BY_TASK, best_f1_threshold, prepared_auc,
+                                    roc_curve_points)
+from medfeat.probes.splits import repeated_grouped_kfold
+from medfeat.probes.stats import CI, PairedResult, bootstrap_ci, delong_test, paired_bootstrap
+
+__all__ = ["TASKS", "ProbeResult", "cross_validate_probe", "compare_probes", "infer_task"]
+
+TASKS = ("binary", "multiclass", "ordinal", "multilabel")
+
+
+@dataclass
+class ProbeResult:
+    """Outcome of :func:`cross_validate_probe`.
+
+    ``scores`` is (n_seeds, n, C): pooled OOF probabilities (C = 1 for binary,
+    the positive class). ``preds`` is (n_seeds, n) or (n_seeds, n, L).
+    """
+
+    task: str
+    probe: str
+    classes: list
+    n_splits: int
+    seeds: list[int]
+    y: np.ndarray
+    groups: np.ndarray
+    scores: np.ndarray
+    preds: np.ndarray
+    metrics: dict[str, dict] = field(default_factory=dict)
+    folds: list[dict] = field(default_factory=list)
+    item_ids: list[str] | None = None
+    seconds: float = 0.0
+
+    @property
+    def headline(self) -> str:
+        """The task's main metric name (AUC, kappa, macro recall)."""
+        return next(iter(METRICS_BY_TASK[self.task]))
+
+    def to_dict(self, include_predictions: bool = False) -> dict:
+        """JSON-ready summary (ROC points included for binary tasks)."""
+        out = {
+            "task": self.task, "probe": self.probe, "classes": [_py(c) for c in self.classes],
+            "n_items": int(len(self.y)), "n_subjects": int(len(np.unique(self.groups))),
+            "n_splits": self.n_splits, "seeds": self.seeds, "headline": self.headline,
+            "metrics": self.metrics, "folds": self.folds, "seconds": round(self.seconds, 3),
+        }
+        if self.task == "binary":
+            out["roc"] = [dict(zip(("fpr", "tpr"), roc_curve_points(self.y, s[:, 0])))
+                          for s in self.scores]
+        if include_predictions:
+            out["item_ids"] = self.item_ids
+            out["y"] = self.y.tolist()
+            out["scores"] = self.scores.tolist()
+        return out
+
+    def rows(self, **extra: object) -> list[dict]:
+        """Tidy rows, one per metric: extra columns first, then the numbers."""
+        rows = []
+        for name, m in self.metrics.items():
+            rows.append({**extra, "task": self.task, "probe": self.probe, "metric": name,
+                         "value": m["value"], "ci_low": m["ci_low"], "ci_high": m["ci_high"],
+                         "seed_std": m["seed_std"], "n_items": int(len(self.y)),
+                         "n_subjects": int(len(np.unique(self.groups)))})
+        return rows
+
+
+def _py(v: object) -> object:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def infer_task(y: np.ndarray) -> str:
+    """``multilabel`` for a 2D y, ``binary`` for two classes, else ``multiclass``."""
+    y = np.asarray(y)
+    if y.ndim == 2:
+        return "multilabel"
+    return "binary" if len(np.unique(y)) == 2 else "multiclass"
+
+
+def _encode(y: np.ndarray, task: str) -> tuple[np.ndarray, list]:
+    y = np.asarray(y)
+    if task == "multilabel":
+        if y.ndim != 2:
+            raise InputError(f"task multilabel needs an (items, labels) target, got shape {y.shape}")
+        return (y > 0).astype(np.int64), list(range(y.shape[1]))
+    if y.ndim != 1:
+        raise InputError(f"task {task} needs one label per item, got shape {y.shape}")
+    classes, enc = np.unique(y, return_inverse=True)
+    if task == "binary" and len(classes) != 2:
+        raise InputError(f"task binary needs 2 classes, found {len(classes)}: {classes[:10].tolist()}")
+    if len(classes) < 2:
+        raise InputError(f"the target has a single class ({classes.tolist()}): nothing to probe")
+    return enc, classes.tolist()
+
+
+def _fold_predict(probe, X: np.ndarray, y: np.ndarray, groups: np.ndarray, train: np.ndarray,
+                  test: np.ndarray, task: str, n_cols: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Fit on train rows; return test scores (t, C), test predictions and fold info."""
+    probe.fit(X[train], y[train], groups[train])
+    score = _full_proba(probe, probe.predict_proba(X[test]), task, n_cols)
+    info: dict = {"C": _py_list(getattr(probe, "C_", None))}
+    if task in ("multiclass", "ordinal"):
+        return score, np.argmax(score, axis=1), info
+    # Thresholds maximise F1 on the training rows' predictions, then apply to the test fold.
+    train_proba = probe.loo_proba() if hasattr(probe, "loo_proba") else probe.predict_proba(X[train])
+    train_score = _full_proba(probe, train_proba, task, n_cols)
+    cols = range(score.shape[1])
+    thr = np.array([best_f1_threshold(y[train] if task == "binary" else y[train][:, j], train_score[:, j])
+                    for j in cols])
+    info["threshold"] = _py_list(thr)
+    pred = (score >= thr).astype(np.int64)
+    return score, (pred[:, 0] if task == "binary" else pred), info
+
+
+def _py_list(v: object) -> object:
+    if v is None:
+        return None
+    arr = np.atleast_1d(np.asarray(v, dtype=float))
+    vals = [None if not np.isfinite(x) else float(x) for x in arr]
+    return vals[0] if np.ndim(v) == 0 else vals
+
+
+def _full_proba(probe, proba: np.ndarray, task: str, n_cols: int) -> np.ndarray:
+    """Probabilities in the global class order; binary keeps only the positive column."""
+    if task == "multilabel":
+        return proba
+    full = np.zeros((len(proba), n_cols))
+    full[:, np.asarray(probe.classes_, dtype=np.int64)] = proba
+    return full[:, 1:2] if task == "binary" else full
+
+
+def _metric_stat(task: str, name: str, y: np.ndarray, score: np.ndarray,
+                 pred: np.ndarray) -> Callable[[np.ndarray | None], float]:
+    """A metric of one seed's OOF predictions as a function of row weights."""
+    kind, fn = METRICS_BY_TASK[task][name]
+    if name == "auc":
+        if task == "binary":
+            return prepared_auc(y, score[:, 0])
+        cols = [(y == k) if task != "multilabel" else y[:, k] for k in range(score.shape[1])]
+        fs = [prepared_auc(c, score[:, k]) for k, c in enumerate(cols) if 0 < np.sum(c) < len(c)]
+        return lambda w=None: float(np.mean([f(w) for f in fs])) if fs else float("nan")
+    arr = score if kind == "score" else pred
+    return lambda w=None: fn(y, arr, w)
+
+
+def _seed_mean(stats: list[Callable]) -> Callable[[np.ndarray], float]:
+    def mean(w: np.ndarray) -> float:
+        vals = [f(w) for f in stats]
+        return float(np.mean(vals)) if np.all(np.isfinite(vals)) else float("nan")
+    return mean
+
+
+def cross_validate_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, *,
+                         task: str | None = None, n_splits: int = 5, seeds: Sequence[int] = (0, 1, 2),
+                         probe: str = "linear", probe_params: dict | None = None, n_boot: int = 1000,
+                         ci_method: str = "percentile", level: float = 0.95,
+                         item_ids: Sequence[str] | None = None) -> ProbeResult:
+    """Repeated grouped k-fold evaluation of a probe on features X (n, dim).
+
+    Parameters
+    ----------
+    y : (n,) labels, or (n, L) 0/1 matrix for ``task="multilabel"``.
+    groups : (n,) subject per item; defaults to one subject per item.
+    task : binary | multiclass | ordinal | multilabel (inferred when None).
+    n_boot : bootstrap replicates for the CIs (0 skips CIs).
+    """
+    start = time.perf_counter()
+    task = task or infer_task(y)
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    X = np.asarray(X)
+    y_enc, classes = _encode(y, task)
+    groups = np.arange(len(X)) if groups is None else np.asarray(groups)
+    if len(groups) != len(X) or len(y_enc) != len(X):
+        raise InputError(f"features ({len(X)}), labels ({len(y_enc)}) and groups ({len(groups)}) differ in length")
+    seeds = [int(s) for s in seeds]
+    n_cols = len(classes)
+    score_cols = 1 if task == "binary" else n_cols
+    scores = np.zeros((len(seeds), len(X), score_cols))
+    preds = np.zeros((len(seeds), len(X)) + ((n_cols,) if task == "multilabel" else ()), dtype=np.int64)
+    folds = []
+    for split in repeated_grouped_kfold(y_enc, groups, n_splits, seeds):
+        s = seeds.index(split.seed)
+        est = make_probe(probe, **(_with_seed(probe, probe_params, split.seed)))
+        sc, pr, info = _fold_predict(est, X, y_enc, groups, split.train, split.test, task, n_cols)
+        scores[s, split.test], preds[s, split.test] = sc, pr
+        folds.append({"seed": split.seed, "fold": split.fold, "n_train": int(len(split.train)),
+                      "n_test": int(len(split.test)), **info})
+    result = ProbeResult(task, probe, classes, n_splits, seeds, y_enc, groups, scores, preds,
+                         folds=folds, item_ids=list(item_ids) if item_ids is not None else None)
+    result.metrics = _summarise(result, n_boot, ci_method, level)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _with_seed(probe: str, params: dict | None, seed: int) -> dict:
+    params = dict(params or {})
+    if probe == "linear":
+        params.setdefault("random_state", seed)
+    return params
+
+
+def _summarise(r: ProbeResult, n_boot: int, ci_method: str, level: float) -> dict[str, dict]:
+    out = {}
+    for name in METRICS_BY_TASK[r.task]:
+        stats = [_metric_stat(r.task, name, r.y, r.scores[i], r.preds[i]) for i in range(len(r.seeds))]
+        per_seed = [f(None) for f in stats]
+        if n_boot > 0:
+            ci = bootstrap_ci(_seed_mean(stats), len(r.y), groups=r.groups, n_boot=n_boot,
+                              level=level, method=ci_method)
+        else:
+            ci = CI(float(np.mean(per_seed)), float("nan"), float("nan"), level, ci_method, 0)
+        out[name] = {"value": float(np.mean(per_seed)), "ci_low": ci.low, "ci_high": ci.high,
+                     "level": level, "ci_method": ci_method, "n_boot": n_boot,
+                     "seed_std": float(np.std(per_seed)), "per_seed": [float(v) for v in per_seed]}
+    return out
+
+
+def compare_probes(a: ProbeResult, b: ProbeResult, *, metric: str | None = None, n_boot: int = 2000,
+                   level: float = 0.95) -> dict[str, dict]:
+    """Paired comparison of two results on the same items and splits (A minus B).
+
+    Always a paired subject bootstrap of the metric; for binary tasks also
+    DeLong's test on the seed-averaged OOF scores.
+    """
+    if a.task != b.task or not np.array_equal(a.y, b.y) or not np.array_equal(a.groups, b.groups):
+        raise InputError("the two results are not on the same items, labels and subjects")
+    metric = metric or a.headline
+    if metric not in a.metrics:
+        raise InputError(f"metric {metric!r} not computed for task {a.task}: use one of {', '.join(a.metrics)}")
+    sa = _seed_mean([_metric_stat(a.task, metric, a.y, a.scores[i], a.preds[i]) for i in range(len(a.seeds))])
+    sb = _seed_mean([_metric_stat(b.task, metric, b.y, b.scores[i], b.preds[i]) for i in range(len(b.seeds))])
+    out: dict[str, PairedResult] = {
+        "paired_bootstrap": paired_bootstrap(sa, sb, len(a.y), groups=a.groups, n_boot=n_boot, level=level)}
+    if a.task == "binary" and metric == "auc":
+        out["delong"] = delong_test(a.y, a.scores.mean(axis=0)[:, 0], b.scores.mean(axis=0)[:, 0], level)
+    return {k: {**v.as_dict(), "metric": metric} for k, v in out.items()}

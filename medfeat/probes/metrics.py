@@ -1,0 +1,233 @@
+"""Classification metrics with sample weights.
+
+Every metric takes an optional ``sample_weight`` (n,) so that a bootstrap
+replicate is a weight vector (how often each row was drawn) rather than a
+copy of the data: AUC then costs one ``bincount`` over a pre-sorted order
+instead of a sort per replicate (see :mod:`medfeat.probes.stats`).
+
+Conventions: ``y`` holds integer class labels (n,) or a 0/1 indicator
+matrix (n, L) for multi-label tasks; scores are probabilities or any
+monotone score. The tests check each function against scikit-learn.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from medfeat.errors import InputError
+
+__all__ = [
+    "roc_auc",
+    "prepared_auc",
+    "best_f1_threshold",
+    "f1_binary",
+    "accuracy",
+    "balanced_accuracy",
+    "confusion",
+    "quadratic_weighted_kappa",
+    "macro_f1",
+    "multiclass_auc",
+    "mean_label_auc",
+    "roc_curve_points",
+    "METRICS_BY_TASK",
+]
+
+
+def _weights(n: int, sample_weight: np.ndarray | None) -> np.ndarray:
+    if sample_weight is None:
+        return np.ones(n, dtype=np.float64)
+    w = np.asarray(sample_weight, dtype=np.float64)
+    if w.shape != (n,):
+        raise InputError(f"sample_weight has shape {w.shape}, expected ({n},)")
+    return w
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """ROC AUC of a binary problem; ties count one half (the Mann-Whitney statistic).
+
+    Parameters
+    ----------
+    y : (n,) 0/1 labels.
+    score : (n,) higher means more likely positive.
+
+    Returns NaN when only one class has positive weight (AUC undefined).
+    """
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score, dtype=np.float64)
+    w = _weights(len(y), sample_weight)
+    uniq, inv = np.unique(score, return_inverse=True)
+    return _auc_from_blocks(inv, len(uniq), y, w)
+
+
+def _auc_from_blocks(inv: np.ndarray, n_blocks: int, y: np.ndarray, w: np.ndarray) -> float:
+    """AUC from rows already mapped to their rank block (tied scores share a block)."""
+    pos = np.bincount(inv, weights=w * y, minlength=n_blocks)
+    neg = np.bincount(inv, weights=w * ~y, minlength=n_blocks)
+    total_pos, total_neg = pos.sum(), neg.sum()
+    if total_pos <= 0 or total_neg <= 0:
+        return float("nan")
+    neg_below = np.cumsum(neg) - neg  # negatives with strictly lower scores
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (total_pos * total_neg))
+
+
+def prepared_auc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray | None], float]:
+    """``roc_auc(y, score, w)`` as a function of ``w`` alone, sorting once.
+
+    Bootstrap replicates then cost O(n) each (two bincounts) instead of a sort.
+    """
+    y = np.asarray(y).astype(bool)
+    uniq, inv = np.unique(np.asarray(score, dtype=np.float64), return_inverse=True)
+
+    def auc(w: np.ndarray | None = None) -> float:
+        return _auc_from_blocks(inv, len(uniq), y, _weights(len(y), w))
+
+    return auc
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, n_classes: int,
+              sample_weight: np.ndarray | None = None) -> np.ndarray:
+    """Weighted confusion matrix (n_classes, n_classes): rows true, columns predicted."""
+    y = np.asarray(y, dtype=np.int64)
+    pred = np.asarray(pred, dtype=np.int64)
+    w = _weights(len(y), sample_weight)
+    flat = np.bincount(y * n_classes + pred, weights=w, minlength=n_classes * n_classes)
+    return flat.reshape(n_classes, n_classes)
+
+
+def accuracy(y: np.ndarray, pred: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """Weighted fraction of correct predictions."""
+    w = _weights(len(y), sample_weight)
+    return float((w * (np.asarray(y) == np.asarray(pred))).sum() / w.sum())
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int | None = None,
+                      sample_weight: np.ndarray | None = None) -> float:
+    """Macro recall: mean over classes present in ``y`` of the per-class recall."""
+    k = _n_classes(y, pred, n_classes)
+    cm = confusion(y, pred, k, sample_weight)
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def quadratic_weighted_kappa(y: np.ndarray, pred: np.ndarray, n_classes: int | None = None,
+                             sample_weight: np.ndarray | None = None) -> float:
+    """Cohen's kappa with quadratic weights (ordinal grades 0..K-1)."""
+    k = _n_classes(y, pred, n_classes)
+    cm = confusion(y, pred, k, sample_weight)
+    total = cm.sum()
+    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)) / total
+    i, j = np.indices((k, k))
+    weights = (i - j) ** 2 / max((k - 1) ** 2, 1)
+    denom = (weights * expected).sum()
+    if denom == 0:
+        return float("nan")
+    return float(1.0 - (weights * cm).sum() / denom)
+
+
+def f1_binary(y: np.ndarray, pred: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """F1 of the positive class; 0 when there are no predicted and no true positives."""
+    y = np.asarray(y).astype(bool)
+    pred = np.asarray(pred).astype(bool)
+    w = _weights(len(y), sample_weight)
+    tp = (w * (y & pred)).sum()
+    fp = (w * (~y & pred)).sum()
+    fn = (w * (y & ~pred)).sum()
+    denom = 2 * tp + fp + fn
+    return float(2 * tp / denom) if denom > 0 else 0.0
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int | None = None,
+             sample_weight: np.ndarray | None = None) -> float:
+    """Unweighted mean of per-class F1 over the classes seen in ``y`` or ``pred``."""
+    k = _n_classes(y, pred, n_classes)
+    cm = confusion(y, pred, k, sample_weight)
+    tp = np.diag(cm)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)
+    seen = denom > 0
+    return float(np.mean(2 * tp[seen] / denom[seen]))
+
+
+def best_f1_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """Threshold on ``score`` maximising F1 (predict positive when ``score >= t``).
+
+    Chosen on training-fold predictions and applied unchanged to the test fold,
+    so the reported F1 is not tuned on the data it is measured on.
+    """
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score, dtype=np.float64)
+    if not y.any():
+        return float(np.inf)  # predict nothing positive
+    order = np.argsort(-score, kind="mergesort")
+    s, t = score[order], y[order]
+    tp = np.cumsum(t)
+    fp = np.cumsum(~t)
+    # Only cut between distinct scores: the last index of each tie block.
+    last = np.r_[s[1:] != s[:-1], True]
+    f1 = 2 * tp[last] / (tp[last] + fp[last] + t.sum())
+    best = int(np.argmax(f1))
+    return float(s[last][best])
+
+
+def multiclass_auc(y: np.ndarray, proba: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """Macro one-vs-rest AUC over classes present in ``y``; ``proba`` is (n, K)."""
+    y = np.asarray(y, dtype=np.int64)
+    aucs = [roc_auc(y == k, proba[:, k], sample_weight) for k in range(proba.shape[1])]
+    return float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
+
+
+def mean_label_auc(Y: np.ndarray, S: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """Mean per-label AUC of a multi-label problem; labels with one class only are skipped."""
+    aucs = [roc_auc(Y[:, j], S[:, j], sample_weight) for j in range(Y.shape[1])]
+    return float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
+
+
+def roc_curve_points(y: np.ndarray, score: np.ndarray, max_points: int = 200) -> tuple[list, list]:
+    """(fpr, tpr) of the ROC curve, thinned to at most ``max_points`` for storage in JSON."""
+    y = np.asarray(y).astype(bool)
+    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="mergesort")
+    s, t = np.asarray(score)[order], y[order]
+    last = np.r_[s[1:] != s[:-1], True]
+    tpr = np.r_[0.0, np.cumsum(t)[last] / max(t.sum(), 1)]
+    fpr = np.r_[0.0, np.cumsum(~t)[last] / max((~t).sum(), 1)]
+    if len(fpr) > max_points:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return [round(float(v), 5) for v in fpr], [round(float(v), 5) for v in tpr]
+
+
+def _n_classes(y: np.ndarray, pred: np.ndarray, n_classes: int | None) -> int:
+    if n_classes is not None:
+        return int(n_classes)
+    return int(max(np.max(y), np.max(pred))) + 1
+
+
+# Metric name -> what it needs: "score" metrics read probabilities, "pred" metrics
+# read hard predictions. The first metric of each task is its headline metric.
+MetricFn = Callable[..., float]
+METRICS_BY_TASK: dict[str, dict[str, tuple[str, MetricFn]]] = {
+    "binary": {
+        "auc": ("score", lambda y, s, w=None: roc_auc(y, s, w)),
+        "f1": ("pred", lambda y, p, w=None: f1_binary(y, p, w)),
+        "accuracy": ("pred", lambda y, p, w=None: accuracy(y, p, w)),
+        "balanced_accuracy": ("pred", lambda y, p, w=None: balanced_accuracy(y, p, 2, w)),
+    },
+    "multiclass": {
+        "balanced_accuracy": ("pred", lambda y, p, w=None: balanced_accuracy(y, p, None, w)),
+        "accuracy": ("pred", lambda y, p, w=None: accuracy(y, p, w)),
+        "macro_f1": ("pred", lambda y, p, w=None: macro_f1(y, p, None, w)),
+        "auc": ("score", lambda y, s, w=None: multiclass_auc(y, s, w)),
+    },
+    "ordinal": {
+        "kappa": ("pred", lambda y, p, w=None: quadratic_weighted_kappa(y, p, None, w)),
+        "accuracy": ("pred", lambda y, p, w=None: accuracy(y, p, w)),
+        "balanced_accuracy": ("pred", lambda y, p, w=None: balanced_accuracy(y, p, None, w)),
+        "auc": ("score", lambda y, s, w=None: multiclass_auc(y, s, w)),
+    },
+    "multilabel": {
+        "auc": ("score", lambda y, s, w=None: mean_label_auc(y, s, w)),
+        "f1": ("pred", lambda y, p, w=None: float(np.mean(
+            [f1_binary(y[:, j], p[:, j], w) for j in range(y.shape[1])]))),
+    },
+}

@@ -1,0 +1,35 @@
+"""Shared test configuration: markers and skips for hardware-dependent tests."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+# Tests share 2 cores with whatever else runs; keep BLAS/OpenMP from oversubscribing.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - any import failure means no CUDA here
+        return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "tensorrt: needs the tensorrt package and a GPU (skipped without)")
+    config.addinivalue_line("markers", "slow: longer tests (still run in CI)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_cuda = _cuda_available()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
+        if "tensorrt" in item.keywords and not (has_trt and has_cuda):
+            item.add_marker(pytest.mark.skip(reason="tensorrt not installed or no GPU"))
