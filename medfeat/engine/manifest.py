@@ -16,6 +16,12 @@ present:
     at ``x`` in the baseline scan's world coordinates is at ``T @ x`` in the
     follow-up scan's world coordinates. Identity on baseline rows; empty means
     unknown. Parsed into a (4, 4) float64 array (or ``None``).
+``atlas_transform``
+    same format, ``atlas_world = M @ scan_world`` (written by the synthetic
+    cohort; see :mod:`medfeat.engine.synth`); validated like ``transform`` but
+    kept as text: parse it with :func:`parse_transform`.
+``jsn_mm``, ``jsn_lateral_mm``, ``misalign_deg``, ``misalign_mm``
+    numbers (the synthetic cohort's ground truth); empty is NaN.
 
 Any other columns are kept as strings. Relative paths are resolved against
 the manifest's folder. Errors are :class:`medfeat.errors.ManifestError` with a
@@ -37,6 +43,7 @@ TIMEPOINTS = ("baseline", "followup")
 _TIMEPOINT_ALIASES = {"baseline": "baseline", "followup": "followup",
                       "follow-up": "followup", "follow_up": "followup"}
 PATH_COLUMNS = ("path", "mask_path")
+NUMBER_COLUMNS = ("jsn_mm", "jsn_lateral_mm", "misalign_deg", "misalign_mm")
 
 
 def format_transform(matrix: np.ndarray) -> str:
@@ -115,8 +122,9 @@ def _validate(df: pd.DataFrame, p: Path, root: Path, check_files: bool) -> pd.Da
             raise ManifestError(f"{_where(p, i, 'subject')}: empty subject")
     for column in PATH_COLUMNS:
         if column in df.columns:
-            out[column] = [_resolve(v, root, p, i, column, column == "path", check_files)
-                           for i, v in enumerate(df[column])]
+            # object dtype, so an empty mask_path stays None rather than becoming NaN
+            out[column] = pd.Series([_resolve(v, root, p, i, column, column == "path", check_files)
+                                     for i, v in enumerate(df[column])], dtype=object, index=out.index)
     if "timepoint" in df.columns:
         out["timepoint"] = [_timepoint(v, p, i) for i, v in enumerate(df["timepoint"])]
         _check_unique(out, p)
@@ -126,7 +134,11 @@ def _validate(df: pd.DataFrame, p: Path, root: Path, check_files: bool) -> pd.Da
         out["transform"] = pd.Series(
             [parse_transform(v, _where(p, i, "transform")) if v else None
              for i, v in enumerate(df["transform"])], dtype=object, index=out.index)
-    for column in ("jsn_mm", "jsn_lateral_mm"):
+    if "atlas_transform" in df.columns:  # checked, but kept as text (engine.items parses it)
+        for i, v in enumerate(df["atlas_transform"]):
+            if v:
+                parse_transform(v, _where(p, i, "atlas_transform"))
+    for column in NUMBER_COLUMNS:
         if column in df.columns:
             out[column] = [_number(v, p, i, column) for i, v in enumerate(df[column])]
     return out

@@ -1,19 +1,45 @@
 """Runtimes: one interface over eager PyTorch, compiled PyTorch, ONNX Runtime and TensorRT.
 
-``make_runtime(backbone, name)`` returns a callable ``runtime(x) -> {tap: (B, D) float32
-ndarray}`` for an input batch ``x`` (torch tensor laid out as the spec's input).
+``make_runtime(backbone, name, device=..., precision=...)`` returns a callable
+``runtime(x) -> {tap: (B, D) float32 ndarray}`` for an input batch ``x`` (torch tensor
+laid out as the spec's input, float32, on any device).
+
+Names:
+
+* ``eager``: PyTorch under ``inference_mode``; channels-last memory format for conv nets
+  on the GPU; autocast for fp16/bf16.
+* ``compiled``: ``torch.compile`` (inductor); on the GPU mode ``reduce-overhead``, which
+  captures CUDA graphs.
+* ``onnxruntime``: the cached ONNX export (parity-checked) in ONNX Runtime, CPU provider
+  on ``cpu``, CUDA provider with IO binding on ``cuda``.
+* ``ort-tensorrt``: ONNX Runtime's TensorRT execution provider (onnxruntime-gpu).
+* ``tensorrt``: a native TensorRT engine built from the same ONNX file (cached).
+* ``auto``: see :func:`choose_auto`.
+
+When a runtime cannot serve the model (missing package, operator it cannot run), the
+error names the operator and the runtime; with ``allow_fallback=True`` the next runtime
+in :data:`FALLBACK` is tried instead and the reason is kept in ``runtime.fallback_reason``.
 """
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from medfeat.errors import UnknownNameError
+from medfeat.errors import InputError, MedfeatError, RuntimeUnavailableError, UnknownNameError
+from medfeat.export.parity import ParityError
 from medfeat.export.registry import Backbone
 
-RUNTIMES = ("eager",)
+RUNTIMES = ("auto", "eager", "compiled", "onnxruntime", "ort-tensorrt", "tensorrt")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FALLBACK = {"tensorrt": "onnxruntime", "ort-tensorrt": "onnxruntime", "onnxruntime": "eager",
+            "compiled": "eager"}
+log = logging.getLogger(__name__)
 
 
 class Runtime(Protocol):
@@ -22,24 +48,232 @@ class Runtime(Protocol):
     def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]: ...
 
 
+def _check_precision(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise UnknownNameError(f"unknown precision {precision!r}; precisions: {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def _has_conv(module: torch.nn.Module, kind: type) -> bool:
+    return any(isinstance(m, kind) for m in module.modules())
+
+
 class EagerRuntime:
-    """Eager PyTorch under inference mode."""
+    """Eager PyTorch under inference mode.
+
+    On CUDA, conv nets run channels-last (cuDNN's fast layout for tensor cores), and fp16 /
+    bf16 run under autocast so reductions and norms stay in float32. On the CPU, reduced
+    precision also uses autocast (bf16 has fast kernels on recent x86).
+    """
 
     name = "eager"
 
-    def __init__(self, backbone: Backbone, device: str = "cpu") -> None:
-        self.backbone = backbone.to(device).eval()
-        self.device = device
+    def __init__(self, backbone: Backbone, device: str = "cpu", precision: str = "fp32") -> None:
+        self.dtype = _check_precision(precision)
+        self.device = torch.device(device)
+        self.precision = precision
+        self.backbone = backbone.to(self.device).eval()
+        self.memory_format = torch.contiguous_format
+        if self.device.type == "cuda":
+            if _has_conv(backbone, torch.nn.Conv2d) and backbone.spec.input_kind == "image2d":
+                self.memory_format = torch.channels_last
+            elif _has_conv(backbone, torch.nn.Conv3d):
+                self.memory_format = torch.channels_last_3d
+            if self.memory_format is not torch.contiguous_format:
+                self.backbone.to(memory_format=self.memory_format)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        if self.memory_format is not torch.contiguous_format:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode(), self._autocast():
+            return self.backbone(self._prepare(x))
 
     def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            out = self.backbone(x.to(self.device))
-        return {k: v.float().cpu().numpy() for k, v in out.items()}
+        return {k: v.float().cpu().numpy() for k, v in self.forward(x).items()}
 
 
-def make_runtime(backbone: Backbone, name: str = "eager", *, device: str = "cpu",
-                 precision: str = "fp32") -> Runtime:
-    """A runtime named ``name`` for ``backbone``."""
+class CompiledRuntime(EagerRuntime):
+    """``torch.compile`` of the backbone (inductor); CUDA graphs on the GPU.
+
+    Compilation happens on the first call per input shape. A failure there (no C compiler,
+    an unsupported op) becomes a RuntimeUnavailableError naming the cause.
+    """
+
+    name = "compiled"
+
+    def __init__(self, backbone: Backbone, device: str = "cpu", precision: str = "fp32",
+                 backend: str = "inductor", mode: str | None = None) -> None:
+        super().__init__(backbone, device, precision)
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.compiled = torch.compile(self.backbone, backend=backend, mode=mode, dynamic=False)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self._prepare(x)
+        try:
+            # no_grad, not inference_mode: CUDA-graph trees reject inference tensors
+            with torch.no_grad(), self._autocast():
+                out = self.compiled(x)
+                # CUDA graphs reuse output buffers on the next replay: copy out now
+                return {k: v.clone() for k, v in out.items()}
+        except MedfeatError:
+            raise
+        except Exception as exc:  # inductor/dynamo raise many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeUnavailableError(f"compiled PyTorch (torch.compile) failed for "
+                                          f"{self.backbone.spec.name}: {first}") from exc
+
+
+class OnnxRuntime:
+    """The backbone's cached, parity-checked ONNX export run by ONNX Runtime."""
+
+    def __init__(self, backbone: Backbone, device: str = "cpu", precision: str = "fp32", *,
+                 ep: str | None = None, input_size: Sequence[int] | int | None = None,
+                 cache_dir: str | Path | None = None, threads: int | None = None) -> None:
+        from medfeat.export.artefacts import ONNX_FILE, onnx_artefact
+        from medfeat.export.ort_session import OrtRunner, available_providers
+
+        _check_precision(precision)
+        dev = torch.device(device)
+        self.ep = ep or ("cuda" if dev.type == "cuda" else "cpu")
+        self.name = "onnxruntime" if self.ep != "tensorrt" else "ort-tensorrt"
+        if self.ep != "cpu" and dev.type != "cuda":
+            raise InputError(f"runtime {self.name} needs a CUDA device, got {device!r}")
+        # the TensorRT EP reads fp32 graphs and lowers precision itself
+        graph_precision = "fp32" if self.ep == "tensorrt" else precision
+        parity_ep = self.ep if self.ep == "cuda" else "cpu"
+        if parity_ep == "cuda" and "CUDAExecutionProvider" not in available_providers():
+            parity_ep = "cpu"
+        entry = onnx_artefact(backbone, input_size=input_size, precision=graph_precision,
+                              cache_dir=cache_dir, parity_ep=parity_ep)
+        meta = entry.meta()
+        self.artefact = entry
+        self.runner = OrtRunner(entry.path / ONNX_FILE, meta["outputs"], ep=self.ep,
+                                input_shape=meta["input"]["shape"][1:], device_id=dev.index or 0,
+                                threads=threads, trt_cache_dir=str(entry.path / "ort-trt-cache"))
+        self.device = dev
+
+    def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        if self.device.type == "cuda" and not x.is_cuda:
+            x = x.to(self.device)
+        return self.runner(x)
+
+
+class TensorRTRuntime:
+    """A native TensorRT engine built (and cached) from the backbone's ONNX export."""
+
+    name = "tensorrt"
+
+    def __init__(self, backbone: Backbone, device: str = "cuda", precision: str = "fp16", *,
+                 input_size: Sequence[int] | int | None = None, cache_dir: str | Path | None = None,
+                 profile: Sequence[int] | None = None) -> None:
+        from medfeat.export.artefacts import onnx_artefact
+        from medfeat.export.tensorrt_build import (DEFAULT_PROFILE, ENGINE_FILE, TensorRTRunner,
+                                                   engine_artefact, require_tensorrt)
+
+        _check_precision(precision)
+        require_tensorrt()
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise InputError(f"runtime tensorrt needs a CUDA device, got {device!r}")
+        profile = tuple(profile or DEFAULT_PROFILE)
+        onnx_entry = onnx_artefact(backbone, input_size=input_size, precision="fp32", cache_dir=cache_dir)
+        entry = engine_artefact(onnx_entry, precision=precision, profile=profile, cache_dir=cache_dir,
+                                device=dev.index or 0)
+        meta = entry.meta()
+        self.artefact = entry
+        self.runner = TensorRTRunner(entry.path / ENGINE_FILE, meta["outputs"], input_name=meta["input"]["name"],
+                                     profile=profile, device=dev.index or 0)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        return self.runner(x)
+
+
+def choose_auto(device: str, precision: str = "fp32") -> list[str]:
+    """Runtimes ``auto`` tries, best first, from what this machine has.
+
+    GPU: native TensorRT > ONNX Runtime CUDA provider > compiled PyTorch (CUDA graphs) >
+    eager. CPU: ONNX Runtime > eager. ``compiled`` is not tried on the CPU: its first call
+    compiles for tens of seconds, and benchmarks/RESULTS.md shows ORT ahead on the CPU.
+    """
+    from medfeat.export.ort_session import available_providers
+
+    order: list[str] = []
+    providers = available_providers()
+    if torch.device(device).type == "cuda":
+        if importlib.util.find_spec("tensorrt") is not None:
+            order.append("tensorrt")
+        if "CUDAExecutionProvider" in providers:
+            order.append("onnxruntime")
+        order.append("compiled")
+    elif "CPUExecutionProvider" in providers and precision == "fp32":
+        # ORT's CPU provider lacks most fp16/bf16 kernels
+        order.append("onnxruntime")
+    order.append("eager")
+    return order
+
+
+def _build(backbone: Backbone, name: str, device: str, precision: str, options: dict[str, Any]) -> Runtime:
     if name == "eager":
-        return EagerRuntime(backbone, device)
+        return EagerRuntime(backbone, device, precision)
+    if name == "compiled":
+        return CompiledRuntime(backbone, device, precision, **options.get("compile", {}))
+    if name in ("onnxruntime", "ort"):
+        return OnnxRuntime(backbone, device, precision, input_size=options.get("input_size"),
+                           cache_dir=options.get("cache_dir"), threads=options.get("threads"))
+    if name == "ort-tensorrt":
+        return OnnxRuntime(backbone, device, precision, ep="tensorrt", input_size=options.get("input_size"),
+                           cache_dir=options.get("cache_dir"))
+    if name == "tensorrt":
+        return TensorRTRuntime(backbone, device, precision, input_size=options.get("input_size"),
+                               cache_dir=options.get("cache_dir"), profile=options.get("profile"))
     raise UnknownNameError(f"unknown runtime {name!r}; runtimes: {', '.join(RUNTIMES)}")
+
+
+def make_runtime(backbone: Backbone, name: str = "eager", *, device: str = "cpu", precision: str = "fp32",
+                 allow_fallback: bool = False, **options: Any) -> Runtime:
+    """A runtime named ``name`` for ``backbone`` on ``device`` at ``precision``.
+
+    Parameters
+    ----------
+    name : one of :data:`RUNTIMES`.
+    allow_fallback : on RuntimeUnavailableError, try :data:`FALLBACK` [name] instead (``auto``
+        always falls back along its own order).
+    options : ``input_size``, ``cache_dir`` (artefact cache), ``threads`` (ORT intra-op),
+        ``profile`` (TensorRT batch min/opt/max), ``compile`` (torch.compile kwargs).
+
+    The returned object has ``name`` (the runtime that actually runs) and
+    ``fallback_reason`` (None unless a fallback happened).
+    """
+    _check_precision(precision)
+    if name not in RUNTIMES and name != "ort":
+        raise UnknownNameError(f"unknown runtime {name!r}; runtimes: {', '.join(RUNTIMES)}")
+    chain = choose_auto(device, precision) if name == "auto" else [name]
+    reasons: list[str] = []
+    while chain:
+        current = chain.pop(0)
+        try:
+            runtime = _build(backbone, current, device, precision, options)
+        except (RuntimeUnavailableError, ParityError) as exc:
+            reasons.append(str(exc))
+            if name != "auto" and not allow_fallback:
+                raise
+            if name != "auto" and current in FALLBACK:
+                chain.append(FALLBACK[current])
+            if not chain:
+                raise
+            log.warning("runtime %s unavailable (%s); falling back to %s", current, exc, chain[0])
+            continue
+        runtime.fallback_reason = "; ".join(reasons) or None  # type: ignore[union-attr]
+        return runtime
+    raise RuntimeUnavailableError(f"no runtime available for {backbone.spec.name}")  # pragma: no cover

@@ -28,6 +28,7 @@ import pandas as pd
 import zarr
 
 from medfeat import __version__
+from medfeat.engine.lock import LOCK_NAME
 from medfeat.errors import StoreError, UnknownNameError
 
 ITEM_COLUMNS = ("item_id", "subject", "timepoint", "kind", "source")
@@ -70,11 +71,14 @@ class FeatureStore:
     def create(cls, path: str | Path, *, exist_ok: bool = True, chunk_items: int = 64) -> "FeatureStore":
         """Create a store, or open an existing one when ``exist_ok``."""
         path = Path(path)
-        if path.exists():
+        if (path / "zarr.json").is_file():
             if not exist_ok:
                 raise StoreError(f"{path}: store already exists")
             return cls.open(path, mode="a")
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        if path.exists() and (not path.is_dir() or any(p.name != LOCK_NAME for p in path.iterdir())):
+            raise StoreError(f"{path}: exists and is not a feature store")
+        # mode "a", not "w": "w" would wipe the directory, lock file included.
+        group = zarr.open_group(str(path), mode="a", zarr_format=3)
         group.attrs["medfeat"] = {
             "format": FORMAT,
             "version": __version__,
@@ -182,7 +186,16 @@ class FeatureStore:
     def write(self, key: ArrayKey, indices: Sequence[int], rows: np.ndarray) -> None:
         """Write feature rows for items at ``indices``, then mark them done.
 
-        ``rows``: (len(indices), dim). Contiguous indices are written as one slice.
+        ``rows``: (len(indices), dim).
+        """
+        self.write_rows(key, indices, rows)
+        self.mark_done(key, indices)
+
+    def write_rows(self, key: ArrayKey, indices: Sequence[int], rows: np.ndarray) -> None:
+        """Write feature rows (len(indices), dim) without marking them done.
+
+        Contiguous indices are written as one slice; chunk files are replaced atomically
+        (write to a temporary file, then rename), so readers never see half a chunk.
         """
         group = self._array_group(key)
         indices = np.asarray(indices, dtype=np.int64)
@@ -192,12 +205,20 @@ class FeatureStore:
         if len(indices) == 0:
             return
         if np.all(np.diff(indices) == 1):
-            sl = slice(int(indices[0]), int(indices[-1]) + 1)
-            group["data"][sl] = rows
-            group["done"][sl] = 1
+            group["data"][int(indices[0]): int(indices[-1]) + 1] = rows
         else:
             group["data"].set_orthogonal_selection((indices, slice(None)), rows)
-            group["done"].set_coordinate_selection(indices, np.ones(len(indices), np.uint8))
+
+    def mark_done(self, key: ArrayKey, indices: Sequence[int]) -> None:
+        """Mark items done; call only after their rows are written in every array of the run."""
+        done = self._array_group(key)["done"]
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return
+        if np.all(np.diff(indices) == 1):
+            done[int(indices[0]): int(indices[-1]) + 1] = 1
+        else:
+            done.set_coordinate_selection(indices, np.ones(len(indices), np.uint8))
 
     def done_mask(self, key: ArrayKey) -> np.ndarray:
         """(items,) bool: which items have features in ``key``."""
@@ -236,18 +257,82 @@ class FeatureStore:
         kept = [f for f in self.failures() if (f["array"], f["item_id"]) not in replaced]
         self.group.attrs["failures"] = kept + new
 
-    def clear_failures(self, array: str, item_ids: Iterable[str]) -> None:
-        """Forget failures of ``item_ids`` in ``array`` (they are being retried or succeeded)."""
+    def clear_failures(self, array: str | Sequence[str], item_ids: Iterable[str]) -> None:
+        """Forget failures of ``item_ids`` in ``array`` (one name or several): they succeeded."""
+        arrays = {array} if isinstance(array, str) else set(array)
         drop = set(item_ids)
-        self.group.attrs["failures"] = [
-            f for f in self.failures() if not (f["array"] == array and f["item_id"] in drop)
-        ]
+        old = self.failures()
+        kept = [f for f in old if not (f["array"] in arrays and f["item_id"] in drop)]
+        if len(kept) != len(old):  # skip the attribute rewrite when nothing changes
+            self.group.attrs["failures"] = kept
 
     def add_run_record(self, record: dict[str, Any]) -> None:
         self.group.attrs["runs"] = list(self.group.attrs.get("runs", [])) + [record]
 
     def runs(self) -> list[dict[str, Any]]:
         return list(self.group.attrs.get("runs", []))
+
+
+    # -- summaries and checks --------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Summary: items, arrays (dim, done count, model/tap/pooling/variant), failures, runs."""
+        n = int(self.group["items/item_id"].shape[0])
+        arrays = []
+        for key in self.arrays():
+            group = self.group[key.path]
+            prov = dict(group.attrs.get("provenance", {}))
+            arrays.append({"array": str(key), "dim": int(group["data"].shape[1]),
+                           "done": int(self.done_mask(key).sum()), "pooling": prov.get("pooling"),
+                           "weights_sha256": prov.get("weights_sha256"), "runtime": prov.get("runtime")})
+        runs = self.runs()
+        return {"path": str(self.path), "format": FORMAT, "items": n, "chunk_items": self.chunk_items,
+                "arrays": arrays, "failures": len(self.failures()), "runs": len(runs),
+                "last_run": runs[-1].get("finished") if runs else None}
+
+    def verify(self, *, check_weights: bool = True) -> list[str]:
+        """Problems found, one line each (empty when the store is sound).
+
+        Checks every done item has finite features of the array's dim, that the provenance
+        names this array's model, tap, variant and dim, that the items table has no
+        duplicate ids, and (``check_weights``) that a weights file still present has the
+        recorded sha256.
+        """
+        problems: list[str] = []
+        ids = self.items()["item_id"]
+        if ids.duplicated().any():
+            problems.append(f"items table: duplicated item ids {sorted(set(ids[ids.duplicated()]))[:5]}")
+        for key in self.arrays():
+            problems += self._verify_array(key, check_weights)
+        return problems
+
+    def _verify_array(self, key: ArrayKey, check_weights: bool) -> list[str]:
+        group = self.group[key.path]
+        prov = dict(group.attrs.get("provenance", {}))
+        dim = int(group["data"].shape[1])
+        out = []
+        expected = {"model": key.model, "tap": key.tap, "dim": dim}
+        for name, want in expected.items():
+            if prov.get(name) != want:
+                out.append(f"{key}: provenance {name} is {prov.get(name)!r}, expected {want!r}")
+        variant = (prov.get("preprocessing") or {}).get("variant")
+        if variant != key.variant:
+            out.append(f"{key}: provenance variant is {variant!r}, expected {key.variant!r}")
+        mask = self.done_mask(key)
+        data = np.asarray(group["data"][:])
+        if data.shape[0] < len(mask):
+            out.append(f"{key}: data has {data.shape[0]} rows for {len(mask)} items")
+            return out
+        bad = np.flatnonzero(mask & ~np.isfinite(data[: len(mask)]).all(1))
+        if len(bad):
+            names = [str(self.group["items/item_id"][int(i)]) for i in bad[:5]]
+            out.append(f"{key}: {len(bad)} done item(s) with non-finite features, e.g. {names}")
+        weights = prov.get("weights")
+        if check_weights and weights and Path(weights).is_file():
+            from medfeat.export.weights import sha256_file
+
+            if sha256_file(weights) != prov.get("weights_sha256"):
+                out.append(f"{key}: weights file {weights} no longer matches the recorded sha256")
+        return out
 
 
 # Keys that describe how a run was executed, not what the features are.

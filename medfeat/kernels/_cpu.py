@@ -30,7 +30,7 @@ from numba import njit, prange
 CONSTANT, GRID_CONSTANT, NEAREST, REFLECT, MIRROR = 0, 1, 2, 3, 4
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _map_coordinate(x, n, mode):
     """scipy's map_coordinate: fold a position outside [0, n-1]; -1 means 'use cval'."""
     if x < 0.0:
@@ -75,7 +75,7 @@ def _map_coordinate(x, n, mode):
     return x
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _fold_tap(idx, n, mode):
     """Fold an integer tap index into [0, n); -1 marks a grid-constant tap (cval)."""
     if idx >= 0 and idx < n:
@@ -86,7 +86,7 @@ def _fold_tap(idx, n, mode):
     return int(_map_coordinate(float(idx), n, tap_mode))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _axis(c, n, mode, order):
     """Per-axis taps: (i0, i1, w0, w1, outside). i0/i1 are -1 for cval taps."""
     if mode != GRID_CONSTANT and mode != NEAREST:
@@ -102,7 +102,7 @@ def _axis(c, n, mode, order):
     return _fold_tap(s, n, mode), _fold_tap(s + 1, n, mode), w0, w1, False
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _tap(src, a, b, c, cval, lo, hi):
     if a < 0 or b < 0 or c < 0:
         v = cval
@@ -111,7 +111,7 @@ def _tap(src, a, b, c, cval, lo, hi):
     return min(max(v, lo), hi)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _sample(src, c0, c1, c2, order, mode, cval, lo, hi):
     """Interpolated value at source position (c0, c1, c2), taps clamped to [lo, hi]."""
     n0, n1, n2 = src.shape

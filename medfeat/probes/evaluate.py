@@ -21,7 +21,7 @@ from medfeat.probes.metrics import (METRICS_BY_TASK, best_f1_threshold, prepared
 from medfeat.probes.splits import repeated_grouped_kfold
 from medfeat.probes.stats import CI, PairedResult, bootstrap_ci, delong_test, paired_bootstrap
 
-__all__ = ["TASKS", "ProbeResult", "cross_validate_probe", "compare_probes", "infer_task"]
+__all__ = ["TASKS", "ProbeResult", "cross_validate_probe", "holdout_probe", "compare_probes", "infer_task"]
 
 TASKS = ("binary", "multiclass", "ordinal", "multilabel")
 
@@ -154,9 +154,15 @@ def _metric_stat(task: str, name: str, y: np.ndarray, score: np.ndarray,
             return prepared_auc(y, score[:, 0])
         cols = [(y == k) if task != "multilabel" else y[:, k] for k in range(score.shape[1])]
         fs = [prepared_auc(c, score[:, k]) for k, c in enumerate(cols) if 0 < np.sum(c) < len(c)]
-        return lambda w=None: float(np.mean([f(w) for f in fs])) if fs else float("nan")
+        # Classes absent from a bootstrap replicate are skipped, as in the point estimate.
+        return lambda w=None: _finite_mean([f(w) for f in fs])
     arr = score if kind == "score" else pred
     return lambda w=None: fn(y, arr, w)
+
+
+def _finite_mean(vals: list[float]) -> float:
+    vals = [v for v in vals if np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def _seed_mean(stats: list[Callable]) -> Callable[[np.ndarray], float]:
@@ -204,6 +210,44 @@ def cross_validate_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None
                       "n_test": int(len(split.test)), **info})
     result = ProbeResult(task, probe, classes, n_splits, seeds, y_enc, groups, scores, preds,
                          folds=folds, item_ids=list(item_ids) if item_ids is not None else None)
+    result.metrics = _summarise(result, n_boot, ci_method, level)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def holdout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, split: np.ndarray, *,
+                  task: str | None = None, probe: str = "linear", probe_params: dict | None = None,
+                  n_boot: int = 1000, ci_method: str = "percentile", level: float = 0.95,
+                  train_splits: Sequence[str] = ("train", "val"), test_split: str = "test",
+                  item_ids: Sequence[str] | None = None) -> ProbeResult:
+    """Fit on the given training split(s), evaluate on the test split (2D study protocol).
+
+    C is tuned by grouped inner CV on the training rows; metrics and subject
+    bootstrap CIs are on the test rows only. The result has ``n_splits = 0``
+    and one seed; its arrays cover the test rows.
+    """
+    start = time.perf_counter()
+    task = task or infer_task(y)
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    X = np.asarray(X)
+    y_enc, classes = _encode(y, task)
+    groups = np.arange(len(X)) if groups is None else np.asarray(groups)
+    split = np.asarray(split).astype(str)
+    train = np.flatnonzero(np.isin(split, list(train_splits)))
+    test = np.flatnonzero(split == test_split)
+    if len(train) == 0 or len(test) == 0:
+        raise InputError(f"split column has {len(train)} training and {len(test)} test items "
+                         f"(values: {', '.join(sorted(set(split.tolist())))})")
+    leak = set(groups[train].tolist()) & set(groups[test].tolist())
+    if leak:
+        raise InputError(f"subject {sorted(leak)[0]} is in both the training and the test split")
+    est = make_probe(probe, **_with_seed(probe, probe_params, 0))
+    sc, pr, info = _fold_predict(est, X, y_enc, groups, train, test, task, len(classes))
+    ids = [item_ids[i] for i in test] if item_ids is not None else None
+    result = ProbeResult(task, probe, classes, 0, [0], y_enc[test], groups[test], sc[None], pr[None],
+                         folds=[{"seed": 0, "fold": 0, "n_train": int(len(train)), "n_test": int(len(test)), **info}],
+                         item_ids=ids)
     result.metrics = _summarise(result, n_boot, ci_method, level)
     result.seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,119 @@
+"""Benchmark: linear-probe cross-validation on a 100,000 x 1,024 feature matrix.
+
+Random but learnable features: y ~ Bernoulli(sigmoid(X @ w)) with a dense
+random w scaled so the Bayes AUC is about 0.85; two items per subject so the
+splits are really grouped. Times the full :func:`cross_validate_probe`
+(5-fold grouped CV, C tuned on the default 9-point log grid by inner grouped
+3-fold CV, lbfgs) and, separately, the bootstrap CIs. BLAS threads are
+limited to ``--threads`` (2 = the development machine).
+
+    python benchmarks/bench_probe.py                      # full size, prints JSON
+    python benchmarks/bench_probe.py --items 20000 --dim 256   # quick look
+    python benchmarks/bench_probe.py --append-results     # also append to benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """X (n, dim) float32, y (n,) 0/1, groups (n,) with two items per subject."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, dim), dtype=np.float32)
+    w = rng.standard_normal(dim).astype(np.float32) * (1.6 / np.sqrt(dim))
+    logit = X @ w
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    groups = np.arange(n) // 2
+    return X, y, groups
+
+
+def run(items: int, dim: int, folds: int, threads: int, n_boot: int) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    import sklearn
+
+    from medfeat.probes.evaluate import cross_validate_probe
+    from medfeat.probes.linear import LinearProbe
+
+    X, y, groups = make_data(items, dim)
+    with threadpool_limits(limits=threads):
+        # Warm-up on a small slice so imports and BLAS start-up are not timed.
+        cross_validate_probe(X[:2000, :64], y[:2000], groups[:2000], n_splits=3, seeds=(0,), n_boot=0)
+        t0 = time.perf_counter()
+        res = cross_validate_probe(X, y, groups, n_splits=folds, seeds=(0,), n_boot=0)
+        t_cv = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res_ci = _bootstrap_only(res, n_boot)
+        t_boot = time.perf_counter() - t0
+    defaults = LinearProbe().get_params()
+    return {
+        "benchmark": "probe_cv",
+        "items": items, "dim": dim, "folds": folds, "seeds": 1, "threads": threads,
+        "probe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()},
+        "seconds_cv": round(t_cv, 2), "seconds_per_fold": round(t_cv / folds, 2),
+        "seconds_bootstrap": round(t_boot, 2), "n_boot": n_boot,
+        "auc": round(res.metrics["auc"]["value"], 4), "auc_ci": res_ci,
+        "chosen_C": [f["C"] for f in res.folds],
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "versions": {"numpy": np.__version__, "sklearn": sklearn.__version__},
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _bootstrap_only(res, n_boot: int) -> list[float]:
+    from medfeat.probes.metrics import prepared_auc
+    from medfeat.probes.stats import bootstrap_ci
+
+    ci = bootstrap_ci(prepared_auc(res.y, res.scores[0, :, 0]), len(res.y), groups=res.groups, n_boot=n_boot)
+    return [round(ci.low, 4), round(ci.high, 4)]
+
+
+def append_results(r: dict, path: Path) -> None:
+    text = (
+        f"\n## Linear probe cross-validation ({r['date']})\n\n"
+        f"Command: `python benchmarks/bench_probe.py --append-results` "
+        f"(items {r['items']}, dim {r['dim']}, {r['folds']}-fold grouped CV, 1 seed, {r['threads']} BLAS threads)\n\n"
+        f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs (shared; 1-min load "
+        f"{r['machine']['load_avg_1m']} at the end), numpy {r['versions']['numpy']}, "
+        f"scikit-learn {r['versions']['sklearn']}.\n\n"
+        f"| what | seconds |\n|---|---|\n"
+        f"| 5-fold CV incl. C tuning (9 C values x 3 inner folds on <=20k rows) and refit on all train rows | "
+        f"{r['seconds_cv']} |\n| per outer fold | {r['seconds_per_fold']} |\n"
+        f"| bootstrap CI of AUC over subjects ({r['n_boot']} replicates) | {r['seconds_bootstrap']} |\n\n"
+        f"Out-of-fold AUC {r['auc']} (95% CI {r['auc_ci'][0]}-{r['auc_ci'][1]}); chosen C per fold {r['chosen_C']}.\n"
+    )
+    if not path.exists():
+        text = "# Benchmark results\n" + text
+    with path.open("a") as fh:
+        fh.write(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--json", type=Path, default=None, help="Also write the JSON record here.")
+    ap.add_argument("--append-results", action="store_true", help="Append a section to benchmarks/RESULTS.md.")
+    args = ap.parse_args()
+    r = run(args.items, args.dim, args.folds, args.threads, args.n_boot)
+    print(json.dumps(r, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=1))
+    if args.append_results:
+        append_results(r, Path(__file__).with_name("RESULTS.md"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""``medfeat cohort synth2d`` and ``cohort dataset2d``: 2D classification manifests."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command("synth2d")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--images", default=100, show_default=True, type=click.IntRange(min=1), help="Number of images.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, byte-identical files.")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(min=32), help="Image side, pixels.")
+def synth2d(out: Path, images: int, seed: int, size: int) -> None:
+    """Write a synthetic fundus-like set graded 0..4 (PNGs + manifest.csv) to OUT."""
+    from medfeat.engine.synth2d import synth2d_cohort
+
+    start = time.perf_counter()
+    manifest = synth2d_cohort(out, images=images, seed=seed, size=size)
+    click.echo(f"wrote {images} images and {manifest} in {time.perf_counter() - start:.1f} s")
+
+
+@click.command("dataset2d")
+@click.argument("name", type=click.Choice(["aptos2019", "isic2019", "cbis_ddsm", "chexpert"]))
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Manifest CSV to write (item_id, subject, path, label(s), split).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random splits.")
+def dataset2d(name: str, root: Path, out: Path, seed: int) -> None:
+    """Make a manifest for a local copy of a public 2D dataset, with the study's split and labels."""
+    from medfeat.engine.datasets2d import DATASETS
+
+    loader = DATASETS[name]
+    df = loader(root) if name == "cbis_ddsm" else loader(root, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    counts = df["split"].value_counts().to_dict()
+    click.echo(f"wrote {len(df)} images of {name} to {out} ({df.attrs['task']}, metric {df.attrs['metric']}; "
+               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+
+
+def register(groups: dict[str, click.Group]) -> None:
+    """Add the 2D cohort commands to ``groups['cohort']``."""
+    groups["cohort"].add_command(synth2d)
+    groups["cohort"].add_command(dataset2d)

@@ -1,0 +1,156 @@
+"""``medfeat export`` (ONNX / TensorRT artefacts with parity reports) and ``medfeat doctor``."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import click
+
+from medfeat.errors import InputError
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{what} {text!r} is not a comma-separated list of integers") from None
+
+
+def _copy_entry(src: Path, out: Path, names: tuple[str, ...]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+            written.append(out / name)
+    return written
+
+
+def _export_onnx(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    from medfeat.export.artefacts import KEY_FILE, META, ONNX_FILE, PARITY_FILE, onnx_artefact
+    from medfeat.export.parity import ParityError
+
+    try:
+        entry = onnx_artefact(backbone, input_size=opts["input_size"], opset=opts["opset"],
+                              precision=opts["precision"], cache_dir=opts["cache_dir"])
+    except ParityError as exc:
+        if exc.report is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            exc.report.write(out / PARITY_FILE)
+        raise
+    _copy_entry(entry.path, out, (ONNX_FILE, META, PARITY_FILE, KEY_FILE))
+    return {"artefact": str(out / ONNX_FILE), "cache_key": entry.key, "cache_hit": entry.hit}
+
+
+def _export_tensorrt(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    from medfeat.export.artefacts import KEY_FILE, META, ONNX_FILE, PARITY_FILE, onnx_artefact
+    from medfeat.export.parity import check_parity
+    from medfeat.export.tensorrt_build import DEFAULT_PROFILE, ENGINE_FILE, TensorRTRunner, engine_artefact
+
+    profile = opts["profile"] or DEFAULT_PROFILE
+    onnx_entry = onnx_artefact(backbone, input_size=opts["input_size"], opset=opts["opset"], precision="fp32",
+                               cache_dir=opts["cache_dir"])
+    entry = engine_artefact(onnx_entry, precision=opts["precision"], profile=profile, cache_dir=opts["cache_dir"])
+    meta = entry.meta()
+    runner = TensorRTRunner(entry.path / ENGINE_FILE, meta["outputs"], input_name=meta["input"]["name"],
+                            profile=profile)
+    report = check_parity(backbone, runner, runtime="tensorrt", precision=opts["precision"],
+                          input_size=opts["input_size"], device="cuda",
+                          batches=[b for b in (1, 3) if profile[0] <= b <= profile[2]] or [profile[0]])
+    out.mkdir(parents=True, exist_ok=True)
+    report.write(out / PARITY_FILE)
+    _copy_entry(entry.path, out, (ENGINE_FILE, META, KEY_FILE))
+    _copy_entry(onnx_entry.path, out, (ONNX_FILE,))
+    report.raise_if_failed()
+    return {"artefact": str(out / ENGINE_FILE), "cache_key": entry.key, "cache_hit": entry.hit}
+
+
+def _print_parity(path: Path) -> None:
+    data = json.loads(path.read_text())
+    click.echo(f"parity vs eager fp32 ({data['runtime']}, {data['precision']}, rel tol {data['tolerance']:g}):")
+    for tap, p in data["taps"].items():
+        click.echo(f"  {tap:<24} max_abs {p['max_abs']:.3e}  rel {p['rel']:.3e}  cosine {p['cosine']:.7f}"
+                   f"  {'ok' if p['passed'] else 'FAIL'}")
+
+
+def _print_audit(rows: list[dict[str, Any]]) -> None:
+    click.echo("precision audit (drift from eager fp32):")
+    for row in rows:
+        label = f"{row['runtime']} {row['precision']}"
+        if row["status"] != "ok":
+            click.echo(f"  {label:<18} unavailable: {row['reason']}")
+            continue
+        for tap, p in row["taps"].items():
+            click.echo(f"  {label:<18} {tap:<24} rel {p['rel']:.3e}  cosine {p['cosine']:.6f}")
+
+
+@click.command("export")
+@click.argument("model")
+@click.option("--taps", "taps", multiple=True, required=True, help="Tap names or indices (comma-separated or repeated).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--input-size", default=None, help="Spatial size, e.g. 224 or 96,96,96 (default: the model's).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output directory.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Local checkpoint file.")
+@click.option("--pooling", default=None, help="Pooling for all taps (default: each tap's own).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 20: 5-D GridSample).")
+@click.option("--batch-profile", default=None, help="TensorRT min,opt,max batch (default 1,8,32).")
+@click.option("--tiny", is_flag=True, help="Use the model's tiny test config.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random init (no --weights).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Artefact cache (default $MEDFEAT_CACHE or ~/.cache/medfeat/artefacts).")
+@click.option("--audit", is_flag=True, help="Also report per-tap drift of fp16 / bf16 / TensorRT from fp32.")
+@click.option("--device", default=None, help="Device for the audit (default cuda if present, else cpu).")
+def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, input_size: str | None, out: Path,
+               weights: str | None, pooling: str | None, opset: int | None, batch_profile: str | None, tiny: bool,
+               seed: int, cache_dir: str | None, audit: bool, device: str | None) -> None:
+    """Export MODEL truncated at --taps to ONNX or a TensorRT engine, with a parity report.
+
+    Fails (exit 2) when the artefact's features are outside the precision's tolerance
+    against eager PyTorch; parity.json is written to --out either way.
+    """
+    import torch
+
+    from medfeat.export.onnx_export import DEFAULT_OPSET
+    from medfeat.export.registry import create_backbone
+
+    backbone = create_backbone(model, _split(taps), weights, pooling=pooling, seed=seed, tiny=tiny)
+    profile = _ints(batch_profile, "--batch-profile")
+    if profile is not None and len(profile) != 3:
+        raise InputError(f"--batch-profile {batch_profile!r} needs three values: min,opt,max")
+    opts = {"input_size": _ints(input_size, "--input-size"), "opset": opset or DEFAULT_OPSET,
+            "precision": precision, "cache_dir": cache_dir, "profile": profile}
+    result = (_export_onnx if fmt == "onnx" else _export_tensorrt)(backbone, out, opts)
+    click.echo(f"wrote {result['artefact']} (cache {'hit' if result['cache_hit'] else 'miss'}, "
+               f"key {result['cache_key'][:16]})")
+    _print_parity(out / "parity.json")
+    if audit:
+        from medfeat.export.parity import precision_audit
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rows = precision_audit(backbone, device=dev, input_size=opts["input_size"], cache_dir=cache_dir)
+        (out / "audit.json").write_text(json.dumps(rows, indent=2) + "\n")
+        _print_audit(rows)
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor_cmd(as_json: bool) -> None:
+    """What runtimes, providers, devices and optional packages this machine has, and how to get the rest."""
+    from medfeat.engine import doctor
+
+    rows = doctor.run_checks() + doctor.auto_runtime_rows()
+    click.echo(json.dumps(doctor.as_json(rows), indent=2) if as_json else doctor.report(rows))
+
+
+def register(groups: dict[str, click.Group]) -> None:
+    """Add ``export`` and ``doctor`` to the root group."""
+    groups["root"].add_command(export_cmd)
+    groups["root"].add_command(doctor_cmd)

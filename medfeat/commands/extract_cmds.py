@@ -1,0 +1,102 @@
+"""``medfeat extract``: a manifest through a truncated backbone into a feature store.
+
+Exit codes: 0 all items done, 3 some items failed (listed, and kept in the store's
+failures table), 2 a user error (one line, no traceback).
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from medfeat.engine.items import ALIGNMENTS, ROIS
+from medfeat.engine.pipeline import SCHEDULER_KINDS
+from medfeat.errors import UnknownNameError
+
+EXIT_ITEMS_FAILED = 3
+
+
+def _size(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        size = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        size = ()
+    if len(size) not in (2, 3) or min(size) < 1:
+        raise UnknownNameError(f"--input-size {text!r}: expected D,H,W or H,W (e.g. 96,96,96)")
+    return size
+
+
+@click.command("extract")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False), help="Cohort manifest CSV.")
+@click.option("--store", required=True, type=click.Path(file_okay=False), help="Feature store (Zarr v3 directory).")
+@click.option("--model", required=True, help="Registered backbone name (medfeat models list).")
+@click.option("--taps", required=True, help="Comma-separated tap names or indices.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local checkpoint; seeded random weights when absent.")
+@click.option("--variant", "align", type=click.Choice(ALIGNMENTS), default="none", show_default=True,
+              help="Alignment: none, rigid/affine (to the baseline), oracle (recorded transform), atlas.")
+@click.option("--roi", type=click.Choice(ROIS), default="whole", show_default=True, help="Whole field of view or a crop around the mask.")
+@click.option("--runtime", default="eager", show_default=True, help="eager, or another runtime of medfeat.engine.runtimes.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--pooling", default=None, help="Pooling for every tap (default: each tap's own).")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--chunk-items", type=click.IntRange(1), default=None, help="Store chunk along items (new stores; default 64).")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Dask workers (local cluster) or threads x this.")
+@click.option("--threads-per-worker", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--memory-limit", default=None, help="Per-worker memory limit, e.g. 2GB.")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, tcp://HOST:PORT.")
+@click.option("--scheduler-kind", type=click.Choice(SCHEDULER_KINDS), default="local", show_default=True)
+@click.option("--retry-failed", is_flag=True, help="Take items recorded as failed again.")
+@click.option("--tiny", is_flag=True, help="The model's tiny config (tests, demos).")
+@click.option("--input-size", default=None, help="Override the model input size, e.g. 64,64,64.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--atlas", type=click.Path(exists=True), default=None, help="Atlas scan (default: atlas.nii.gz beside the manifest).")
+@click.option("--atlas-mask", type=click.Path(exists=True), default=None, help="Atlas mask for --roi crop.")
+@click.option("--quiet", is_flag=True, help="No progress line.")
+def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, align: str, roi: str,
+                runtime: str, device: str, precision: str, pooling: str | None, batch_size: int,
+                chunk_items: int | None, workers: int | None, threads_per_worker: int,
+                memory_limit: str | None, scheduler: str | None, scheduler_kind: str, retry_failed: bool,
+                tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
+                quiet: bool) -> None:
+    """Extract pooled features of MODEL at TAPS for every item of a manifest into a store."""
+    from medfeat.engine.extract import ExtractConfig, extract
+
+    tap_list = tuple(t.strip() for t in taps.split(",") if t.strip())
+    if not tap_list:
+        raise UnknownNameError("--taps: give at least one tap name")
+    cfg = ExtractConfig(manifest=manifest, store=store, model=model, taps=tap_list, weights=weights,
+                        align=align, roi=roi, runtime=runtime, device=device, precision=precision,
+                        pooling=pooling, seed=seed, tiny=tiny, input_size=_size(input_size),
+                        batch_size=batch_size, chunk_items=chunk_items, scheduler_kind=scheduler_kind,
+                        scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
+                        memory_limit=memory_limit, retry_failed=retry_failed, atlas=atlas,
+                        atlas_mask=atlas_mask, progress=not quiet)
+    record = extract(cfg)
+    _summary(record)
+    if record["items"]["failed"]:
+        sys.exit(EXIT_ITEMS_FAILED)
+
+
+def _summary(record: dict) -> None:
+    from medfeat.engine.progress import StageTimes
+
+    n = record["items"]
+    click.echo(f"store: {record['config']['store']}  arrays: {', '.join(record['arrays'])}")
+    click.echo(f"items: {n['total']} total, {n['done']} done now, {n['skipped']} skipped (done or failed "
+               f"before), {n['failed']} failed  |  {record['scheduler']}")
+    times = StageTimes(dict(record["timings"]))
+    click.echo(times.table(record["timings"]["pipeline_wall"], max(n["done"], 1)))
+    if record.get("items_per_s"):
+        click.echo(f"throughput: {record['items_per_s']:.2f} items/s")
+    if record["failures"]:
+        click.echo(f"{len(record['failures'])} item(s) failed (kept in the store; --retry-failed takes them again):")
+        for f in record["failures"][:50]:
+            click.echo(f"  {f['item_id']}: {f['reason']}")
+
+
+def register(groups: dict[str, click.Group]) -> None:
+    groups["root"].add_command(extract_cmd)

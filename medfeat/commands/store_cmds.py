@@ -1,0 +1,64 @@
+"""``medfeat store info | verify | export``."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command("info")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--failures", "show_failures", is_flag=True, help="List the failed items.")
+def info_cmd(store: str, as_json: bool, show_failures: bool) -> None:
+    """Summarise a feature store: items, arrays, failures, runs."""
+    from medfeat.engine.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    info = fs.info()
+    if as_json:
+        click.echo(json.dumps({**info, "failure_list": fs.failures() if show_failures else None}, indent=2))
+        return
+    click.echo(f"{info['path']}: {info['items']} items, chunk {info['chunk_items']}, "
+               f"{len(info['arrays'])} arrays, {info['failures']} failures, {info['runs']} runs "
+               f"(last {info['last_run']})")
+    for a in info["arrays"]:
+        click.echo(f"  {a['array']:<48} dim {a['dim']:>5}  done {a['done']:>6}  pooling {a['pooling']}")
+    if show_failures:
+        for f in fs.failures():
+            click.echo(f"  failed {f['array']} {f['item_id']}: {f['reason']}")
+
+
+@click.command("verify")
+@click.argument("store", type=click.Path(file_okay=False))
+def verify_cmd(store: str) -> None:
+    """Check every done item has finite features of the right shape and matching provenance."""
+    from medfeat.engine.store import FeatureStore
+
+    problems = FeatureStore.open(store).verify()
+    for p in problems:
+        click.echo(p)
+    if problems:
+        click.echo(f"{store}: {len(problems)} problem(s)", err=True)
+        sys.exit(1)
+    click.echo(f"{store}: ok")
+
+
+@click.command("export")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["parquet", "hdf5"]), required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--array", "arrays", multiple=True, help="MODEL:TAP[:VARIANT] (repeatable; default all).")
+def export_cmd(store: str, fmt: str, out: str, arrays: tuple[str, ...]) -> None:
+    """Export arrays to Parquet, or to HDF5 bags (features/coords) for MIL tools."""
+    from medfeat.engine.store import ArrayKey, FeatureStore
+    from medfeat.engine.store_export import export_store
+
+    files = export_store(FeatureStore.open(store), out, fmt, [ArrayKey.parse(a) for a in arrays] or None)
+    click.echo(f"wrote {len(files)} file(s) under {out}")
+
+
+def register(groups: dict[str, click.Group]) -> None:
+    for cmd in (info_cmd, verify_cmd, export_cmd):
+        groups["store"].add_command(cmd)

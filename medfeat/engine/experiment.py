@@ -1,0 +1,207 @@
+"""Experiments as files: a YAML grid of cohort × models × taps × preprocessing variants,
+run end to end (extraction reusing what the store has, probes, report).
+
+An experiment file::
+
+    name: progression
+    kind: progression            # progression (3D pairs) | transfer2d (2D images)
+    cohort:
+      synth: {subjects: 48, seed: 0, shape: [64, 64, 64]}   # or  manifest: PATH
+    target: label
+    models:
+      - name: unigradicon
+        taps: [A.enc.1, A.enc.3]
+        weights: Step_2_final.trch     # looked up in --weights-dir; random init if absent
+      - name: unet3d
+        taps: [down.1, bottom]
+        train: true                    # train on the cohort's masks when no weights are given
+    variants:
+      align: [none, rigid, affine, atlas]
+      roi: [whole, crop]
+    pair_modes: [diff, concat+diff]    # per-scan models; pair models give one row per pair
+    probe: {n_splits: 5, seeds: [0, 1, 2], probe: linear}
+    extract: {batch_size: 4, scheduler_kind: threads}
+
+Relative paths in the file are relative to the file. Outputs go to ``OUT/``: ``cohort/``
+(synthetic cohorts), ``features.zarr``, ``weights/`` (trained models), ``results.json``
+(+ CSV / Parquet), ``report/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from medfeat.errors import InputError, ManifestError
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ModelEntry:
+    """One model of the grid."""
+
+    name: str
+    taps: list[str]
+    weights: str | None = None
+    train: bool = False
+    tiny: bool = False
+    input_size: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment file."""
+
+    name: str
+    kind: str
+    cohort: dict[str, Any]
+    target: str
+    models: list[ModelEntry]
+    align: list[str]
+    roi: list[str]
+    pair_modes: list[str | None]
+    probe: dict[str, Any]
+    extract: dict[str, Any]
+    source: Path
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Parse and check an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: experiment file not found")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: an experiment file is a mapping")
+    for key in ("name", "cohort", "models"):
+        if key not in doc:
+            raise InputError(f"{path}: missing key {key!r}")
+    models = []
+    for i, m in enumerate(doc["models"]):
+        if not isinstance(m, dict) or "name" not in m or "taps" not in m:
+            raise InputError(f"{path}: models[{i}] needs a name and taps")
+        known = {"name", "taps", "weights", "train", "tiny", "input_size"}
+        models.append(ModelEntry(m["name"], [str(t) for t in m["taps"]], m.get("weights"), bool(m.get("train")),
+                                 bool(m.get("tiny")), m.get("input_size"),
+                                 {k: v for k, v in m.items() if k not in known}))
+    variants = doc.get("variants", {})
+    return Experiment(
+        name=str(doc["name"]), kind=str(doc.get("kind", "progression")), cohort=dict(doc["cohort"]),
+        target=str(doc.get("target", "label")), models=models,
+        align=[str(a) for a in variants.get("align", ["none"])],
+        roi=[str(r) for r in variants.get("roi", ["whole"])],
+        pair_modes=[None if p in (None, "none") else str(p) for p in doc.get("pair_modes", ["diff"])],
+        probe=dict(doc.get("probe", {})), extract=dict(doc.get("extract", {})), source=path,
+    )
+
+
+def prepare_cohort(exp: Experiment, out: Path, log: Log) -> Path:
+    """The cohort manifest: given, or synthesised into ``out/cohort`` (reused when present)."""
+    cohort = exp.cohort
+    if "manifest" in cohort:
+        manifest = (exp.source.parent / cohort["manifest"]).resolve()
+        if not manifest.is_file():
+            raise ManifestError(f"{manifest}: manifest not found")
+        return manifest
+    target = out / "cohort"
+    manifest = target / "manifest.csv"
+    if manifest.is_file():
+        log(f"cohort: reusing {manifest}")
+        return manifest
+    if "synth" in cohort:
+        from medfeat.engine.synth import synth_cohort
+
+        params = dict(cohort["synth"])
+        if "shape" in params:
+            params["shape"] = tuple(params["shape"])
+        log(f"cohort: synthesising {params} into {target}")
+        return Path(synth_cohort(target, **params))
+    if "synth2d" in cohort:
+        from medfeat.engine.synth2d import synth2d
+
+        log(f"cohort: synthesising 2D images {cohort['synth2d']} into {target}")
+        return Path(synth2d(target, **cohort["synth2d"]))
+    raise InputError(f"{exp.source}: cohort needs one of manifest, synth, synth2d")
+
+
+def resolve_weights(entry: ModelEntry, weights_dir: Path | None, manifest: Path, out: Path,
+                    log: Log) -> str | None:
+    """A local weights file for ``entry``: found in ``weights_dir``, trained, or None (random)."""
+    if entry.weights:
+        for base in (weights_dir, Path.cwd()):
+            if base is not None and (base / entry.weights).is_file():
+                return str((base / entry.weights).resolve())
+        if not entry.train:
+            log(f"{entry.name}: weights {entry.weights} not found"
+                f"{f' in {weights_dir}' if weights_dir else ''}; using seeded random weights")
+            return None
+    if entry.train:
+        from medfeat.export.train_unet import train_unet
+
+        path = out / "weights" / f"{entry.name}.safetensors"
+        if not path.is_file():
+            log(f"{entry.name}: training on {manifest} ...")
+            report = train_unet(manifest, path, **entry.extra.get("train_args", {}))
+            log(f"{entry.name}: held-out Dice {_dice_line(report)}")
+        return str(path)
+    return None
+
+
+def _dice_line(report: Any) -> str:
+    dice = report.get("heldout_dice", report) if isinstance(report, dict) else report
+    if isinstance(dice, dict):
+        return ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if isinstance(v, (int, float)))
+    return str(dice)
+
+
+def run_experiment(exp: Experiment, out: str | Path, *, weights_dir: str | Path | None = None,
+                   log: Log = print, progress: bool = False) -> dict[str, Path]:
+    """Run the whole grid; returns the paths of the store, results and report."""
+    from medfeat.engine.extract import ExtractConfig, extract
+    from medfeat.export.registry import get_spec
+    from medfeat.probes.report import write_report
+    from medfeat.probes.sweep import sweep_store, write_results
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wdir = Path(weights_dir) if weights_dir else None
+    manifest = prepare_cohort(exp, out, log)
+    store = out / "features.zarr"
+    configs: list[dict] = []
+    failed = 0
+    for entry in exp.models:
+        spec = get_spec(entry.name)
+        weights = resolve_weights(entry, wdir, manifest, out, log)
+        for align in exp.align:
+            for roi in exp.roi:
+                cfg = ExtractConfig(manifest=str(manifest), store=str(store), model=entry.name,
+                                    taps=tuple(entry.taps), weights=weights, align=align, roi=roi,
+                                    tiny=entry.tiny, progress=progress,
+                                    input_size=tuple(entry.input_size) if entry.input_size else None,
+                                    **exp.extract)
+                summary = extract(cfg)
+                failed += int(summary.get("failed", 0) or 0)
+                log(f"{entry.name} {align}-{roi}: {_summary_line(summary)}")
+        pair_modes = [None] if spec.input_kind == "pair3d" or exp.kind == "transfer2d" else exp.pair_modes
+        specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a in exp.align for r in exp.roi]
+        configs += sweep_store(store, manifest, exp.target, specs=specs, pair_modes=pair_modes, log=log,
+                               **exp.probe)
+        for c in configs:
+            c.setdefault("weights", weights or "random")
+    results = write_results(configs, out / "results.json", tables=True)
+    report = write_report(configs, out / "report")
+    return {"store": store, "results": results[0], "report": report, "manifest": manifest,
+            "failed": failed}
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    keys = ("done", "skipped", "failed", "seconds")
+    return ", ".join(f"{k} {summary[k]:.1f}" if isinstance(summary.get(k), float) else f"{k} {summary.get(k)}"
+                     for k in keys if k in summary)

@@ -1,0 +1,218 @@
+"""Scan -> model input: world-space resampling to the model grid, alignment, ROI crop, intensity.
+
+3D inputs are resampled in world space. A *target grid* is a (4, 4) affine mapping target
+voxel indices to world mm plus a shape (the model's input size). For a scan ``S`` with header
+affine ``A_s`` and a world transform ``T`` (reference world -> scan world, e.g. the
+manifest's ``followup_world = T @ baseline_world``), target voxel ``t`` samples scan voxel
+``inv(A_s) @ T @ G @ t``: one affine per item, so resampling, alignment and cropping are
+one interpolation pass.
+
+Grids use the voxel-centre convention of image resizing: a box spanning continuous
+reference indices ``[e0, e1]`` (voxel edges; a whole scan of ``n`` voxels is
+``[-0.5, n - 0.5]``) is sampled at ``m`` target voxels whose centres sit at
+``e0 + (t + 0.5) * (e1 - e0) / m``.
+
+Intensity statistics (percentiles, mean, std) are taken on the source scan before
+resampling, as uniGradICON's preprocessing does (clamp, then resize), so they do not depend
+on how much zero padding the target grid adds.
+
+2D images follow the usual eval transform: resize the shorter side to ``size * 256 / 224``,
+centre crop ``size``, scale to [0, 1], grey -> 3 channels, per-channel mean/std.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from medfeat.errors import InputError, UnknownNameError
+from medfeat.export.spec import Preprocess
+
+# Margin around a mask's bounding box for the ROI crop, in mm.
+ROI_MARGIN_MM = 10.0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A target sampling grid: ``affine`` (4, 4) target voxel -> world mm, ``shape`` in voxels."""
+
+    affine: np.ndarray
+    shape: tuple[int, ...]
+
+
+def box_grid(ref_affine: np.ndarray, lo: Sequence[float], hi: Sequence[float],
+             size: Sequence[int]) -> Grid:
+    """Grid of ``size`` voxels spanning reference voxel-edge coordinates ``[lo, hi]`` per axis.
+
+    ``ref_affine``: (4, 4) reference voxel -> world mm.
+    """
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    size = np.asarray(size, dtype=np.float64)
+    step = (hi - lo) / size
+    to_ref = np.eye(4)
+    to_ref[:3, :3] = np.diag(step)
+    to_ref[:3, 3] = lo + 0.5 * step
+    return Grid(np.asarray(ref_affine, np.float64) @ to_ref, tuple(int(s) for s in size))
+
+
+def fov_grid(ref_affine: np.ndarray, ref_shape: Sequence[int], size: Sequence[int]) -> Grid:
+    """Grid of ``size`` voxels covering the whole field of view of a (D, H, W) reference."""
+    shape = np.asarray(ref_shape, dtype=np.float64)
+    return box_grid(ref_affine, -0.5 * np.ones(3), shape - 0.5, size)
+
+
+def mask_box(mask: np.ndarray, mask_affine: np.ndarray, ref_affine: np.ndarray,
+             ref_to_mask_world: np.ndarray | None = None,
+             margin_mm: float = ROI_MARGIN_MM) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding box of ``mask > 0`` in reference voxel-edge coordinates, with a margin in mm.
+
+    ``ref_to_mask_world`` maps reference world mm to the mask's world mm (identity when the
+    mask lives in the reference's world). Returns ``(lo, hi)``, each (3,).
+    """
+    idx = np.argwhere(mask > 0)
+    if len(idx) == 0:
+        raise InputError("ROI mask is empty")
+    lo_i, hi_i = idx.min(0) - 0.5, idx.max(0) + 0.5
+    corners = np.array([[a, b, c, 1.0] for a in (lo_i[0], hi_i[0])
+                        for b in (lo_i[1], hi_i[1]) for c in (lo_i[2], hi_i[2])]).T
+    world = np.asarray(mask_affine, np.float64) @ corners
+    if ref_to_mask_world is not None:
+        world = np.linalg.inv(ref_to_mask_world) @ world
+    ref = np.linalg.inv(np.asarray(ref_affine, np.float64)) @ world
+    spacing = np.linalg.norm(np.asarray(ref_affine, np.float64)[:3, :3], axis=0)
+    margin = margin_mm / spacing
+    return ref[:3].min(1) - margin, ref[:3].max(1) + margin
+
+
+def resample(data: np.ndarray, data_affine: np.ndarray, grid: Grid,
+             world_transform: np.ndarray | None = None, order: int = 1) -> np.ndarray:
+    """Sample a (D, H, W) volume on ``grid``; outside the volume is 0.
+
+    ``world_transform`` (4, 4) maps grid (reference) world mm to the volume's world mm;
+    identity when None. Returns float32 of ``grid.shape``.
+    """
+    m = np.linalg.inv(np.asarray(data_affine, np.float64))
+    if world_transform is not None:
+        m = m @ np.asarray(world_transform, np.float64)
+    m = m @ grid.affine
+    return _affine_transform(np.ascontiguousarray(data, np.float32), m, grid.shape, order)
+
+
+def _affine_transform(data: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...],
+                      order: int) -> np.ndarray:
+    """The kernels' ``affine_transform`` when exported, SciPy's otherwise (same signature)."""
+    try:
+        from medfeat.kernels import affine_transform  # type: ignore[attr-defined]
+    except ImportError:
+        from scipy.ndimage import affine_transform
+    out = affine_transform(data, matrix, output_shape=tuple(shape), order=order,
+                           mode="constant", cval=0.0)
+    return np.asarray(out, dtype=np.float32)
+
+
+# -- intensity ---------------------------------------------------------------------------
+def intensity_params(source: np.ndarray, rule: Preprocess) -> tuple[float, float, float, float]:
+    """(clamp_lo, clamp_hi, shift, scale) so that ``(clip(x, lo, hi) - shift) * scale`` applies
+    ``rule``, with statistics from the source scan ``source`` (any shape)."""
+    p = rule.params
+    x = np.asarray(source, dtype=np.float32)
+    if rule.rule == "percentile_clamp":
+        lo = float(np.percentile(x, p["lower"])) if "lower" in p else float(x.min())
+        hi = float(np.percentile(x, p.get("upper", 99.0)))
+        return lo, hi, lo, 1.0 / max(hi - lo, 1e-6)
+    if rule.rule == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+        return lo, hi, lo, 1.0 / max(hi - lo, 1e-6)
+    if rule.rule == "zscore":
+        mean, std = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
+        return -np.inf, np.inf, mean, 1.0 / max(std, 1e-6)
+    if rule.rule == "ct_window":
+        lo, hi = float(p.get("lo", -1000.0)), float(p.get("hi", 1000.0))
+        return lo, hi, lo, 1.0 / (hi - lo)
+    if rule.rule == "none":
+        return -np.inf, np.inf, 0.0, 1.0
+    raise UnknownNameError(f"intensity rule {rule.rule!r} is not one of percentile_clamp, minmax, "
+                           "zscore, ct_window, none for a 3D model")
+
+
+def apply_intensity(x: np.ndarray, params: tuple[float, float, float, float]) -> np.ndarray:
+    """``(clip(x, lo, hi) - shift) * scale`` in float32, in place when ``x`` is float32."""
+    lo, hi, shift, scale = params
+    x = np.asarray(x, dtype=np.float32)
+    if np.isfinite(lo) or np.isfinite(hi):
+        np.clip(x, lo, hi, out=x)
+    x -= np.float32(shift)
+    x *= np.float32(scale)
+    return x
+
+
+def prepare_volume(data: np.ndarray, affine: np.ndarray, grid: Grid, rule: Preprocess,
+                   world_transform: np.ndarray | None = None) -> np.ndarray:
+    """One scan -> (D, H, W) float32 model input on ``grid`` with ``rule`` applied."""
+    params = intensity_params(data, rule)
+    out = resample(data, affine, grid, world_transform)
+    # Padding outside the scan is 0 in raw units; map it through the rule like any voxel.
+    return apply_intensity(out, params)
+
+
+# -- 2D ----------------------------------------------------------------------------------
+def prepare_image(image: np.ndarray, size: Sequence[int], rule: Preprocess,
+                  in_channels: int = 3) -> np.ndarray:
+    """A 2D image (H, W) or (H, W, C) of any real dtype -> (in_channels, h, w) float32.
+
+    Resize (bilinear, antialiased) so the shorter side is ``round(min(size) * 256 / 224)``,
+    centre crop ``size``, scale to [0, 1] (by 255 for 8-bit, 65535 for 16-bit, else min-max),
+    grey -> ``in_channels`` copies, then the rule (``mean_std`` per channel, or ``none``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise InputError(f"expected a 2D image (H, W) or (H, W, 1|3|4), got shape {image.shape}")
+    img = _unit_range(img[:, :, :3])
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+    h, w = int(size[0]), int(size[1])
+    short = round(min(h, w) * 256 / 224)
+    scale = short / min(x.shape[2], x.shape[3])
+    new = (max(h, round(x.shape[2] * scale)), max(w, round(x.shape[3] * scale)))
+    x = F.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (new[0] - h) // 2, (new[1] - w) // 2
+    x = x[:, top:top + h, left:left + w]
+    if x.shape[0] == 1 and in_channels == 3:
+        x = x.expand(3, -1, -1)
+    elif x.shape[0] == 3 and in_channels == 1:
+        x = x.mean(0, keepdim=True)
+    out = x.contiguous().numpy().astype(np.float32)
+    return _channel_rule(out, rule)
+
+
+def _unit_range(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    x = img.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise InputError("image has NaN or Inf pixels")
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / max(hi - lo, 1e-6)
+
+
+def _channel_rule(x: np.ndarray, rule: Preprocess) -> np.ndarray:
+    if rule.rule == "mean_std":
+        mean = np.asarray(rule.params.get("mean", (0.485, 0.456, 0.406)), np.float32)[: x.shape[0]]
+        std = np.asarray(rule.params.get("std", (0.229, 0.224, 0.225)), np.float32)[: x.shape[0]]
+        return (x - mean[:, None, None]) / std[:, None, None]
+    if rule.rule in ("none", "minmax"):
+        return x
+    raise UnknownNameError(f"intensity rule {rule.rule!r} is not one of mean_std, minmax, none for a 2D model")
+
+
+def describe(rule: Preprocess) -> dict[str, Any]:
+    """JSON-able description of an intensity rule (for provenance)."""
+    return {"rule": rule.rule, "params": dict(rule.params)}

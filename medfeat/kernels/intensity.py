@@ -1,0 +1,157 @@
+"""Intensity rules and exact percentiles, on the CPU (Numba) and the GPU (CuPy).
+
+Every rule reduces to four numbers per volume, which the fused resampler
+applies: clamp each interpolation tap to ``[lo, hi]``, interpolate, then
+write ``(value - shift) * scale``. Statistics (percentiles, min, mean, std)
+are computed over the whole *source* volume, before resampling, as
+uniGradICON does (it clamps the scan to [min, p99] and only then resizes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medfeat.errors import InputError
+from medfeat.kernels import _checks
+
+_KINDS = ("percentile", "zscore", "window", "none")
+_NBINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class IntensityRule:
+    """How to map scanner intensities to model input.
+
+    kind : 'percentile' clamps to [lower percentile (None: the minimum),
+        upper percentile] and scales that range to [0, 1] (uniGradICON MRI:
+        ``IntensityRule()``); 'window' does the same with fixed bounds
+        ``window=(lo, hi)`` in scanner units (CT: (-1000, 1000) HU);
+        'zscore' subtracts the mean and divides by the standard deviation;
+        'none' passes values through.
+    """
+
+    kind: str = "percentile"
+    lower: float | None = None
+    upper: float = 99.0
+    window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise InputError(f"rule.kind: unknown intensity rule {self.kind!r}; choose one of {_KINDS}")
+        if self.kind == "window":
+            if self.window is None or len(self.window) != 2 or not float(self.window[0]) < float(self.window[1]):
+                raise InputError(f"rule.window: need (lo, hi) with lo < hi, got {self.window!r}")
+        for name, q in (("lower", self.lower), ("upper", self.upper)):
+            if q is not None and not 0.0 <= float(q) <= 100.0:
+                raise InputError(f"rule.{name}: percentile must lie in [0, 100], got {q!r}")
+
+
+def _select_cpu(flat: np.ndarray, ranks: list[int]) -> list[float]:
+    """Exact order statistics of ``flat`` at ``ranks`` (0-based) via a histogram pass.
+
+    Two parallel passes over the data (min/max, 65536-bin histogram) plus a
+    gather and a sort of the few values in the bins that hold the ranks:
+    exact like np.partition, but parallel and without copying the volume.
+    """
+    from medfeat.kernels import _cpu
+
+    lo, hi = _cpu.min_max(flat)
+    if lo == hi:
+        return [float(lo)] * len(ranks)
+    width = (hi - lo) / _NBINS
+    counts = _cpu.histogram_bins(flat, lo, width, _NBINS)
+    cum = np.cumsum(counts)
+    bins = [int(np.searchsorted(cum, r, side="right")) for r in ranks]
+    b_lo, b_hi = min(bins), max(bins)
+    total = int(cum[b_hi] - (cum[b_lo - 1] if b_lo > 0 else 0))
+    vals = np.sort(_cpu.gather_bins(flat, lo, width, _NBINS, b_lo, b_hi, total))
+    before = int(cum[b_lo - 1]) if b_lo > 0 else 0
+    return [float(vals[r - before]) for r in ranks]
+
+
+def percentile(x: Any, q: float | list[float]) -> Any:
+    """Exact percentile(s) of all voxels, with np.percentile's 'linear' method.
+
+    numpy input: Numba histogram selection (matches np.percentile to float64
+    rounding); cupy input: ``cupy.percentile`` (sort based, on the device).
+    Returns a float or a list of floats (host values).
+    """
+    qs = [float(v) for v in np.atleast_1d(q)]
+    if any(not 0.0 <= v <= 100.0 for v in qs):
+        raise InputError(f"q: percentiles must lie in [0, 100], got {qs}")
+    xp = _checks.array_module(x)
+    if xp is not np:
+        res = [float(v) for v in xp.percentile(x.ravel().astype(xp.float64), xp.asarray(qs)).get()]
+        return res if np.ndim(q) else res[0]
+    flat = np.ascontiguousarray(x).ravel()
+    n = flat.size
+    pos = [v / 100.0 * (n - 1) for v in qs]
+    ranks = sorted({int(np.floor(p)) for p in pos} | {min(int(np.floor(p)) + 1, n - 1) for p in pos})
+    stats = dict(zip(ranks, _select_cpu(flat, ranks)))
+    res = []
+    for p in pos:
+        k = int(np.floor(p))
+        a, b, t = stats[k], stats[min(k + 1, n - 1)], p - k
+        # numpy's _lerp: a + (b-a)*t, taken from the upper end when t >= 0.5.
+        res.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
+    return res if np.ndim(q) else res[0]
+
+
+def _min_max(x: Any) -> tuple[float, float]:
+    xp = _checks.array_module(x)
+    if xp is np:
+        from medfeat.kernels import _cpu
+
+        lo, hi = _cpu.min_max(np.ascontiguousarray(x).ravel())
+        return float(lo), float(hi)
+    return float(x.min()), float(x.max())
+
+
+def _mean_std(x: Any) -> tuple[float, float]:
+    xp = _checks.array_module(x)
+    if xp is np:
+        from medfeat.kernels import _cpu
+
+        m, s = _cpu.mean_std(np.ascontiguousarray(x).ravel())
+        return float(m), float(s)
+    x64 = x.astype(xp.float64)
+    return float(x64.mean()), float(x64.std())
+
+
+def rule_params(volume: Any, rule: IntensityRule) -> tuple[float, float, float, float]:
+    """(lo, hi, shift, scale) of ``rule`` for this volume: out = (clamp(v, lo, hi) - shift) * scale.
+
+    A constant volume under 'percentile' maps to 0 (scale 0) rather than
+    dividing by zero; a constant volume under 'zscore' gets scale 1.
+    """
+    inf = float("inf")
+    if rule.kind == "none":
+        return -inf, inf, 0.0, 1.0
+    if rule.kind == "zscore":
+        mean, std = _mean_std(volume)
+        return -inf, inf, mean, (1.0 / std if std > 0 else 1.0)
+    if rule.kind == "window":
+        lo, hi = float(rule.window[0]), float(rule.window[1])
+    elif rule.lower is None:
+        lo, _ = _min_max(volume)
+        hi = percentile(volume, rule.upper)
+    else:
+        lo, hi = percentile(volume, [rule.lower, rule.upper])
+    return lo, hi, lo, (1.0 / (hi - lo) if hi > lo else 0.0)
+
+
+def normalise_reference(volume: np.ndarray, rule: IntensityRule) -> np.ndarray:
+    """Plain NumPy application of ``rule`` (float64), the reference for tests."""
+    v = np.asarray(volume, dtype=np.float64)
+    if rule.kind == "none":
+        return v
+    if rule.kind == "zscore":
+        return (v - v.mean()) / (v.std() or 1.0)
+    if rule.kind == "window":
+        lo, hi = rule.window
+    else:
+        lo = v.min() if rule.lower is None else np.percentile(v, rule.lower)
+        hi = np.percentile(v, rule.upper)
+    return (np.clip(v, lo, hi) - lo) / (hi - lo)

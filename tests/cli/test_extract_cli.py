@@ -1,0 +1,68 @@
+"""CLI: medfeat extract and medfeat store info / verify / export, errors as one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # test helpers (importlib mode)
+import _tiny_backbone  # noqa: E402,F401
+from _cohort import tiny_cohort  # noqa: E402
+from medfeat.cli import main  # noqa: E402
+
+
+def _medfeat(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return tiny_cohort(tmp_path_factory)
+
+
+def test_extract_then_store_commands(manifest, tmp_path, capsys):
+    store = str(tmp_path / "s.zarr")
+    code, out, err = _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", store,
+                              "--model", "tiny3d_test", "--taps", "conv1,conv2", "--scheduler-kind", "sync",
+                              "--variant", "oracle", "--roi", "crop", "--quiet")
+    assert code == 0, err
+    assert "6 done now" in out and "infer" in out and "write" in out
+    code, out, _ = _medfeat(capsys, "store", "info", store)
+    assert code == 0 and "tiny3d_test:conv2:oracle-crop" in out and "done      6" in out
+    code, out, _ = _medfeat(capsys, "store", "verify", store)
+    assert code == 0 and out.strip().endswith("ok")
+    code, out, _ = _medfeat(capsys, "store", "export", store, "--format", "parquet", "--out", str(tmp_path / "pq"))
+    assert code == 0 and len(list((tmp_path / "pq").glob("*.parquet"))) == 2
+
+
+def test_failed_items_exit_code(manifest, tmp_path, capsys):
+    bad = tmp_path / "m.csv"
+    bad.write_text(manifest.read_text().splitlines()[0] + "\nX,baseline,nowhere.nii.gz" + "," * 8 + "\n")
+    code, out, err = _medfeat(capsys, "extract", "--manifest", str(bad), "--store", str(tmp_path / "s"),
+                              "--model", "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync", "--quiet")
+    assert code == 3 and "X/baseline" in out and "file not found" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope", "--taps", "a"], "unknown model 'nope'"),
+    (["--model", "tiny3d_test", "--taps", "conv9"], "unknown tap 'conv9'"),
+])
+def test_user_errors_are_one_line(manifest, tmp_path, capsys, args, message):
+    code, out, err = _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", str(tmp_path / "s"),
+                              "--scheduler-kind", "sync", *args)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_manifest_one_line_in_a_real_process(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "from medfeat.cli import main; main()", "extract", "--manifest", str(tmp_path / "no.csv"),
+                        "--store", str(tmp_path / "s"), "--model", "x", "--taps", "a"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "manifest not found" in r.stderr and "Traceback" not in r.stderr

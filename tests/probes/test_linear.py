@@ -1,0 +1,103 @@
+"""Probes: scikit-learn contract, separable data, random labels, multi-label, kNN."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from medfeat.errors import InputError
+from medfeat.probes.linear import KNNProbe, LinearProbe
+
+CS = (1e-3, 1e-1, 1e1)
+
+
+def _blobs(n=200, d=12, shift=3.0, seed=0, k=2):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    X[:, :k] += shift * np.eye(k)[y]
+    return X, y
+
+
+def test_contract_fit_returns_self_and_clone():
+    X, y = _blobs()
+    p = LinearProbe(Cs=CS, inner_splits=3)
+    assert p.fit(X, y) is p
+    assert p.C_ in CS and p.n_features_in_ == 12
+    assert clone(p).get_params() == p.get_params()
+    assert not hasattr(clone(p), "C_")
+    assert p.predict_proba(X).shape == (200, 2)
+    np.testing.assert_allclose(p.predict_proba(X).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_fixed_C_equals_sklearn_pipeline():
+    X, y = _blobs(seed=3)
+    p = LinearProbe(Cs=(0.5,)).fit(X, y)
+    ref = LogisticRegression(C=0.5, max_iter=1000).fit(StandardScaler().fit_transform(X.astype(np.float64)), y)
+    Z = StandardScaler().fit(X.astype(np.float64)).transform(X)
+    np.testing.assert_allclose(p.predict_proba(X), ref.predict_proba(Z), atol=1e-4)
+
+
+def test_separable_and_random_labels():
+    from sklearn.metrics import roc_auc_score
+
+    X, y = _blobs(n=300, shift=4.0)
+    Xt, yt = _blobs(n=300, shift=4.0, seed=9)
+    p = LinearProbe(Cs=CS).fit(X, y)
+    assert roc_auc_score(yt, p.predict_proba(Xt)[:, 1]) > 0.98
+    rng = np.random.default_rng(5)
+    noise = LinearProbe(Cs=CS).fit(X, rng.integers(0, 2, 300))
+    assert 0.35 < roc_auc_score(rng.integers(0, 2, 300), noise.predict_proba(Xt)[:, 1]) < 0.65
+
+
+def test_multiclass_and_string_labels():
+    X, y = _blobs(n=300, k=4)
+    labels = np.array(["a", "b", "c", "d"])[y]
+    p = LinearProbe(Cs=CS).fit(X, labels, groups=np.arange(300) // 2)
+    assert list(p.classes_) == ["a", "b", "c", "d"]
+    assert (p.predict(X) == labels).mean() > 0.9
+
+
+def test_multilabel_one_model_per_label_and_constant_label():
+    X, y = _blobs(n=200, k=3)
+    Y = np.eye(3, dtype=int)[y]
+    Y[:, 2] = 0  # a label never present: constant prediction, no crash
+    p = LinearProbe(Cs=CS).fit(X, Y)
+    proba = p.predict_proba(X)
+    assert proba.shape == (200, 3) and np.all(proba[:, 2] == 0)
+    assert ((proba[:, 0] > 0.5) == Y[:, 0]).mean() > 0.9
+
+
+def test_bad_input_errors():
+    with pytest.raises(InputError, match="NaN"):
+        LinearProbe().fit(np.full((4, 2), np.nan), [0, 1, 0, 1])
+    with pytest.raises(InputError, match="labels"):
+        LinearProbe().fit(np.zeros((4, 2)), [0, 1])
+
+
+@pytest.mark.parametrize("normalize", ["l2", "standard"])
+def test_knn_probe(normalize):
+    X, y = _blobs(n=300, shift=4.0)
+    p = KNNProbe(n_neighbors=10, normalize=normalize).fit(X[:200], y[:200])
+    assert (p.predict(X[200:]) == y[200:]).mean() > 0.9
+    loo = p.loo_proba()
+    assert loo.shape == (200, 2) and np.all(loo.max(axis=1) < 1.0 + 1e-12)
+    # Leave-one-out differs from in-sample prediction (which sees the item itself).
+    assert not np.allclose(loo, p.predict_proba(X[:200]))
+
+
+def test_knn_matches_brute_force_cosine():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 50)
+    q = rng.normal(size=(4, 6)).astype(np.float32)
+    p = KNNProbe(n_neighbors=5, temperature=0.1, batch_size=3).fit(X, y)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    for i, row in enumerate(q / np.linalg.norm(q, axis=1, keepdims=True)):
+        sim = Xn @ row
+        nn = np.argsort(-sim)[:5]
+        w = np.exp(sim[nn] / 0.1)
+        ref = np.bincount(y[nn], weights=w, minlength=3) / w.sum()
+        np.testing.assert_allclose(p.predict_proba(q[i:i + 1])[0], ref, rtol=1e-4)
