@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import time
@@ -74,6 +75,7 @@ def main() -> None:
     import open_clip
     import timm
 
+    load_before = os.getloadavg()[0]
     rows = []
     for name in args.models.split(","):
         last = get_spec(name).tap_table()[-1].name
@@ -88,6 +90,7 @@ def main() -> None:
         "batch": args.batch, "input": [3, 224, 224], "repeats": args.repeats, "dtype": "float32",
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "open_clip": open_clip.__version__,
                      "python": platform.python_version()},
+        "load_average_1min": [load_before, os.getloadavg()[0]],
         "rows": rows,
     }
     out_dir = HERE / "results"
@@ -103,7 +106,8 @@ def append_markdown(record: dict) -> None:
         f"--batch {record['batch']} --repeats {record['repeats']}`  ",
         f"Machine: {record['device']} (shared with other jobs); float32, 224 x 224, batch {record['batch']}, "
         "random weights, median of the timed batches after one warm-up; "
-        f"torch {record['versions']['torch']}, timm {record['versions']['timm']}. "
+        f"torch {record['versions']['torch']}, timm {record['versions']['timm']}; 1-min load average "
+        f"{record['load_average_1min'][0]:.1f} before, {record['load_average_1min'][1]:.1f} after. "
         "Raw figures: `benchmarks/results/models2d_cpu.json`.", "",
         "| model | full tap | img/s | params (M) | half tap | img/s | params (M) | speed-up |",
         "|---|---|---:|---:|---|---:|---:|---:|",

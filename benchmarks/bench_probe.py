@@ -47,9 +47,9 @@ def run(items: int, dim: int, folds: int, threads: int, n_boot: int) -> dict:
     with threadpool_limits(limits=threads):
         # Warm-up on a small slice so imports and BLAS start-up are not timed.
         cross_validate_probe(X[:2000, :64], y[:2000], groups[:2000], n_splits=3, seeds=(0,), n_boot=0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = cross_validate_probe(X, y, groups, n_splits=folds, seeds=(0,), n_boot=0)
-        t_cv = time.perf_counter() - t0
+        t_cv, c_cv = time.perf_counter() - t0, time.process_time() - c0
         t0 = time.perf_counter()
         res_ci = _bootstrap_only(res, n_boot)
         t_boot = time.perf_counter() - t0
@@ -58,7 +58,7 @@ def run(items: int, dim: int, folds: int, threads: int, n_boot: int) -> dict:
         "benchmark": "probe_cv",
         "items": items, "dim": dim, "folds": folds, "seeds": 1, "threads": threads,
         "probe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()},
-        "seconds_cv": round(t_cv, 2), "seconds_per_fold": round(t_cv / folds, 2),
+        "seconds_cv": round(t_cv, 2), "cpu_seconds_cv": round(c_cv, 2), "seconds_per_fold": round(t_cv / folds, 2),
         "seconds_bootstrap": round(t_boot, 2), "n_boot": n_boot,
         "auc": round(res.metrics["auc"]["value"], 4), "auc_ci": res_ci,
         "chosen_C": [f["C"] for f in res.folds],
@@ -77,17 +77,19 @@ def _bootstrap_only(res, n_boot: int) -> list[float]:
     return [round(ci.low, 4), round(ci.high, 4)]
 
 
-def append_results(r: dict, path: Path) -> None:
+def append_results(r: dict, path: Path, command: str = "python benchmarks/bench_probe.py --append-results") -> None:
+    """Append a Markdown section with the figures of ``r`` to ``path`` (created if missing)."""
+    cpu = f" (process CPU time {r['cpu_seconds_cv']} s)" if "cpu_seconds_cv" in r else ""
     text = (
         f"\n## Linear probe cross-validation ({r['date']})\n\n"
-        f"Command: `python benchmarks/bench_probe.py --append-results` "
+        f"Command: `{command}` "
         f"(items {r['items']}, dim {r['dim']}, {r['folds']}-fold grouped CV, 1 seed, {r['threads']} BLAS threads)\n\n"
         f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs (shared; 1-min load "
         f"{r['machine']['load_avg_1m']} at the end), numpy {r['versions']['numpy']}, "
         f"scikit-learn {r['versions']['sklearn']}.\n\n"
         f"| what | seconds |\n|---|---|\n"
         f"| 5-fold CV incl. C tuning (9 C values x 3 inner folds on <=20k rows) and refit on all train rows | "
-        f"{r['seconds_cv']} |\n| per outer fold | {r['seconds_per_fold']} |\n"
+        f"{r['seconds_cv']}{cpu} |\n| per outer fold | {r['seconds_per_fold']} |\n"
         f"| bootstrap CI of AUC over subjects ({r['n_boot']} replicates) | {r['seconds_bootstrap']} |\n\n"
         f"Out-of-fold AUC {r['auc']} (95% CI {r['auc_ci'][0]}-{r['auc_ci'][1]}); chosen C per fold {r['chosen_C']}.\n"
     )

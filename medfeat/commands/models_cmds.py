@@ -67,6 +67,9 @@ def register(groups: dict[str, click.Group]) -> None:
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
+        for row in rows:  # keep the table one line per model; --json has the full text
+            text = row["description"]
+            row["description"] = text if len(text) <= 72 else text[:71] + "…"
         click.echo(_table(rows, ["name", "input", "size", "channels", "taps", "description"]))
 
     @models.command("show")

@@ -32,6 +32,8 @@ def _cv_options(f: Callable) -> Callable:
                      help="Bootstrap replicates (over subjects) for the 95% CIs."),
         click.option("--ci", "ci_method", type=click.Choice(["percentile", "bca"]), default="percentile",
                      show_default=True),
+        click.option("--balanced", is_flag=True,
+                     help="Linear probe: weight classes inversely to their frequency (helps macro recall)."),
         click.option("--split-column", default=None,
                      help="Use the labels manifest's fixed split in this column (train+val to fit, test to "
                           "evaluate; joined on item_id) instead of cross-validation."),
@@ -41,9 +43,10 @@ def _cv_options(f: Callable) -> Callable:
     return f
 
 
-def _cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method) -> dict:
+def _cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced=False) -> dict:
+    params = {"class_weight": "balanced"} if balanced and probe_kind == "linear" else None
     return dict(task=task, n_splits=folds, seeds=tuple(range(seeds)), probe=probe_kind,
-                n_boot=n_boot, ci_method=ci_method)
+                n_boot=n_boot, ci_method=ci_method, probe_params=params)
 
 
 def _echo_result(res, label: str = "") -> None:
@@ -69,15 +72,15 @@ def _pair_option(f: Callable) -> Callable:
 @_pair_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results JSON here (input of `probe report`).")
-def train(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, split_column, spec,
-          pair_mode, out) -> None:
+def train(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
+          split_column, spec, pair_mode, out) -> None:
     """Cross-validate a probe on one feature array; print metrics with 95% CIs."""
     from medfeat.probes.features import load_features
     from medfeat.probes.sweep import config_record, evaluate_features, write_results
 
     fs = load_features(store_path, spec, labels, target, pair_mode)
     res = evaluate_features(fs, labels=labels, split_column=split_column,
-                            **_cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method))
+                            **_cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced))
     _echo_result(res, f"{spec}{' / ' + pair_mode if pair_mode else ''}")
     if out is not None:
         write_results([config_record(spec, res, pair_mode=pair_mode)], out)
@@ -91,8 +94,8 @@ def train(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci
 @_pair_option
 @click.option("--metric", default=None, help="Metric to compare [default: the task's headline metric].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JSON here.")
-def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, split_column, specs,
-            pair_mode, metric, out) -> None:
+def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
+            split_column, specs, pair_mode, metric, out) -> None:
     """Compare two feature sets: paired subject bootstrap (and DeLong's test for binary AUC)."""
     import numpy as np
 
@@ -108,7 +111,7 @@ def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, 
                    f"({len(a.item_ids)} and {len(b.item_ids)} available)")
     if not common:
         raise InputError(f"{specs[0]} and {specs[1]} share no items")
-    kw = _cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method)
+    kw = _cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced)
     results = []
     for spec, fs in zip(specs, (a, b)):
         pos = {i: k for k, i in enumerate(fs.item_ids)}
@@ -124,7 +127,7 @@ def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, 
     if out is not None:
         doc = {"a": specs[0], "b": specs[1], "pair_mode": pair_mode, "tests": tests,
                "results": [r.to_dict() for r in results]}
-        out.write_text(json.dumps(doc, indent=1))
+        out.write_text(json.dumps(doc, indent=1, default=float))
         click.echo(f"wrote {out}")
 
 
@@ -136,14 +139,14 @@ def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, 
               help="Pair modes to try (repeatable) [default: none, rows as stored].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json, results.csv and results.parquet.")
-def sweep(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, split_column, specs,
-          models, pair_modes, out) -> None:
+def sweep(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
+          split_column, specs, models, pair_modes, out) -> None:
     """Probe every selected (model, tap, variant) array; write a tidy results table."""
     from medfeat.probes.sweep import sweep_store, write_results
 
     configs = sweep_store(store_path, labels, target, specs=specs or None, models=models or None,
                           pair_modes=pair_modes or (None,), split_column=split_column, log=click.echo,
-                          **_cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method))
+                          **_cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced))
     for path in write_results(configs, out, tables=True):
         click.echo(f"wrote {path}")
 

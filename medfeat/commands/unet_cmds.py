@@ -18,15 +18,17 @@ def register(groups: dict[str, click.Group]) -> None:
     @click.option("--val-fraction", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True,
                                                                                           max_open=True),
                   help="Fraction of subjects held out for the Dice report.")
+    @click.option("--patch", default=32, show_default=True, type=click.IntRange(0),
+                  help="Train on random cubes of this side (0: whole scans); scoring uses whole scans.")
     @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
     @click.option("--lr", default=3e-3, show_default=True, type=float)
     @click.option("--seed", default=0, show_default=True, type=int)
     def train_unet_cmd(manifest: str, out: str, epochs: int, size: int, val_fraction: float,
-                       batch_size: int, lr: float, seed: int) -> None:
+                       patch: int, batch_size: int, lr: float, seed: int) -> None:
         """Train the unet3d backbone (MONAI UNet, Dice+CE) and report held-out Dice per class."""
         from medfeat.export.train_unet import TrainConfig, train_unet
 
-        cfg = TrainConfig(epochs=epochs, size=size, val_fraction=val_fraction, batch_size=batch_size,
+        cfg = TrainConfig(epochs=epochs, size=size, val_fraction=val_fraction, patch=patch, batch_size=batch_size,
                           lr=lr, seed=seed)
         report = train_unet(manifest, out, cfg)
         click.echo(f"trained unet3d on {len(report['train_subjects'])} subjects in {report['seconds']} s; "

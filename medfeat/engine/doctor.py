@@ -143,11 +143,22 @@ _PACKAGES: list[tuple[str, str, str, str]] = [
 ]
 
 
+def _cupy_dist() -> str:
+    """The CuPy wheel matching torch's CUDA major version (cupy-cuda12x, cupy-cuda13x)."""
+    import torch
+
+    major = (torch.version.cuda or "12").split(".")[0]
+    return f"cupy-cuda{major}x"
+
+
 def check_packages() -> list[Check]:
     rows = []
     for module, dist, purpose, how in _PACKAGES:
+        if module == "cupy":
+            dist = _cupy_dist()
+            how = f"pip install {dist}"
         if _installed(module):
-            version = _version(dist, module) or "?"
+            version = _version(dist, "cupy-cuda12x", "cupy-cuda13x", "cupy", module) or "?"
             rows.append(Check(module, "package", OK, f"{version} ({purpose})"))
         else:
             rows.append(Check(module, "package", MISSING, purpose, "not installed", how))

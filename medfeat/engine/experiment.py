@@ -5,8 +5,9 @@ An experiment file::
 
     name: progression
     kind: progression            # progression (3D pairs) | transfer2d (2D images)
-    cohort:
-      synth: {subjects: 48, seed: 0, shape: [64, 64, 64]}   # or  manifest: PATH
+    cohort:                      # or  cohorts: [{name: ..., ...}, ...]  (one run each)
+      synth: {subjects: 48, seed: 0, shape: [64, 64, 64]}
+      # or  manifest: PATH  |  synth2d: {images: 300}  |  dataset: {name: aptos2019, root: DIR}
     target: label
     models:
       - name: unigradicon
@@ -22,9 +23,10 @@ An experiment file::
     probe: {n_splits: 5, seeds: [0, 1, 2], probe: linear}
     extract: {batch_size: 4, scheduler_kind: threads}
 
-Relative paths in the file are relative to the file. Outputs go to ``OUT/``: ``cohort/``
-(synthetic cohorts), ``features.zarr``, ``weights/`` (trained models), ``results.json``
-(+ CSV / Parquet), ``report/``.
+Relative paths in the file are relative to the file; a dataset whose local copy is absent
+is skipped with a note. Outputs go to ``OUT/`` (``OUT/<cohort name>/`` with several
+cohorts): ``cohort/`` (synthetic or dataset manifests), ``features.zarr``, ``weights/``
+(trained models); and ``OUT/results.json`` (+ CSV / Parquet), ``OUT/report/``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from typing import Any, Callable
 import yaml
 
 from medfeat.errors import InputError, ManifestError
+from medfeat.probes.report import write_report
+from medfeat.probes.sweep import sweep_store, write_results
 
 Log = Callable[[str], None]
 
@@ -58,7 +62,7 @@ class Experiment:
 
     name: str
     kind: str
-    cohort: dict[str, Any]
+    cohorts: list[dict[str, Any]]
     target: str
     models: list[ModelEntry]
     align: list[str]
@@ -80,9 +84,12 @@ def load_experiment(path: str | Path) -> Experiment:
         raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: an experiment file is a mapping")
-    for key in ("name", "cohort", "models"):
+    for key in ("name", "models"):
         if key not in doc:
             raise InputError(f"{path}: missing key {key!r}")
+    if ("cohort" in doc) == ("cohorts" in doc):
+        raise InputError(f"{path}: give either cohort (one) or cohorts (a list)")
+    cohorts = [dict(doc["cohort"])] if "cohort" in doc else [dict(c) for c in doc["cohorts"]]
     models = []
     for i, m in enumerate(doc["models"]):
         if not isinstance(m, dict) or "name" not in m or "taps" not in m:
@@ -93,7 +100,7 @@ def load_experiment(path: str | Path) -> Experiment:
                                  {k: v for k, v in m.items() if k not in known}))
     variants = doc.get("variants", {})
     return Experiment(
-        name=str(doc["name"]), kind=str(doc.get("kind", "progression")), cohort=dict(doc["cohort"]),
+        name=str(doc["name"]), kind=str(doc.get("kind", "progression")), cohorts=cohorts,
         target=str(doc.get("target", "label")), models=models,
         align=[str(a) for a in variants.get("align", ["none"])],
         roi=[str(r) for r in variants.get("roi", ["whole"])],
@@ -102,9 +109,9 @@ def load_experiment(path: str | Path) -> Experiment:
     )
 
 
-def prepare_cohort(exp: Experiment, out: Path, log: Log) -> Path:
-    """The cohort manifest: given, or synthesised into ``out/cohort`` (reused when present)."""
-    cohort = exp.cohort
+def prepare_cohort(exp: Experiment, cohort: dict[str, Any], out: Path, log: Log) -> Path | None:
+    """The cohort manifest: given, made from a dataset's local copy, or synthesised into
+    ``out/cohort`` (reused when present). None when a dataset's local copy is absent."""
     if "manifest" in cohort:
         manifest = (exp.source.parent / cohort["manifest"]).resolve()
         if not manifest.is_file():
@@ -124,11 +131,33 @@ def prepare_cohort(exp: Experiment, out: Path, log: Log) -> Path:
         log(f"cohort: synthesising {params} into {target}")
         return Path(synth_cohort(target, **params))
     if "synth2d" in cohort:
-        from medfeat.engine.synth2d import synth2d
+        from medfeat.engine.synth2d import synth2d_cohort
 
         log(f"cohort: synthesising 2D images {cohort['synth2d']} into {target}")
-        return Path(synth2d(target, **cohort["synth2d"]))
-    raise InputError(f"{exp.source}: cohort needs one of manifest, synth, synth2d")
+        return Path(synth2d_cohort(target, **cohort["synth2d"]))
+    if "dataset" in cohort:
+        return _dataset_manifest(exp, dict(cohort["dataset"]), manifest, log)
+    raise InputError(f"{exp.source}: a cohort needs one of manifest, synth, synth2d, dataset")
+
+
+def _dataset_manifest(exp: Experiment, dataset: dict[str, Any], manifest: Path, log: Log) -> Path | None:
+    """Write the manifest of a public dataset's local copy with the study's label and split rules."""
+    import os
+
+    from medfeat.engine.datasets2d import DATASETS
+
+    name = dataset.pop("name", None)
+    if name not in DATASETS:
+        raise InputError(f"{exp.source}: unknown dataset {name!r}; datasets: {', '.join(DATASETS)}")
+    root = Path(os.path.expandvars(str(dataset.pop("root", "")))).expanduser()
+    root = root if root.is_absolute() else exp.source.parent / root
+    if not root.is_dir():
+        log(f"{name}: no local copy at {root}; skipping this cohort")
+        return None
+    frame = DATASETS[name](root, **dataset)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(manifest, index=False)
+    return manifest
 
 
 def resolve_weights(entry: ModelEntry, weights_dir: Path | None, manifest: Path, out: Path,
@@ -143,42 +172,63 @@ def resolve_weights(entry: ModelEntry, weights_dir: Path | None, manifest: Path,
                 f"{f' in {weights_dir}' if weights_dir else ''}; using seeded random weights")
             return None
     if entry.train:
-        from medfeat.export.train_unet import train_unet
+        from medfeat.export.train_unet import TrainConfig, train_unet
 
         path = out / "weights" / f"{entry.name}.safetensors"
         if not path.is_file():
             log(f"{entry.name}: training on {manifest} ...")
-            report = train_unet(manifest, path, **entry.extra.get("train_args", {}))
-            log(f"{entry.name}: held-out Dice {_dice_line(report)}")
+            report = train_unet(manifest, path, TrainConfig(**entry.extra.get("train_args", {})))
+            log(f"{entry.name}: held-out Dice {_dice_line(report['heldout_dice'])} "
+                f"(mean foreground {report['heldout_mean_foreground_dice']:.3f}, {report['seconds']:.0f} s)")
         return str(path)
     return None
 
 
-def _dice_line(report: Any) -> str:
-    dice = report.get("heldout_dice", report) if isinstance(report, dict) else report
-    if isinstance(dice, dict):
-        return ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if isinstance(v, (int, float)))
-    return str(dice)
+def _dice_line(dice: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if isinstance(v, (int, float)))
 
 
 def run_experiment(exp: Experiment, out: str | Path, *, weights_dir: str | Path | None = None,
                    log: Log = print, progress: bool = False) -> dict[str, Path]:
-    """Run the whole grid; returns the paths of the store, results and report."""
-    from medfeat.engine.extract import ExtractConfig, extract
-    from medfeat.export.registry import get_spec
-    from medfeat.probes.report import write_report
-    from medfeat.probes.sweep import sweep_store, write_results
+    """Run the whole grid; returns the paths of the (first) manifest and store, results and report."""
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wdir = Path(weights_dir) if weights_dir else None
-    manifest = prepare_cohort(exp, out, log)
-    store = out / "features.zarr"
+    configs: list[dict] = []
+    paths: dict[str, Any] = {"failed": 0}
+    for cohort in exp.cohorts:
+        name = str(cohort.get("name", "cohort"))
+        folder = out if len(exp.cohorts) == 1 else out / name
+        manifest = prepare_cohort(exp, cohort, folder, log)
+        if manifest is None:
+            continue
+        store = folder / "features.zarr"
+        found, failed = _run_cohort(exp, cohort, manifest, store, folder, wdir, log, progress)
+        configs += [{**c, "cohort": name} for c in found]
+        paths["failed"] += failed
+        paths.setdefault("manifest", manifest)
+        paths.setdefault("store", store)
+    if not configs:
+        raise InputError(f"{exp.source}: no cohort could be run")
+    paths["results"] = write_results(configs, out / "results.json", tables=True)[0]
+    paths["report"] = write_report(configs, out / "report")
+    return paths
+
+
+def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: Path, folder: Path,
+                wdir: Path | None, log: Log, progress: bool) -> tuple[list[dict], int]:
+    """Extract every (model, variant) of the grid into ``store`` and probe every array."""
+    from medfeat.engine.extract import ExtractConfig, extract
+    from medfeat.export.registry import get_spec
+
+    target = str(cohort.get("target", exp.target))
+    probe = {**exp.probe, **cohort.get("probe", {})}
     configs: list[dict] = []
     failed = 0
     for entry in exp.models:
         spec = get_spec(entry.name)
-        weights = resolve_weights(entry, wdir, manifest, out, log)
+        weights = resolve_weights(entry, wdir, manifest, folder, log)
         for align in exp.align:
             for roi in exp.roi:
                 cfg = ExtractConfig(manifest=str(manifest), store=str(store), model=entry.name,
@@ -186,22 +236,17 @@ def run_experiment(exp: Experiment, out: str | Path, *, weights_dir: str | Path 
                                     tiny=entry.tiny, progress=progress,
                                     input_size=tuple(entry.input_size) if entry.input_size else None,
                                     **exp.extract)
-                summary = extract(cfg)
-                failed += int(summary.get("failed", 0) or 0)
-                log(f"{entry.name} {align}-{roi}: {_summary_line(summary)}")
-        pair_modes = [None] if spec.input_kind == "pair3d" or exp.kind == "transfer2d" else exp.pair_modes
+                record = extract(cfg)
+                failed += int(record["items"]["failed"])
+                log(f"{entry.name} {align}-{roi}: {_summary_line(record)}")
+        pair_modes = [None] if spec.input_kind != "volume3d" else exp.pair_modes
         specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a in exp.align for r in exp.roi]
-        configs += sweep_store(store, manifest, exp.target, specs=specs, pair_modes=pair_modes, log=log,
-                               **exp.probe)
-        for c in configs:
-            c.setdefault("weights", weights or "random")
-    results = write_results(configs, out / "results.json", tables=True)
-    report = write_report(configs, out / "report")
-    return {"store": store, "results": results[0], "report": report, "manifest": manifest,
-            "failed": failed}
+        found = sweep_store(store, manifest, target, specs=specs, pair_modes=pair_modes, log=log, **probe)
+        configs += [{**c, "weights": weights or "random"} for c in found]
+    return configs, failed
 
 
-def _summary_line(summary: dict[str, Any]) -> str:
-    keys = ("done", "skipped", "failed", "seconds")
-    return ", ".join(f"{k} {summary[k]:.1f}" if isinstance(summary.get(k), float) else f"{k} {summary.get(k)}"
-                     for k in keys if k in summary)
+def _summary_line(record: dict[str, Any]) -> str:
+    items = record["items"]
+    return (f"{items['done']} extracted, {items['skipped']} already in the store, {items['failed']} failed "
+            f"({record['wall_s']:.1f} s)")

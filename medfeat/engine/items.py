@@ -242,8 +242,13 @@ class LoadTimer:
         return self.cache[path]
 
 
-def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer) -> np.ndarray:
-    """The model input of ``item``: (C, *size) float32. Raises InputError for bad inputs."""
+def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer,
+              transforms: dict[tuple[str, int], np.ndarray] | None = None) -> np.ndarray:
+    """The model input of ``item``: (C, *size) float32. Raises InputError for bad inputs.
+
+    ``transforms`` holds estimated alignments by (item id, channel) from :func:`align_batch`;
+    channels that need one and are missing there are aligned on their own.
+    """
     if spec.input_kind == "image2d":
         ch = item.channels[0]
         t0 = time.perf_counter()
@@ -255,21 +260,24 @@ def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer) ->
         out = pp.prepare_image(img, size, spec.preprocess, spec.in_channels)
         timer.preprocess += time.perf_counter() - t0
         return out
-    chans = [_load_channel(ch, spec, size, timer) for ch in item.channels]
+    transforms = transforms or {}
+    chans = [_load_channel(ch, spec, size, timer, transforms.get((item.item_id, k)))
+             for k, ch in enumerate(item.channels)]
     out = np.stack(chans)
     if out.shape[0] != spec.in_channels:
         raise InputError(f"{item.item_id}: {out.shape[0]} input channel(s), model takes {spec.in_channels}")
     return out
 
 
-def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: LoadTimer) -> np.ndarray:
+def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: LoadTimer,
+                  estimated: np.ndarray | None = None) -> np.ndarray:
     vol = timer.volume(ch.path)
     ref = timer.volume(ch.ref) if ch.ref else vol
     mask = timer.volume(ch.mask) if ch.mask else None
     t0 = time.perf_counter()
     transform = None if ch.transform is None else np.asarray(ch.transform).reshape(4, 4)
     if ch.estimate:
-        transform = estimate_alignment(vol, ref, ch.estimate)
+        transform = estimated if estimated is not None else estimate_alignment(vol, ref, ch.estimate)
     if mask is not None:
         lo, hi = pp.mask_box(mask.data, mask.affine, ref.affine)
         grid = pp.box_grid(ref.affine, lo, hi, size)
@@ -283,22 +291,51 @@ def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: LoadTime
 def check_alignment_available(kind: str) -> None:
     """Raise RuntimeUnavailableError (one line, at planning time) when no registration exists."""
     try:
-        from medfeat.kernels import align_volumes  # type: ignore[attr-defined]  # noqa: F401
+        from medfeat.kernels import align  # noqa: F401
     except ImportError as exc:
         raise RuntimeUnavailableError(
-            f"{kind} alignment is not available yet (medfeat.kernels has no align_volumes); "
+            f"{kind} alignment is not available (medfeat.kernels has no align); "
             "use --variant oracle on cohorts with recorded transforms") from exc
 
 
 def estimate_alignment(moving: Any, fixed: Any, kind: str) -> np.ndarray:
-    """(4, 4) fixed world mm -> moving world mm, by the kernels' registration.
+    """(4, 4) fixed world mm -> moving world mm, by the kernels' registration (NCC, pyramid).
 
-    Raises RuntimeUnavailableError while :mod:`medfeat.kernels` offers no alignment.
+    ``kind``: ``rigid`` or ``affine``. Scans are aligned one item at a time here.
     """
-    try:
-        from medfeat.kernels import align_volumes  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise RuntimeUnavailableError(
-            f"{kind} alignment is not available yet (medfeat.kernels has no align_volumes); "
-            "use --variant oracle on cohorts with recorded transforms") from exc
-    return np.asarray(align_volumes(moving, fixed, kind=kind), dtype=np.float64)
+    from medfeat.kernels import align
+
+    out = align([moving.data], [fixed.data], [moving.affine], [fixed.affine], kind=kind)
+    return np.asarray(out[0], dtype=np.float64)
+
+
+def align_batch(items: list[Item], timer: LoadTimer) -> tuple[dict[tuple[str, int], np.ndarray], list[tuple[str, str]]]:
+    """Estimate every alignment a batch needs in one batched registration per kind.
+
+    Returns transforms by (item id, channel) and ``(item id, reason)`` for items whose
+    scans could not be read (they fail; the rest of the batch goes on).
+    """
+    from medfeat.errors import MedfeatError
+
+    wanted: dict[str, list[tuple[str, int, Any, Any]]] = {}
+    failures = []
+    for item in items:
+        for k, ch in enumerate(item.channels):
+            if not ch.estimate:
+                continue
+            try:
+                moving, fixed = timer.volume(ch.path), timer.volume(ch.ref or ch.path)
+            except MedfeatError as exc:
+                failures.append((item.item_id, " ".join(str(exc).split())[:300]))
+                continue
+            wanted.setdefault(ch.estimate, []).append((item.item_id, k, moving, fixed))
+    out: dict[tuple[str, int], np.ndarray] = {}
+    t0 = time.perf_counter()
+    for kind, jobs in wanted.items():
+        from medfeat.kernels import align
+
+        mats = align([j[2].data for j in jobs], [j[3].data for j in jobs],
+                     [j[2].affine for j in jobs], [j[3].affine for j in jobs], kind=kind)
+        out.update({(j[0], j[1]): np.asarray(m, np.float64) for j, m in zip(jobs, mats)})
+    timer.preprocess += time.perf_counter() - t0
+    return out, failures

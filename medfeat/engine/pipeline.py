@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medfeat.engine.items import Item, LoadTimer, load_item
+from medfeat.engine.items import Item, LoadTimer, align_batch, load_item
 from medfeat.errors import MedfeatError, RuntimeUnavailableError, UnknownNameError
 
 SCHEDULER_KINDS = ("local", "threads", "sync")
@@ -118,9 +118,18 @@ def run_batch(cfg: ModelConfig, items: Sequence[Item]) -> BatchResult:
     model = get_model(cfg)
     timer = LoadTimer()
     inputs, ids, failures = [], [], []
+    try:
+        transforms, failures = align_batch(list(items), timer)
+    except MedfeatError as exc:  # the batched registration itself failed: fail its items
+        transforms = {}
+        failures = [(i.item_id, f"alignment: {_one_line(exc)}") for i in items
+                    if any(c.estimate for c in i.channels)]
+    failed = {i for i, _ in failures}
     for item in items:
+        if item.item_id in failed:
+            continue
         try:
-            inputs.append(load_item(item, model.backbone.spec, model.size, timer))
+            inputs.append(load_item(item, model.backbone.spec, model.size, timer, transforms))
             ids.append(item.item_id)
         except MedfeatError as exc:
             failures.append((item.item_id, _one_line(exc)))

@@ -43,6 +43,7 @@ class Progress:
         self.interval = 0.1 if self.tty else interval
         self.start = time.perf_counter()
         self._last = 0.0
+        self._shown = -1
 
     def update(self, done: int, failed: int = 0, *, force: bool = False) -> None:
         if not self.enabled:
@@ -52,6 +53,9 @@ class Progress:
             return
         self._last = now
         n = done + failed
+        if n == self._shown and not self.tty:
+            return
+        self._shown = n
         elapsed = max(now - self.start, 1e-9)
         rate = n / elapsed
         eta = (self.total - n) / rate if rate > 0 else float("inf")

@@ -83,9 +83,14 @@ class EagerRuntime:
                 self.backbone.to(memory_format=self.memory_format)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        if self.precision != "fp32":
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        if self.device.type == "cuda":
+            # cuDNN convolutions default to TF32 (10-bit significand): fp32 means fp32
+            cudnn = torch.backends.cudnn
+            return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                               deterministic=cudnn.deterministic, allow_tf32=False)
+        return contextlib.nullcontext()
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float32, non_blocking=True)
@@ -111,14 +116,30 @@ class CompiledRuntime(EagerRuntime):
     name = "compiled"
 
     def __init__(self, backbone: Backbone, device: str = "cpu", precision: str = "fp32",
-                 backend: str = "inductor", mode: str | None = None) -> None:
+                 backend: Any = "inductor", mode: str | None = None, allow_fallback: bool = False) -> None:
         super().__init__(backbone, device, precision)
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.compiled = torch.compile(self.backbone, backend=backend, mode=mode, dynamic=False)
         self.mode = mode
+        self.allow_fallback = allow_fallback
+        self.fallback_reason: str | None = None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.fallback_reason is not None:  # compilation failed earlier and fallback is allowed
+            return super().forward(x)
+        try:
+            return self._forward_compiled(x)
+        except RuntimeUnavailableError as exc:
+            if not self.allow_fallback:
+                raise
+            # compilation happens at the first call, after make_runtime returned: fall back here
+            log.warning("%s; falling back to eager", exc)
+            self.fallback_reason = str(exc)
+            self.name = "eager"
+            return super().forward(x)
+
+    def _forward_compiled(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self._prepare(x)
         try:
             # no_grad, not inference_mode: CUDA-graph trees reject inference tensors
@@ -203,8 +224,14 @@ def choose_auto(device: str, precision: str = "fp32") -> list[str]:
     """Runtimes ``auto`` tries, best first, from what this machine has.
 
     GPU: native TensorRT > ONNX Runtime CUDA provider > compiled PyTorch (CUDA graphs) >
-    eager. CPU: ONNX Runtime > eager. ``compiled`` is not tried on the CPU: its first call
-    compiles for tens of seconds, and benchmarks/RESULTS.md shows ORT ahead on the CPU.
+    eager. CPU, fp32: ONNX Runtime > eager; reduced precision on the CPU: eager.
+
+    Why (benchmarks/RESULTS.md, "Runtimes" sections): on an H100, compiled bf16 ran 1.5x
+    (DINOv2 ViT-B/14) and 2.0x (SAM-Med3D) eager bf16. On 16 CPU cores, ONNX Runtime ran
+    SAM-Med3D at 128^3 2.6x eager and DINOv2 at 224 on par (0.97x); compiled reached 1.3x on
+    both but costs about a minute of compilation per process and input shape, so ``auto``
+    leaves it to users who ask for it on the CPU. ``auto`` falls back down its list when a
+    runtime cannot serve the model (missing package, an operator it cannot run, parity).
     """
     from medfeat.export.ort_session import available_providers
 
@@ -227,7 +254,8 @@ def _build(backbone: Backbone, name: str, device: str, precision: str, options: 
     if name == "eager":
         return EagerRuntime(backbone, device, precision)
     if name == "compiled":
-        return CompiledRuntime(backbone, device, precision, **options.get("compile", {}))
+        return CompiledRuntime(backbone, device, precision, allow_fallback=options.get("allow_fallback", False),
+                               **options.get("compile", {}))
     if name in ("onnxruntime", "ort"):
         return OnnxRuntime(backbone, device, precision, input_size=options.get("input_size"),
                            cache_dir=options.get("cache_dir"), threads=options.get("threads"))
@@ -259,6 +287,7 @@ def make_runtime(backbone: Backbone, name: str = "eager", *, device: str = "cpu"
     if name not in RUNTIMES and name != "ort":
         raise UnknownNameError(f"unknown runtime {name!r}; runtimes: {', '.join(RUNTIMES)}")
     chain = choose_auto(device, precision) if name == "auto" else [name]
+    options = {**options, "allow_fallback": allow_fallback or name == "auto"}
     reasons: list[str] = []
     while chain:
         current = chain.pop(0)
@@ -274,6 +303,7 @@ def make_runtime(backbone: Backbone, name: str = "eager", *, device: str = "cpu"
                 raise
             log.warning("runtime %s unavailable (%s); falling back to %s", current, exc, chain[0])
             continue
-        runtime.fallback_reason = "; ".join(reasons) or None  # type: ignore[union-attr]
+        if reasons or not getattr(runtime, "fallback_reason", None):
+            runtime.fallback_reason = "; ".join(reasons) or None  # type: ignore[union-attr]
         return runtime
     raise RuntimeUnavailableError(f"no runtime available for {backbone.spec.name}")  # pragma: no cover

@@ -74,10 +74,13 @@ from medfeat.errors import InputError
 # Field of view (mm) along the array axes (ML, AP, SI); 64^3 gives 2.0 x 1.6 x 1.6 mm voxels.
 DEFAULT_FOV_MM = (128.0, 102.4, 102.4)
 # Below this field of view (mm) parts of the knee (cartilage included) routinely leave the grid.
-MIN_FOV_MM = (110.0, 90.0, 70.0)
+MIN_FOV_MM = (110.0, 96.0, 96.0)
 # Mean DESS-like intensity per tissue class (air, fat, muscle, fluid, marrow, cortex, cartilage).
 TISSUE_INTENSITY = np.array([0.0, 380.0, 260.0, 850.0, 150.0, 30.0, 560.0])
 MISALIGN_MODES = ("none", "rigid", "affine")
+# World z (mm) of the joint line, about the field-of-view centre: the cartilage spans
+# about -4 to +34 mm around the joint line, so the knee sits a little low in the grid.
+JOINT_LINE_MM = -10.0
 
 COLUMN_DOCS = {
     "subject": "subject id",
@@ -147,15 +150,17 @@ def _homogeneous(linear: np.ndarray, translation: np.ndarray) -> np.ndarray:
     return m
 
 
-def header_affine(grid: Grid, rng: np.random.Generator | None, max_oblique_deg: float = 4.0,
-                  max_offset_mm: float = 3.0) -> np.ndarray:
+def header_affine(grid: Grid, rng: np.random.Generator | None, max_oblique_deg: float = 3.0,
+                  max_offset_mm: float = 2.0) -> np.ndarray:
     """Voxel -> world affine of a scan: oblique rotation @ diag(spacing), grid centre near the origin.
 
     Rounded to float32, as the NIfTI header stores it, so rendering and the
-    file agree exactly. ``rng=None`` gives the axis-aligned, centred atlas grid.
+    file agree exactly. ``rng=None`` gives the axis-aligned atlas grid, whose
+    centre is ``-JOINT_LINE_MM`` above the world (= knee frame) origin, so the
+    atlas frames the knee as the scans do.
     """
     if rng is None:
-        rot, centre = np.eye(3), np.zeros(3)
+        rot, centre = np.eye(3), np.array([0.0, 0.0, -JOINT_LINE_MM])
     else:
         rot = _random_rotation(rng, max_oblique_deg)
         centre = rng.uniform(-max_offset_mm, max_offset_mm, 3)
@@ -285,8 +290,10 @@ def synth_subject(out: Path, sid: str, rng: np.random.Generator, label: int, gri
     fem_loss, tib_loss = _cartilage_loss(rng, bool(label))
     follow = anat.followup_shape(base, fem_loss, tib_loss, rng.normal(0.0, 0.1, 2))
     gains = _subject_intensities(rng)
-    # Knee pose in the baseline scanner: small tilt, joint centre near the field-of-view centre.
-    pose = _homogeneous(_random_rotation(rng, 4.0), rng.uniform(-3.0, 3.0, 3))
+    # Knee pose in the baseline scanner: small tilt; the joint line sits JOINT_LINE_MM below
+    # the field-of-view centre, which leaves room for the femoral cartilage above it.
+    pose = _homogeneous(_random_rotation(rng, 3.0),
+                        rng.uniform(-2.0, 2.0, 3) + (0.0, 0.0, JOINT_LINE_MM))
     t = misalignment(rng, misalign, pose[:3, 3], max_rotation_deg, max_translation_mm)
     a_base = header_affine(grid, rng)
     a_follow = a_base if misalign == "none" else header_affine(grid, rng)
@@ -311,7 +318,7 @@ def synth_subject(out: Path, sid: str, rng: np.random.Generator, label: int, gri
 
 
 def write_atlas(out: Path, grid: Grid) -> tuple[Path, Path]:
-    """Render the mean anatomy on an axis-aligned grid centred on the knee frame (clean, no noise)."""
+    """Render the mean anatomy, clean, on an axis-aligned grid whose world is the knee frame."""
     affine = header_affine(grid, None)
     labels, tissue = render_labels(anat.mean_shape(), affine, grid.shape)
     image = render_intensity(tissue, TISSUE_INTENSITY, None)

@@ -237,9 +237,10 @@ def _tibia_section(s: KneeShape) -> Callable:
     """Inside the tibia's cross-section, which narrows from the plateau to the shaft below it."""
     def inside(x, y, z):
         u = np.clip((z + _TIBIA_FLARE_MM) / _TIBIA_FLARE_MM, 0.0, 1.0)
-        flare = u * u * (3.0 - 2.0 * u)
-        rx = s.tibia_shaft_radius + (s.plateau_radii[0] - s.tibia_shaft_radius) * flare
-        ry = s.tibia_shaft_radius + (s.plateau_radii[1] - s.tibia_shaft_radius) * flare
+        flare = u * u * (3.0 - 2.0 * u)  # smoothstep: plateau above, shaft below
+        shaft = float(s.tibia_shaft_radius)
+        rx = shaft + float(s.plateau_radii[0] - shaft) * flare
+        ry = shaft + float(s.plateau_radii[1] - shaft) * flare
         return _ellipse(x, y, 0.0, s.plateau_y, rx, ry)
     return inside
 

@@ -17,7 +17,7 @@ from medfeat.kernels.geometry import (
 )
 from medfeat.kernels.image2d import center_crop, gray_to_rgb, normalize, prepare_images, resize
 from medfeat.kernels.intensity import IntensityRule, percentile, rule_params
-from medfeat.kernels.roi import box_from_mask, crop, paste
+from medfeat.kernels.roi import box_from_mask, crop, mask_roi_grid, paste
 
 __all__ = [
     "AlignConfig",
@@ -32,6 +32,7 @@ __all__ = [
     "fov_grid",
     "gray_to_rgb",
     "index_map",
+    "mask_roi_grid",
     "normalize",
     "paste",
     "percentile",

@@ -113,29 +113,8 @@ def _tap(src, a, b, c, cval, lo, hi):
 
 @njit(cache=True)
 def _sample(src, c0, c1, c2, order, mode, cval, lo, hi):
-    """Interpolated value at source position (c0, c1, c2), taps clamped to [lo, hi]."""
+    """Interpolated value at source position (c0, c1, c2), taps clamped to [lo, hi] (general path)."""
     n0, n1, n2 = src.shape
-    if order == 1 and c0 >= 0.0 and c1 >= 0.0 and c2 >= 0.0 and c0 < n0 - 1 and c1 < n1 - 1 and c2 < n2 - 1:
-        # Interior fast path: no folding; identical arithmetic to the general path.
-        a = int(c0)
-        b = int(c1)
-        c = int(c2)
-        u0 = 1.0 - (c0 - a)
-        v0 = 1.0 - (c1 - b)
-        x0 = 1.0 - (c2 - c)
-        u1 = 1.0 - u0
-        v1 = 1.0 - v0
-        x1 = 1.0 - x0
-        t = 0.0
-        t += ((min(max(float(src[a, b, c]), lo), hi) * u0) * v0) * x0
-        t += ((min(max(float(src[a, b, c + 1]), lo), hi) * u0) * v0) * x1
-        t += ((min(max(float(src[a, b + 1, c]), lo), hi) * u0) * v1) * x0
-        t += ((min(max(float(src[a, b + 1, c + 1]), lo), hi) * u0) * v1) * x1
-        t += ((min(max(float(src[a + 1, b, c]), lo), hi) * u1) * v0) * x0
-        t += ((min(max(float(src[a + 1, b, c + 1]), lo), hi) * u1) * v0) * x1
-        t += ((min(max(float(src[a + 1, b + 1, c]), lo), hi) * u1) * v1) * x0
-        t += ((min(max(float(src[a + 1, b + 1, c + 1]), lo), hi) * u1) * v1) * x1
-        return t
     a0, a1, u0, u1, out0 = _axis(c0, n0, mode, order)
     b0, b1, v0, v1, out1 = _axis(c1, n1, mode, order)
     e0, e1, x0, x1, out2 = _axis(c2, n2, mode, order)
@@ -155,38 +134,94 @@ def _sample(src, c0, c1, c2, order, mode, cval, lo, hi):
     return t
 
 
+@njit(cache=True)
+def _interior(flat, n1, n2, c0, c1, c2, clamp, lo, hi):
+    """Linear interpolation well inside the volume (no folding), on the flat source.
+
+    Same arithmetic as the general path; unsigned indices spare Numba's
+    negative-index wraparound test on each of the eight loads.
+    """
+    a = int(c0)
+    b = int(c1)
+    c = int(c2)
+    u0 = 1.0 - (c0 - a)
+    v0 = 1.0 - (c1 - b)
+    x0 = 1.0 - (c2 - c)
+    u1 = 1.0 - u0
+    v1 = 1.0 - v0
+    x1 = 1.0 - x0
+    one = np.uint64(1)
+    p = np.uint64((a * n1 + b) * n2 + c)
+    q = p + np.uint64(n2)
+    r = p + np.uint64(n1 * n2)
+    s = r + np.uint64(n2)
+    f0 = float(flat[p])
+    f1 = float(flat[p + one])
+    f2 = float(flat[q])
+    f3 = float(flat[q + one])
+    f4 = float(flat[r])
+    f5 = float(flat[r + one])
+    f6 = float(flat[s])
+    f7 = float(flat[s + one])
+    if clamp:
+        f0 = min(max(f0, lo), hi)
+        f1 = min(max(f1, lo), hi)
+        f2 = min(max(f2, lo), hi)
+        f3 = min(max(f3, lo), hi)
+        f4 = min(max(f4, lo), hi)
+        f5 = min(max(f5, lo), hi)
+        f6 = min(max(f6, lo), hi)
+        f7 = min(max(f7, lo), hi)
+    t = 0.0
+    t += ((f0 * u0) * v0) * x0
+    t += ((f1 * u0) * v0) * x1
+    t += ((f2 * u0) * v1) * x0
+    t += ((f3 * u0) * v1) * x1
+    t += ((f4 * u1) * v0) * x0
+    t += ((f5 * u1) * v0) * x1
+    t += ((f6 * u1) * v1) * x0
+    t += ((f7 * u1) * v1) * x1
+    return t
+
+
 @njit(parallel=True, fastmath=False, cache=True)
+def _resample(src, mat, off, out, order, mode, cval, clamp, lo, hi, shift, scale):
+    """out[i,j,k] = (sample(src, mat @ (i,j,k) + off) - shift) * scale; src (n0,n1,n2), out (D,H,W)."""
+    n0, n1, n2 = src.shape
+    flat = src.ravel()
+    d_out, h_out, w_out = out.shape
+    # Scalars in registers: stores into out could alias mat/off as far as LLVM knows.
+    m00, m01, m02 = mat[0, 0], mat[0, 1], mat[0, 2]
+    m10, m11, m12 = mat[1, 0], mat[1, 1], mat[1, 2]
+    m20, m21, m22 = mat[2, 0], mat[2, 1], mat[2, 2]
+    o0, o1, o2 = off[0], off[1], off[2]
+    e0, e1, e2 = float(n0 - 1), float(n1 - 1), float(n2 - 1)
+    fast = order == 1
+    for i in prange(d_out):
+        for j in range(h_out):
+            b0 = i * m00 + j * m01
+            b1 = i * m10 + j * m11
+            b2 = i * m20 + j * m21
+            for k in range(w_out):
+                c0 = (b0 + k * m02) + o0
+                c1 = (b1 + k * m12) + o1
+                c2 = (b2 + k * m22) + o2
+                if fast and c0 >= 0.0 and c1 >= 0.0 and c2 >= 0.0 and c0 < e0 and c1 < e1 and c2 < e2:
+                    t = _interior(flat, n1, n2, c0, c1, c2, clamp, lo, hi)
+                else:
+                    t = _sample(src, c0, c1, c2, order, mode, cval, lo, hi)
+                out[i, j, k] = (t - shift) * scale  # exact for shift 0, scale 1
+
+
 def affine3d(src, mat, off, out, order, mode, cval):
-    """out[i,j,k] = sample(src, mat @ (i,j,k) + off). src (n0,n1,n2), out (D,H,W)."""
-    d_out, h_out, w_out = out.shape
+    """Plain resampling (scipy.ndimage.affine_transform semantics); src must be C-contiguous."""
     inf = np.inf
-    for i in prange(d_out):
-        for j in range(h_out):
-            b0 = i * mat[0, 0] + j * mat[0, 1]
-            b1 = i * mat[1, 0] + j * mat[1, 1]
-            b2 = i * mat[2, 0] + j * mat[2, 1]
-            for k in range(w_out):
-                c0 = (b0 + k * mat[0, 2]) + off[0]
-                c1 = (b1 + k * mat[1, 2]) + off[1]
-                c2 = (b2 + k * mat[2, 2]) + off[2]
-                out[i, j, k] = _sample(src, c0, c1, c2, order, mode, cval, -inf, inf)
+    _resample(src, mat, off, out, order, mode, cval, False, -inf, inf, 0.0, 1.0)
 
 
-@njit(parallel=True, fastmath=False, cache=True)
 def fused3d(src, mat, off, out, order, mode, cval, lo, hi, shift, scale):
-    """out[i,j,k] = (sample(clamp(src, lo, hi), ...) - shift) * scale, cast to out's float dtype."""
-    d_out, h_out, w_out = out.shape
-    for i in prange(d_out):
-        for j in range(h_out):
-            b0 = i * mat[0, 0] + j * mat[0, 1]
-            b1 = i * mat[1, 0] + j * mat[1, 1]
-            b2 = i * mat[2, 0] + j * mat[2, 1]
-            for k in range(w_out):
-                c0 = (b0 + k * mat[0, 2]) + off[0]
-                c1 = (b1 + k * mat[1, 2]) + off[1]
-                c2 = (b2 + k * mat[2, 2]) + off[2]
-                t = _sample(src, c0, c1, c2, order, mode, cval, lo, hi)
-                out[i, j, k] = (t - shift) * scale
+    """out = (sample(clamp(src, lo, hi)) - shift) * scale, cast to out's float dtype."""
+    _resample(src, mat, off, out, order, mode, cval, True, lo, hi, shift, scale)
 
 
 @njit(parallel=True, fastmath=False, cache=True)

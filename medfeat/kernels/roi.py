@@ -83,3 +83,19 @@ def paste(patch: Any, lo: Any, shape: Any, fill: float = 0.0) -> Any:
     src = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(dst_lo, dst_hi, lo_a))
     out[dst] = patch[src]
     return out
+
+
+def mask_roi_grid(mask: Any, affine: Any, out_shape: Any | None = None, margin: int = 0) -> Any:
+    """Sampling grid of the bounding box of ``mask`` (grown by ``margin`` voxels), optionally resized.
+
+    ``affine`` is the mask's voxel -> world (mm) affine. With an atlas mask
+    this is the atlas ROI: resample a scan onto it with
+    ``resample_world(scan, scan_affine, grid, transform=inv(M))`` where
+    ``atlas_world = M @ scan_world`` (the synthetic cohort's
+    ``atlas_transform``), since the resampler's transform maps target
+    (atlas) world points to source (scan) world points.
+    """
+    from medfeat.kernels.geometry import box_grid
+
+    lo, hi = box_from_mask(mask, margin)
+    return box_grid(affine, lo, hi, out_shape)

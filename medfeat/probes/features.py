@@ -26,6 +26,10 @@ __all__ = ["FeatureSet", "parse_spec", "resolve_key", "read_labels", "features_f
            "column_for_items"]
 
 
+_TIMEPOINT_ALIASES = {"baseline": "baseline", "followup": "followup", "follow-up": "followup",
+                      "follow_up": "followup"}
+
+
 class FeatureSet(NamedTuple):
     """X (n, d) float32, y (n,) or (n, L), groups (n,) subjects, item ids (n,)."""
 
@@ -64,6 +68,9 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     df = pd.read_csv(path, dtype={"item_id": str, "subject": str, "timepoint": str})
     if not {"item_id", "subject"} & set(df.columns):
         raise ManifestError(f"{path}: labels manifest needs an item_id or a subject column")
+    if "timepoint" in df:  # the spellings cohort manifests accept (medfeat.engine.manifest)
+        low = df["timepoint"].str.strip().str.lower()
+        df["timepoint"] = df["timepoint"].where(~low.isin(_TIMEPOINT_ALIASES), low.map(_TIMEPOINT_ALIASES))
     return df
 
 

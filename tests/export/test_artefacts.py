@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,15 @@ from medfeat.export.parity import ParityError
 from medfeat.export.registry import create_backbone
 
 
-def _load_models() -> None:
-    path = Path(__file__).with_name("runtime_models.py")
-    spec = importlib.util.spec_from_file_location("medfeat_runtime_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _load_models():
+    """Import runtime_models.py once per process, under a name dynamo can re-import."""
+    name = "medfeat_runtime_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("runtime_models.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 _load_models()

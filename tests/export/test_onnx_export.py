@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,14 @@ from medfeat.export.registry import create_backbone, get_spec, list_backbones
 
 
 def _load_models():
-    path = Path(__file__).with_name("runtime_models.py")
-    spec = importlib.util.spec_from_file_location("medfeat_runtime_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import runtime_models.py once per process, under a name dynamo can re-import."""
+    name = "medfeat_runtime_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("runtime_models.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 _load_models()

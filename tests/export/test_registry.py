@@ -212,3 +212,40 @@ def test_ill_fitting_checkpoint_lists_missing_and_unexpected(name: str, tmp_path
     assert "\n" not in message and name in message
     if _accepts_own_layout(name, state):
         assert "missing" in message and "unexpected" in message, message
+
+
+def test_cli_models_list_names_every_model(capsys) -> None:
+    from medfeat.cli import main
+
+    main(["models", "list"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:5] == ["name", "input", "size", "channels", "taps"]
+    listed = {line.split()[0]: line.split()[4] for line in out[1:]}
+    assert listed == {n: str(len(get_spec(n).tap_table())) for n in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_models_show_shapes_follow_the_tap_table(name: str, capsys) -> None:
+    import json
+
+    from medfeat.cli import main
+
+    main(["models", "show", name, "--json"])
+    shown = json.loads(capsys.readouterr().out)
+    spec = get_spec(name)
+    assert [r["tap"] for r in shown["taps"]] == [t.name for t in spec.tap_table()]
+    for row, tap in zip(shown["taps"], spec.tap_table()):
+        dims = [int(v) for v in row["raw_shape"].split("x")]
+        if tap.kind == "map":
+            assert dims == [tap.channels] + [math.ceil(s / tap.reduction) for s in spec.input_size]
+        assert row["dim"] == pooled_dim(tap.channels, tap.pooling)
+
+
+def test_cli_models_show_unknown_model_is_one_line_exit_2(capsys) -> None:
+    from medfeat.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models", "show", "no_such_model"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no_such_model" in err

@@ -3,6 +3,7 @@ precision's tolerance from :data:`medfeat.export.parity.TOLERANCES`."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,15 @@ from medfeat.export.parity import check_parity
 from medfeat.export.registry import create_backbone
 
 
-def _load_models() -> None:
-    path = Path(__file__).with_name("runtime_models.py")
-    spec = importlib.util.spec_from_file_location("medfeat_runtime_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _load_models():
+    """Import runtime_models.py once per process, under a name dynamo can re-import."""
+    name = "medfeat_runtime_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("runtime_models.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 _load_models()
@@ -79,6 +84,13 @@ def test_compiled_failure_is_a_clear_error():
     runtime = CompiledRuntime(create_backbone("rt_tiny_cnn", ["stem"]), backend=broken_backend)
     with pytest.raises(RuntimeUnavailableError, match="torch.compile.*rt_tiny_cnn"):
         runtime(torch.zeros(1, 3, 32, 32))
+    # compilation fails at the first call, after make_runtime returned: fallback happens there
+    backbone = create_backbone("rt_tiny_cnn", ["stem"])
+    allowed = make_runtime(backbone, "compiled", allow_fallback=True, compile={"backend": broken_backend})
+    out = allowed(torch.ones(2, 3, 32, 32))
+    assert allowed.name == "eager" and "frobnicate" in allowed.fallback_reason
+    with torch.inference_mode():
+        np.testing.assert_allclose(out["stem"], backbone(torch.ones(2, 3, 32, 32))["stem"].numpy(), rtol=1e-6)
 
 
 def test_auto_rule_on_cpu(tmp_path):

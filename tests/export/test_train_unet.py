@@ -68,7 +68,7 @@ def test_percentile_normalise_range() -> None:
 
 def test_train_unet_learns_spheres_and_weights_load_into_registry(tmp_path) -> None:
     manifest = _sphere_cohort(tmp_path)
-    cfg = TrainConfig(epochs=25, size=16, val_fraction=0.34, batch_size=4, lr=1e-2, num_classes=3,
+    cfg = TrainConfig(epochs=20, size=16, patch=0, val_fraction=0.34, batch_size=4, lr=1e-2, num_classes=3,
                       class_names=("background", "ball", "shell"), **TINY_NET)
     report = train_unet(manifest, tmp_path / "unet.safetensors", cfg)
     saved = json.loads((tmp_path / "unet.json").read_text())
@@ -86,7 +86,7 @@ def test_train_unet_learns_spheres_and_weights_load_into_registry(tmp_path) -> N
 def test_cli_train_unet(tmp_path, capsys) -> None:
     manifest = _sphere_cohort(tmp_path, subjects=3, size=32)
     out = tmp_path / "cli" / "unet.pt"
-    main(["models", "train-unet", "--cohort", manifest, "--out", str(out), "--epochs", "1", "--size", "32",
+    main(["models", "train-unet", "--cohort", manifest, "--out", str(out), "--epochs", "1", "--size", "32", "--patch", "0",
           "--val-fraction", "0.34"])
     text = capsys.readouterr().out
     assert "dice femur" in text and out.is_file()

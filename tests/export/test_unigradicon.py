@@ -6,7 +6,8 @@ References, independent of the code under test:
 * ``_Upstream*`` below: the cascade rebuilt the way ``icon_registration``'s wrappers are
   written (nested modules, transforms as closures, the identity-map shortcut, mermaid's
   in-place channel reordering), which also gives the original checkpoint key layout;
-* ``unigradicon.make_network`` itself when the ``parity`` extra is installed.
+* ``unigradicon.make_network`` itself when the ``parity`` extra is installed
+  (``pip install -e '.[parity]'``; it pulls ITK, so it is not in the ``test`` extra).
 
 Tolerances: the cascade rebuilt here and upstream agree to the bit (same float ops in the
 same order), so they are compared with ``torch.equal``; scipy to 1e-5 (float32 vs float64).
@@ -272,7 +273,9 @@ def _needed_parameters(model: nn.Module, tap: str) -> int:
     if level == "phi":
         return total + sum(p.numel() for p in unet.parameters())
     kind, index = level.split(".")
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
     if kind == "enc":
         return total + sum(count(unet.downConvs[k]) for k in range(int(index) + 1))
     kept = range(int(index), unet.depth)

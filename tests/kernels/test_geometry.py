@@ -176,3 +176,18 @@ def test_roi_grids_and_world_boxes():
         resample_world(data, np.full((4, 4), np.nan), g)
     with pytest.raises(InputError, match="volume: expected 3 dimensions"):
         resample_world(data[0], a, g)
+
+
+def test_mask_roi_grid_equals_crop_of_the_box():
+    from medfeat.kernels import box_from_mask, mask_roi_grid
+
+    data = _smooth((12, 10, 9))
+    a = _oblique_affine([1.0, 0.8, 2.0], [0.1, 0.0, -0.2], [0.0, 5.0, 0.0])
+    mask = np.zeros(data.shape, np.uint8)
+    mask[3:7, 2:5, 4:9] = 1
+    lo, hi = box_from_mask(mask, margin=1)
+    assert lo.tolist() == [2, 1, 3] and hi.tolist() == [8, 6, 10]  # reaches past axis 2's end
+    grid = mask_roi_grid(mask, a, margin=1)
+    np.testing.assert_array_equal(resample_world(data, a, grid), crop(data, lo, hi))
+    with pytest.raises(InputError, match="mask: has no nonzero voxel"):
+        box_from_mask(np.zeros((3, 3, 3)))

@@ -148,3 +148,12 @@ def test_holdout_probe_uses_the_given_split():
     assert r.metrics["auc"]["value"] > 0.9
     with pytest.raises(InputError, match="subject 0"):  # test item 59 shares subject 0 with a training item
         holdout_probe(X, y, np.r_[g[:59], g[0]], split, n_boot=0)
+
+
+def test_read_labels_normalises_timepoints(tmp_path):
+    from medfeat.probes.features import read_labels
+
+    (tmp_path / "l.csv").write_text("subject,timepoint,label\ns1,Baseline,0\ns1,follow-up,1\ns2,m12,1\n")
+    assert read_labels(tmp_path / "l.csv")["timepoint"].tolist() == ["baseline", "followup", "m12"]
+    with pytest.raises(ManifestError, match="not found"):
+        read_labels(tmp_path / "missing.csv")

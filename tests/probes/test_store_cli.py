@@ -130,3 +130,33 @@ def test_cli_2d_fixed_split_from_synth2d_manifest(tmp_path):
     assert "fixed split" in res.output and "kappa" in res.output
     kappa = float(res.output.split("kappa")[1].split()[0])
     assert kappa > 0.7
+
+
+def test_tap_depth_order_from_registry_else_names():
+    from medfeat.engine.store import ArrayKey
+    from medfeat.probes.sweep import tap_depths
+
+    keys = [ArrayKey("unet3d", "bottom"), ArrayKey("unet3d", "down.0"),
+            ArrayKey("mynet", "blocks.10"), ArrayKey("mynet", "blocks.9")]
+    depth = tap_depths(keys)
+    assert depth[("unet3d", "down.0")] < depth[("unet3d", "bottom")]  # forward order, not alphabetical
+    assert depth[("mynet", "blocks.9")] < depth[("mynet", "blocks.10")]  # natural sort for unknown models
+
+
+def test_results_json_is_strict_and_report_shows_missing_ci(tmp_path):
+    from medfeat.probes.evaluate import cross_validate_probe
+    from medfeat.probes.sweep import config_record, write_results
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 40)
+    X = (rng.normal(size=(40, 3)) + y[:, None]).astype(np.float32)
+    res = cross_validate_probe(X, y, None, n_splits=3, seeds=(0,), n_boot=0, probe_params={"Cs": (1.0,)})
+    path = write_results([config_record("m:t", res)], tmp_path / "r.json")[0]
+
+    def no_nan(token):
+        raise AssertionError(f"non-strict JSON constant {token}")
+
+    doc = json.loads(path.read_text(), parse_constant=no_nan)
+    assert doc["configs"][0]["result"]["metrics"]["auc"]["ci_low"] is None
+    text = write_report(read_results(path), tmp_path / "rep").read_text()
+    assert "n/a" in text

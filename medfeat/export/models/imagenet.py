@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from timm.models.resnet import Bottleneck, ResNet
-from torch import nn
 
 from medfeat.export.registry import converter_for, register_backbone
 from medfeat.export.spec import BackboneSpec, Preprocess, TappedModel, TapSpec

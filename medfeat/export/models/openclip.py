@@ -15,7 +15,6 @@ study's linear-probe feature. Other input sizes resample the position embeddings
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch

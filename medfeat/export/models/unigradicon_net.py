@@ -76,7 +76,7 @@ class UNet2(nn.Module):
         up = list(up_channels)
         self.depth = len(up)
         if len(down) != self.depth + 1:
-            raise ValueError(f"UNet2: {len(down_channels)} encoder widths but {len(up)} decoder widths")
+            raise InputError(f"unigradicon: {len(down_channels)} encoder widths but {len(up)} decoder widths")
         up_in = [down[d + 1] + (up[d + 1] if d + 1 < self.depth else 0) for d in range(self.depth)]
         self.down_widths = tuple(down)
         self.up_widths = tuple(up)
@@ -98,9 +98,11 @@ class UNet2(nn.Module):
         (B, 3, *size) in [0, 1] units, or None when stopped early.
         """
         x = torch.cat([moving, fixed], 1)
+        decode = stop is None or stop.startswith("dec.")
         skips = []
         for k in range(self.depth):
-            skips.append(x)
+            if decode:  # an encoder-only run frees each level as it goes
+                skips.append(x)
             y = self.downConvs[k](F.leaky_relu(x))
             x = y + _pad_or_crop_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
             if self._emit(f"enc.{k}", x, want, stop, out):

@@ -14,6 +14,9 @@
 #define TIN float
 #endif
 
+// NVRTC compiles without <math.h>: spell +inf out (bits of IEEE double +inf).
+#define MF_INF __longlong_as_double(0x7ff0000000000000LL)
+
 #define M_CONSTANT 0
 #define M_GRID_CONSTANT 1
 #define M_NEAREST 2
@@ -167,7 +170,7 @@ extern "C" __global__ void affine3d(const TIN* __restrict__ src, int n0, int n1,
         int j = (int)(r % h);
         int i = (int)(r / h);
         double c0 = coord(mat, 0, i, j, k), c1 = coord(mat, 1, i, j, k), c2 = coord(mat, 2, i, j, k);
-        store(out, idx, out_kind, sample(src, n0, n1, n2, c0, c1, c2, order, mode, cval, -INFINITY, INFINITY));
+        store(out, idx, out_kind, sample(src, n0, n1, n2, c0, c1, c2, order, mode, cval, -MF_INF, MF_INF));
     }
 }
 

@@ -1,0 +1,4 @@
+"""``python -m medfeat`` runs the CLI."""
+from medfeat.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""``medfeat bench``: throughput of every stage against its peers and the machine's limits."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("bench")
+@click.option("--grid", default="cpu", show_default=True, help="Preset (tiny, cpu, gpu) or a YAML grid file.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@click.option("--quick-limits", is_flag=True, help="Measure the machine's ceilings on small buffers (fast).")
+@click.option("--plan", is_flag=True, help="Estimate a cohort's extraction time and memory instead.")
+@click.option("--cohort", type=click.Path(dir_okay=False), help="Manifest for --plan.")
+@click.option("--model", help="Model for --plan.")
+@click.option("--taps", help="Comma-separated taps for --plan (default: the model's last).")
+@click.option("--sample", default=4, show_default=True, help="Subjects in the --plan sample run.")
+@click.option("--tiny", is_flag=True, help="Tiny model config (tests).")
+def bench(grid: str, out: str, quick_limits: bool, plan: bool, cohort: str | None, model: str | None,
+          taps: str | None, sample: int, tiny: bool) -> None:
+    """Run a benchmark grid and write bench.json, bench.md and PNG plots to OUT."""
+    from medfeat.errors import InputError
+
+    if plan:
+        from medfeat.engine.bench_run import plan_cohort
+        from medfeat.export.registry import get_spec
+
+        if not cohort or not model:
+            raise InputError("--plan needs --cohort MANIFEST and --model NAME")
+        spec = get_spec(model)
+        tap_list = taps.split(",") if taps else [spec.tap_table(**(spec.tiny_config if tiny else {}))[-1].name]
+        result = plan_cohort(cohort, model, tap_list, sample=sample, tiny=tiny, log=click.echo)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "plan.json").write_text(json.dumps(result, indent=1))
+        click.echo(f"plan written to {Path(out) / 'plan.json'}")
+        return
+    from medfeat.engine.bench_run import load_grid, markdown_table, run_grid, validate_result, write_outputs
+
+    doc = run_grid(load_grid(grid), quick_limits=quick_limits, log=click.echo)
+    validate_result(doc)
+    paths = write_outputs(doc, Path(out))
+    click.echo(markdown_table(doc))
+    click.echo("written: " + ", ".join(str(p) for p in paths))
+
+
+def register(groups: dict[str, click.Group]) -> None:
+    groups["root"].add_command(bench)
