@@ -24,10 +24,12 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
         raise InputError(f"{what} {text!r} is not a comma-separated list of integers") from None
 
 
-def _copy_entry(src: Path, out: Path, names: tuple[str, ...]) -> list[Path]:
+def _copy_entry(src: Path, out: Path, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Copy ``names`` (default: every file, so ONNX external-data files of >2 GB models come
+    along) from a cache entry to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in names:
+    for name in names if names is not None else sorted(p.name for p in src.iterdir()):
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
             written.append(out / name)
@@ -35,7 +37,7 @@ def _copy_entry(src: Path, out: Path, names: tuple[str, ...]) -> list[Path]:
 
 
 def _export_onnx(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    from medfeat.export.artefacts import KEY_FILE, META, ONNX_FILE, PARITY_FILE, onnx_artefact
+    from medfeat.export.artefacts import ONNX_FILE, PARITY_FILE, onnx_artefact
     from medfeat.export.parity import ParityError
 
     try:
@@ -46,15 +48,18 @@ def _export_onnx(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, An
             out.mkdir(parents=True, exist_ok=True)
             exc.report.write(out / PARITY_FILE)
         raise
-    _copy_entry(entry.path, out, (ONNX_FILE, META, PARITY_FILE, KEY_FILE))
+    _copy_entry(entry.path, out)
     return {"artefact": str(out / ONNX_FILE), "cache_key": entry.key, "cache_hit": entry.hit}
 
 
 def _export_tensorrt(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    from medfeat.export.artefacts import KEY_FILE, META, ONNX_FILE, PARITY_FILE, onnx_artefact
+    from medfeat.export.artefacts import PARITY_FILE, onnx_artefact
     from medfeat.export.parity import check_parity
-    from medfeat.export.tensorrt_build import DEFAULT_PROFILE, ENGINE_FILE, TensorRTRunner, engine_artefact
+    from medfeat.export.tensorrt_build import (DEFAULT_PROFILE, ENGINE_FILE, TensorRTRunner, engine_artefact,
+                                               gpu_identity, require_tensorrt)
 
+    require_tensorrt()  # before the export: say what is missing first
+    gpu_identity()
     profile = opts["profile"] or DEFAULT_PROFILE
     onnx_entry = onnx_artefact(backbone, input_size=opts["input_size"], opset=opts["opset"], precision="fp32",
                                cache_dir=opts["cache_dir"])
@@ -65,10 +70,9 @@ def _export_tensorrt(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str
     report = check_parity(backbone, runner, runtime="tensorrt", precision=opts["precision"],
                           input_size=opts["input_size"], device="cuda",
                           batches=[b for b in (1, 3) if profile[0] <= b <= profile[2]] or [profile[0]])
-    out.mkdir(parents=True, exist_ok=True)
-    report.write(out / PARITY_FILE)
-    _copy_entry(entry.path, out, (ENGINE_FILE, META, KEY_FILE))
-    _copy_entry(onnx_entry.path, out, (ONNX_FILE,))
+    _copy_entry(onnx_entry.path, out)  # the ONNX file the engine was built from
+    _copy_entry(entry.path, out)  # engine, and its meta / key over the ONNX entry's
+    (out / PARITY_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     report.raise_if_failed()
     return {"artefact": str(out / ENGINE_FILE), "cache_key": entry.key, "cache_hit": entry.hit}
 

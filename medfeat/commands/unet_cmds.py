@@ -30,7 +30,7 @@ def register(groups: dict[str, click.Group]) -> None:
 
         cfg = TrainConfig(epochs=epochs, size=size, val_fraction=val_fraction, patch=patch, batch_size=batch_size,
                           lr=lr, seed=seed)
-        report = train_unet(manifest, out, cfg)
+        report = train_unet(manifest, out, cfg, progress=lambda line: click.echo(line, err=True))
         click.echo(f"trained unet3d on {len(report['train_subjects'])} subjects in {report['seconds']} s; "
                    f"held-out {len(report['heldout_subjects'])} subjects ({report['heldout_scans']} scans)")
         for name, value in report["heldout_dice"].items():

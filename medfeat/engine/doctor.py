@@ -186,7 +186,8 @@ def auto_runtime_rows() -> list[Check]:
 
         from medfeat.engine.runtimes import choose_auto
 
-        rows = [Check("auto (cpu)", "choice", OK, " > ".join(choose_auto("cpu")))]
+        rows = [Check("auto (cpu, 3D)", "choice", OK, " > ".join(choose_auto("cpu", "fp32", "volume3d"))),
+                Check("auto (cpu, 2D)", "choice", OK, " > ".join(choose_auto("cpu", "fp32", "image2d")))]
         if torch.cuda.is_available():
             rows.append(Check("auto (cuda)", "choice", OK, " > ".join(choose_auto("cuda"))))
         return rows

@@ -243,8 +243,10 @@ class LoadTimer:
 
 
 def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer,
-              transforms: dict[tuple[str, int], np.ndarray] | None = None) -> np.ndarray:
-    """The model input of ``item``: (C, *size) float32. Raises InputError for bad inputs.
+              transforms: dict[tuple[str, int], np.ndarray] | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """The model input of ``item``: (C, *size) float32, written into ``out`` when given (a
+    row of the batch buffer). Raises InputError for bad inputs.
 
     ``transforms`` holds estimated alignments by (item id, channel) from :func:`align_batch`;
     channels that need one and are missing there are aligned on their own.
@@ -257,20 +259,23 @@ def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer,
         img = read_image(ch.path)
         timer.read += time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = pp.prepare_image(img, size, spec.preprocess, spec.in_channels)
+        x = pp.prepare_image(img, size, spec.preprocess, spec.in_channels)
+        if out is not None:
+            out[...] = x
         timer.preprocess += time.perf_counter() - t0
-        return out
+        return x if out is None else out
+    if len(item.channels) != spec.in_channels:
+        raise InputError(f"{item.item_id}: {len(item.channels)} input channel(s), model takes {spec.in_channels}")
+    if out is None:
+        out = np.empty((spec.in_channels, *size), dtype=np.float32)
     transforms = transforms or {}
-    chans = [_load_channel(ch, spec, size, timer, transforms.get((item.item_id, k)))
-             for k, ch in enumerate(item.channels)]
-    out = np.stack(chans)
-    if out.shape[0] != spec.in_channels:
-        raise InputError(f"{item.item_id}: {out.shape[0]} input channel(s), model takes {spec.in_channels}")
+    for k, ch in enumerate(item.channels):
+        _load_channel(ch, spec, size, timer, transforms.get((item.item_id, k)), out, k)
     return out
 
 
 def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: LoadTimer,
-                  estimated: np.ndarray | None = None) -> np.ndarray:
+                  estimated: np.ndarray | None, out: np.ndarray, k: int) -> None:
     vol = timer.volume(ch.path)
     ref = timer.volume(ch.ref) if ch.ref else vol
     mask = timer.volume(ch.mask) if ch.mask else None
@@ -283,9 +288,11 @@ def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: LoadTime
         grid = pp.box_grid(ref.affine, lo, hi, size)
     else:
         grid = pp.fov_grid(ref.affine, ref.shape, size)
-    out = pp.prepare_volume(vol.data, vol.affine, grid, spec.preprocess, transform)
+    try:
+        pp.prepare_volume_into(out[None], k, vol.data, vol.affine, grid, spec.preprocess, transform)
+    except ImportError:  # kernels not built: the unfused SciPy path
+        out[k] = pp.prepare_volume(vol.data, vol.affine, grid, spec.preprocess, transform)
     timer.preprocess += time.perf_counter() - t0
-    return out
 
 
 def check_alignment_available(kind: str) -> None:

@@ -150,11 +150,44 @@ def apply_intensity(x: np.ndarray, params: tuple[float, float, float, float]) ->
 
 def prepare_volume(data: np.ndarray, affine: np.ndarray, grid: Grid, rule: Preprocess,
                    world_transform: np.ndarray | None = None) -> np.ndarray:
-    """One scan -> (D, H, W) float32 model input on ``grid`` with ``rule`` applied."""
+    """One scan -> (D, H, W) float32 model input on ``grid`` with ``rule`` applied.
+
+    The rule clamps and scales the source before interpolation (uniGradICON clamps, then
+    resizes); outside the scan is 0 after scaling. Unfused reference of
+    :func:`prepare_volume_into`.
+    """
     params = intensity_params(data, rule)
-    out = resample(data, affine, grid, world_transform)
-    # Padding outside the scan is 0 in raw units; map it through the rule like any voxel.
-    return apply_intensity(out, params)
+    scaled = apply_intensity(np.array(data, dtype=np.float32), params)
+    return resample(scaled, affine, grid, world_transform)
+
+
+def kernel_rule(rule: Preprocess) -> Any:
+    """The kernels' :class:`~medfeat.kernels.IntensityRule` equal to a spec's 3D rule."""
+    from medfeat.kernels import IntensityRule
+
+    p = rule.params
+    if rule.rule == "percentile_clamp":
+        return IntensityRule("percentile", lower=p.get("lower"), upper=float(p.get("upper", 99.0)))
+    if rule.rule == "minmax":
+        return IntensityRule("percentile", lower=0.0, upper=100.0)
+    if rule.rule == "ct_window":
+        return IntensityRule("window", window=(float(p.get("lo", -1000.0)), float(p.get("hi", 1000.0))))
+    if rule.rule in ("zscore", "none"):
+        return IntensityRule(rule.rule)
+    raise UnknownNameError(f"intensity rule {rule.rule!r} is not one of percentile_clamp, minmax, "
+                           "zscore, ct_window, none for a 3D model")
+
+
+def prepare_volume_into(out: np.ndarray, channel: int, data: np.ndarray, affine: np.ndarray, grid: Grid,
+                        rule: Preprocess, world_transform: np.ndarray | None = None) -> None:
+    """Like :func:`prepare_volume`, written into ``out[0, channel]`` of a (1, C, D, H, W)
+    float32 buffer in one fused pass (the kernels' ``resample_normalise``: resample, clamp,
+    scale, cast); :func:`prepare_volume` is its unfused reference."""
+    from medfeat.kernels import Grid as KernelGrid
+    from medfeat.kernels import resample_normalise
+
+    resample_normalise([np.ascontiguousarray(data, np.float32)], [affine], KernelGrid(grid.shape, grid.affine),
+                       out, transforms=[world_transform], channel=channel, rule=kernel_rule(rule))
 
 
 # -- 2D ----------------------------------------------------------------------------------

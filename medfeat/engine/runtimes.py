@@ -150,9 +150,22 @@ class CompiledRuntime(EagerRuntime):
         except MedfeatError:
             raise
         except Exception as exc:  # inductor/dynamo raise many types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeUnavailableError(f"compiled PyTorch (torch.compile) failed for "
-                                          f"{self.backbone.spec.name}: {first}") from exc
+                                          f"{self.backbone.spec.name}: {_root_cause(exc)}") from exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost exception: dynamo wraps the real reason (an
+    unsupported op, a compiler error) in BackendCompilerFailed / InternalTorchDynamoError."""
+    root, seen = exc, set()
+    while id(root) not in seen:
+        seen.add(id(root))
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None:
+            break
+        root = inner
+    text = str(root).strip()
+    return f"{type(root).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 class OnnxRuntime:
@@ -220,18 +233,20 @@ class TensorRTRuntime:
         return self.runner(x)
 
 
-def choose_auto(device: str, precision: str = "fp32") -> list[str]:
+def choose_auto(device: str, precision: str = "fp32", input_kind: str | None = None) -> list[str]:
     """Runtimes ``auto`` tries, best first, from what this machine has.
 
     GPU: native TensorRT > ONNX Runtime CUDA provider > compiled PyTorch (CUDA graphs) >
-    eager. CPU, fp32: ONNX Runtime > eager; reduced precision on the CPU: eager.
+    eager. CPU at fp32: ONNX Runtime > eager for 3D inputs (``volume3d``, ``pair3d``) and
+    for unknown kinds; eager for 2D images. Reduced precision on the CPU: eager.
 
     Why (benchmarks/RESULTS.md, "Runtimes" sections): on an H100, compiled bf16 ran 1.5x
-    (DINOv2 ViT-B/14) and 2.0x (SAM-Med3D) eager bf16. On 16 CPU cores, ONNX Runtime ran
-    SAM-Med3D at 128^3 2.6x eager and DINOv2 at 224 on par (0.97x); compiled reached 1.3x on
-    both but costs about a minute of compilation per process and input shape, so ``auto``
-    leaves it to users who ask for it on the CPU. ``auto`` falls back down its list when a
-    runtime cannot serve the model (missing package, an operator it cannot run, parity).
+    (DINOv2 ViT-B/14) and 2.0x (SAM-Med3D) eager bf16. On the CPU, ONNX Runtime ran the 3D
+    encoders 2.0x (SwinUNETR 96^3, 2 cores) and 2.6x (SAM-Med3D 128^3, 16 cores) eager, but
+    DINOv2 at 224 only 0.74-0.97x. Compiled PyTorch was 1.3-2.7x eager on the CPU too, but
+    compiles for 1-8 minutes per process and input shape, so ``auto`` leaves it to users who
+    ask for it there. ``auto`` falls back down its list when a runtime cannot serve the model
+    (missing package, an operator it cannot run, parity outside tolerance).
     """
     from medfeat.export.ort_session import available_providers
 
@@ -243,7 +258,7 @@ def choose_auto(device: str, precision: str = "fp32") -> list[str]:
         if "CUDAExecutionProvider" in providers:
             order.append("onnxruntime")
         order.append("compiled")
-    elif "CPUExecutionProvider" in providers and precision == "fp32":
+    elif "CPUExecutionProvider" in providers and precision == "fp32" and input_kind != "image2d":
         # ORT's CPU provider lacks most fp16/bf16 kernels
         order.append("onnxruntime")
     order.append("eager")
@@ -286,7 +301,7 @@ def make_runtime(backbone: Backbone, name: str = "eager", *, device: str = "cpu"
     _check_precision(precision)
     if name not in RUNTIMES and name != "ort":
         raise UnknownNameError(f"unknown runtime {name!r}; runtimes: {', '.join(RUNTIMES)}")
-    chain = choose_auto(device, precision) if name == "auto" else [name]
+    chain = choose_auto(device, precision, backbone.spec.input_kind) if name == "auto" else [name]
     options = {**options, "allow_fallback": allow_fallback or name == "auto"}
     reasons: list[str] = []
     while chain:

@@ -19,6 +19,7 @@ touch one chunk.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -159,6 +160,8 @@ class FeatureStore:
         An existing array with another dim or other provenance (other weights, pooling,
         preprocessing) is refused: its rows would mix two different features.
         """
+        # Compare and store the JSON form: tuples come back from attrs as lists.
+        provenance = json.loads(json.dumps(provenance, default=str))
         n = self.group["items/item_id"].shape[0]
         if key.path in self.group:
             group = self.group[key.path]

@@ -18,6 +18,7 @@ from medfeat.export.spec import BackboneSpec, TappedModel, TapSpec
 from medfeat.export.weights import load_strict, read_checkpoint, sha256_file
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+_UNAVAILABLE: dict[str, str] = {}  # family module -> why it could not be imported
 _LOADED = False
 
 
@@ -36,8 +37,15 @@ def _load_families() -> None:
     _LOADED = True
     package = importlib.import_module("medfeat.export.models")
     for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_"):
+        if info.name.startswith("_"):
+            continue
+        try:
             importlib.import_module(f"medfeat.export.models.{info.name}")
+        except ModuleNotFoundError as exc:
+            # A family whose architecture package is missing must not take the others down.
+            if exc.name and exc.name.startswith("medfeat"):
+                raise
+            _UNAVAILABLE[info.name] = f"needs the package {exc.name!r} (pip install it)"
 
 
 def list_backbones() -> list[str]:
@@ -50,7 +58,8 @@ def get_spec(name: str) -> BackboneSpec:
     """The spec of ``name``; an unknown name lists the known ones."""
     _load_families()
     if name not in _REGISTRY:
-        raise UnknownNameError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
+        missing = "".join(f"; family {f} unavailable: {why}" for f, why in sorted(_UNAVAILABLE.items()))
+        raise UnknownNameError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}{missing}")
     return _REGISTRY[name]
 
 

@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -123,7 +123,8 @@ def _load_cohort(manifest: str | Path, size: int) -> tuple[list[str], torch.Tens
     return [str(s) for s in rows["subject"]], torch.stack(images), torch.stack(labels)
 
 
-def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> list[float]:
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+           progress: Callable[[str], None] | None = None) -> list[float]:
     from monai.losses import DiceCELoss
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -147,6 +148,8 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainC
             opt.step()
             total += float(loss.detach()) * len(idx)
         losses.append(total / len(x))
+        if progress is not None:
+            progress(f"epoch {len(losses)}/{cfg.epochs}: loss {losses[-1]:.4f}")
     return losses
 
 
@@ -173,7 +176,8 @@ def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tra
     return np.stack(scores)
 
 
-def train_unet(manifest: str | Path, out: str | Path, cfg: TrainConfig | None = None) -> dict[str, Any]:
+def train_unet(manifest: str | Path, out: str | Path, cfg: TrainConfig | None = None,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train on the manifest's training subjects, score held-out subjects, write weights + report.
 
     Returns the report (also written to ``out`` with suffix ``.json``): config, subjects on each
@@ -196,7 +200,10 @@ def train_unet(manifest: str | Path, out: str | Path, cfg: TrainConfig | None = 
     train_s, held_s = split_subjects(subjects, cfg.val_fraction, cfg.seed)
     tr = torch.tensor([s in set(train_s) for s in subjects])
     model = build_model(cfg)
-    losses = _train(model, x[tr], y[tr], cfg)
+    if progress is not None:
+        progress(f"loaded {len(subjects)} scans in {time.perf_counter() - t0:.1f} s; training on "
+                 f"{int(tr.sum())} scans of {len(train_s)} subjects")
+    losses = _train(model, x[tr], y[tr], cfg, progress)
     scores = _evaluate(model, x[~tr], y[~tr], cfg)
     dice = {name: _nanmean(scores[:, c]) for c, name in enumerate(cfg.class_names[: cfg.num_classes])}
     out = Path(out)

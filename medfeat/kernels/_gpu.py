@@ -21,7 +21,8 @@ _CTYPES = {
 }
 #: Output kinds understood by the kernels' ``store``.
 OUT_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
-_BLOCK = 256
+_BLOCK = 32
+_ROWS = 4
 
 
 def _cupy() -> Any:
@@ -52,10 +53,11 @@ def kernel(name: str, dtype: np.dtype) -> Any:
     return _module(cp.cuda.Device().id, np.dtype(dtype)).get_function(name)
 
 
-def _grid(total: int) -> tuple[int]:
-    cp = _cupy()
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    return (int(min((total + _BLOCK - 1) // _BLOCK, sms * 32)),)
+def _grid(d: int, h: int, w: int) -> tuple[int, int, int]:
+    """Blocks of _BLOCK (k) x _ROWS (j) threads; one slice i (x batch) per z."""
+    if d > 65535:
+        raise ValueError(f"output grid {d}x{h}x{w}: slices (x batch) must stay below 65536")
+    return ((w + _BLOCK - 1) // _BLOCK, (h + _ROWS - 1) // _ROWS, d)
 
 
 def _mat12(m: np.ndarray, off: np.ndarray) -> np.ndarray:
@@ -68,9 +70,8 @@ def affine3d(src: Any, m: np.ndarray, off: np.ndarray, out: Any, order: int, mod
     src = cp.ascontiguousarray(src)
     mat = cp.asarray(_mat12(m, off))
     kind = OUT_KINDS[np.dtype(out.dtype).name]
-    total = int(np.prod(out.shape))
     kernel("affine3d", src.dtype)(
-        _grid(total), (_BLOCK,),
+        _grid(*out.shape), (_BLOCK, _ROWS),
         (src, np.int32(src.shape[0]), np.int32(src.shape[1]), np.int32(src.shape[2]), mat, out,
          np.int32(kind), np.int32(out.shape[0]), np.int32(out.shape[1]), np.int32(out.shape[2]),
          np.int32(order), np.int32(mode), np.float64(cval)),
@@ -100,7 +101,7 @@ def fused3d(
     b, c, d, h, w = out_shape
     out_arg = np.uint64(out_ptr) if isinstance(out_ptr, (int, np.integer)) else out_ptr
     kernel("fused3d", dtype)(
-        _grid(b * d * h * w), (_BLOCK,),
+        _grid(b * d, h, w), (_BLOCK, _ROWS),
         (ptrs, shapes, cp.asarray(mats.astype(np.float64).ravel()), cp.asarray(params.astype(np.float64).ravel()),
          out_arg, np.int32(out_kind), np.int32(b), np.int32(c), np.int32(channel),
          np.int32(d), np.int32(h), np.int32(w), np.int32(order), np.int32(mode)),

@@ -66,3 +66,10 @@ def test_missing_manifest_one_line_in_a_real_process(tmp_path):
                         "--store", str(tmp_path / "s"), "--model", "x", "--taps", "a"],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "manifest not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cohort_ingest_cli(manifest, tmp_path, capsys):
+    out = tmp_path / "cohort.zarr"
+    code, stdout, err = _medfeat(capsys, "cohort", "ingest", str(manifest), "--out", str(out), "--codec", "blosc")
+    assert code == 0, err
+    assert (out / "manifest.csv").is_file() and (out / "scans" / "S0000" / "baseline" / "0" / "zarr.json").is_file()

@@ -61,4 +61,4 @@ def test_cli(args):
         assert any(r["name"] == "onnxruntime" for r in rows)
         assert any(r["kind"] == "choice" for r in rows)
     else:
-        assert "runtimes:" in result.output and "auto (cpu)" in result.output
+        assert "runtimes:" in result.output and "auto (cpu, 3D)" in result.output

@@ -27,11 +27,14 @@ def test_local_cluster_matches_sync_and_builds_once_per_worker(tmp_path_factory,
     ex = make_executor("local", workers=1, threads_per_worker=2, memory_limit="3GB")
     try:
         r = extract(_cfg(manifest, tmp_path / "dask", scheduler_kind="local", workers=1), executor=ex)
+        # a second run joins the same cluster by address (--scheduler tcp://...)
+        r2 = extract(_cfg(manifest, tmp_path / "joined", scheduler=ex.client.scheduler.address))
         builds = ex.client.run(model_builds)
     finally:
         ex.close()
     assert r["items"]["done"] == 6 and r["scheduler"].startswith("dask")
-    assert list(builds.values()) == [1]  # 3 batches, 1 model: built once per worker, not per task
+    assert r2["items"]["done"] == 6 and r2["scheduler"].startswith("dask")
+    assert list(builds.values()) == [1]  # 6 batches, 2 runs, 1 model: built once per worker
     extract(_cfg(manifest, tmp_path / "sync", scheduler_kind="sync"), executor=SyncExecutor())
     ia, xa = FeatureStore.open(tmp_path / "dask").read("tiny3d_test:conv2:none-whole")
     ib, xb = FeatureStore.open(tmp_path / "sync").read("tiny3d_test:conv2:none-whole")

@@ -117,3 +117,11 @@ def test_export_parquet_and_hdf5(tmp_path):
         np.testing.assert_array_equal(f["features"][:], x[2:])
         assert f["coords"].shape == (1, 2) and f["coords"][0, 0] == 4
     assert pd.read_csv(tmp_path / "h5" / "m__t__none-whole" / "bags.csv").shape == (3, 2)
+
+
+def test_provenance_with_tuples_reopens(tmp_path):
+    s = _store(tmp_path)
+    key = ArrayKey("m", "t", "tuple")
+    prov = {"model": "m", "tap": "t", "dim": 3, "config": {"channels": (4, 8)}, "preprocessing": {"variant": "tuple"}}
+    s.ensure_array(key, 3, prov)
+    FeatureStore.open(s.path, mode="a").ensure_array(key, 3, prov)  # same features: accepted

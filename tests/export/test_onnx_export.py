@@ -188,3 +188,14 @@ def test_export_cli_fails_outside_tolerance_and_keeps_report(tmp_path, monkeypat
     assert info.value.code == 2
     report = json.loads((tmp_path / "o" / "parity.json").read_text())
     assert not report["passed"] and not (tmp_path / "o" / "model.onnx").exists()
+
+
+def test_export_cli_tensorrt_without_tensorrt_says_how_to_get_it(tmp_path, capsys):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt installed")
+    from medfeat.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["export", "rt_tiny_cnn", "--taps", "stem", "--format", "tensorrt", "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert "pip install tensorrt" in capsys.readouterr().err

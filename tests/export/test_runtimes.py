@@ -94,10 +94,11 @@ def test_compiled_failure_is_a_clear_error():
 
 
 def test_auto_rule_on_cpu(tmp_path):
-    assert choose_auto("cpu") == ["onnxruntime", "eager"]
-    assert choose_auto("cpu", "bf16") == ["eager"]  # ORT's CPU provider lacks bf16 kernels
-    runtime = make_runtime(_vit(), "auto", cache_dir=tmp_path)
-    assert runtime.name == "onnxruntime"
+    assert choose_auto("cpu", "fp32", "volume3d") == ["onnxruntime", "eager"]
+    assert choose_auto("cpu", "fp32", "image2d") == ["eager"]  # ORT measured no faster on 2D ViTs
+    assert choose_auto("cpu", "bf16", "pair3d") == ["eager"]  # ORT's CPU provider lacks bf16 kernels
+    assert make_runtime(_warp(), "auto", cache_dir=tmp_path).name == "onnxruntime"
+    assert make_runtime(_vit(), "auto", cache_dir=tmp_path).name == "eager"
 
 
 def test_missing_runtime_errors_unless_fallback_allowed(tmp_path):

@@ -1,8 +1,9 @@
 """affine_transform against scipy.ndimage.affine_transform, the independent reference.
 
 Tolerances: float64 results agree with SciPy to 1e-12 (absolute, data of unit
-scale); float32 results to 1e-6, i.e. float32 rounding of the same float64
-sum. Random matrices never put a sample exactly on a rounding or border
+scale); float32 results to 1e-6 of the data's largest magnitude (the
+interior of the volume takes a float32 lerp path, a few float32 ulps from
+SciPy's float64 sum; border samples follow SciPy's float64 arithmetic). Random matrices never put a sample exactly on a rounding or border
 decision, where SciPy's and our float64 coordinate sums (which may round
 differently by 1 ulp) could pick different taps; exact-boundary cases are
 tested separately with exactly representable coordinates.
@@ -38,7 +39,7 @@ def test_matches_scipy_3d(order, mode):
         x32 = x64.astype(np.float32)
         got = affine_transform(x32, m, off, **kw)
         assert got.dtype == np.float32
-        np.testing.assert_allclose(got, ndi.affine_transform(x32, m, off, **kw), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, ndi.affine_transform(x32, m, off, **kw), rtol=0, atol=1e-6 * np.abs(x32).max())
 
 
 @pytest.mark.parametrize("order", [0, 1])

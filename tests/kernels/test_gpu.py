@@ -4,8 +4,8 @@ Tolerances: the CUDA and Numba kernels do the same float64 operations with
 round-to-nearest intrinsics (no FMA contraction), so they must agree bit for
 bit; against cupyx.scipy.ndimage.affine_transform (float64 coordinates too)
 1e-6 for float32. fp16/bf16 outputs: identical to rounding the float32
-result. GPU percentiles (cupy.percentile) equal the CPU's exact selection to
-1e-6 relative.
+result. GPU percentiles (device sort) equal the CPU's exact selection to 1e-12
+relative.
 """
 import numpy as np
 import pytest
@@ -55,7 +55,7 @@ def test_cuda_matches_cupyx(order, mode):
 
     x = cp.asarray(_scan((20, 24, 18), 1))
     m = rigid_matrix([0.1, 0.2, -0.3], [0, 0, 0])[:3, :3] * 0.9
-    off = np.array([2.0, -1.5, 3.0])
+    off = np.array([2.0, -1.37, 3.0])  # no exact order-0 ties: cupyx rounds them unlike scipy
     ours = affine_transform(x, m, off, output_shape=(16, 16, 16), order=order, mode=mode)
     ref = cndi.affine_transform(x, cp.asarray(m), off, output_shape=(16, 16, 16), order=order, mode=mode)
     np.testing.assert_allclose(ours.get(), ref.get(), rtol=0, atol=1e-6 * float(x.max()))
@@ -93,7 +93,7 @@ def test_fused_into_torch_bf16_cuda():
 def test_percentile_on_gpu():
     x = _scan((20, 21, 22), 5)
     for q in (0.0, 50.0, 99.0, 99.9):
-        assert percentile(cp.asarray(x), q) == pytest.approx(percentile(x, q), rel=1e-6)
+        assert percentile(cp.asarray(x), q) == pytest.approx(percentile(x, q), rel=1e-12)
 
 
 def test_prepare_images_on_gpu():

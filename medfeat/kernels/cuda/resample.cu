@@ -102,9 +102,71 @@ __device__ __forceinline__ double wsum(double acc, double v, double u, double w,
     return __dadd_rn(acc, __dmul_rn(__dmul_rn(__dmul_rn(v, u), w), x));
 }
 
+// Linear interpolation well inside the volume (no folding); same operations as the
+// general path and as _cpu._interior, so results stay bit-identical.
+__device__ __forceinline__ double interior(const TIN* __restrict__ src, int n1, int n2,
+                                           double c0, double c1, double c2, double lo, double hi) {
+    int a = (int)c0, b = (int)c1, c = (int)c2;
+    double u0 = __dsub_rn(1.0, __dsub_rn(c0, (double)a));
+    double v0 = __dsub_rn(1.0, __dsub_rn(c1, (double)b));
+    double x0 = __dsub_rn(1.0, __dsub_rn(c2, (double)c));
+    double u1 = __dsub_rn(1.0, u0), v1 = __dsub_rn(1.0, v0), x1 = __dsub_rn(1.0, x0);
+    long long p = ((long long)a * n1 + b) * n2 + c;
+    long long q = p + n2, r = p + (long long)n1 * n2, s = r + n2;
+    double f0 = fmin(fmax((double)__ldg(src + p), lo), hi);
+    double f1 = fmin(fmax((double)__ldg(src + p + 1), lo), hi);
+    double f2 = fmin(fmax((double)__ldg(src + q), lo), hi);
+    double f3 = fmin(fmax((double)__ldg(src + q + 1), lo), hi);
+    double f4 = fmin(fmax((double)__ldg(src + r), lo), hi);
+    double f5 = fmin(fmax((double)__ldg(src + r + 1), lo), hi);
+    double f6 = fmin(fmax((double)__ldg(src + s), lo), hi);
+    double f7 = fmin(fmax((double)__ldg(src + s + 1), lo), hi);
+    double t = 0.0;
+    t = wsum(t, f0, u0, v0, x0);
+    t = wsum(t, f1, u0, v0, x1);
+    t = wsum(t, f2, u0, v1, x0);
+    t = wsum(t, f3, u0, v1, x1);
+    t = wsum(t, f4, u1, v0, x0);
+    t = wsum(t, f5, u1, v0, x1);
+    t = wsum(t, f6, u1, v1, x0);
+    t = wsum(t, f7, u1, v1, x1);
+    return t;
+}
+
+__device__ __forceinline__ float lerp32(float a, float b, float w) {
+    return __fadd_rn(a, __fmul_rn(__fsub_rn(b, a), w));
+}
+
+// Float32 interior path for float32-or-narrower output: the operations of
+// _cpu._interior32 (three rounds of a + (b - a) * w, last axis first).
+__device__ __forceinline__ double interior32(const TIN* __restrict__ src, int n1, int n2,
+                                             double c0, double c1, double c2, float lo, float hi) {
+    int a = (int)c0, b = (int)c1, c = (int)c2;
+    float u = (float)__dsub_rn(c0, (double)a);
+    float v = (float)__dsub_rn(c1, (double)b);
+    float x = (float)__dsub_rn(c2, (double)c);
+    long long p = ((long long)a * n1 + b) * n2 + c;
+    long long q = p + n2, r = p + (long long)n1 * n2, s = r + n2;
+    float f0 = fminf(fmaxf((float)__ldg(src + p), lo), hi);
+    float f1 = fminf(fmaxf((float)__ldg(src + p + 1), lo), hi);
+    float f2 = fminf(fmaxf((float)__ldg(src + q), lo), hi);
+    float f3 = fminf(fmaxf((float)__ldg(src + q + 1), lo), hi);
+    float f4 = fminf(fmaxf((float)__ldg(src + r), lo), hi);
+    float f5 = fminf(fmaxf((float)__ldg(src + r + 1), lo), hi);
+    float f6 = fminf(fmaxf((float)__ldg(src + s), lo), hi);
+    float f7 = fminf(fmaxf((float)__ldg(src + s + 1), lo), hi);
+    float l0 = lerp32(f0, f1, x), l1 = lerp32(f2, f3, x), l2 = lerp32(f4, f5, x), l3 = lerp32(f6, f7, x);
+    float m0 = lerp32(l0, l1, v), m1 = lerp32(l2, l3, v);
+    return (double)lerp32(m0, m1, u);
+}
+
 // Interpolated value at source index position (c0, c1, c2), taps clamped to [lo, hi].
 __device__ double sample(const TIN* src, int n0, int n1, int n2, double c0, double c1, double c2,
-                         int order, int mode, double cval, double lo, double hi) {
+                         int order, int mode, double cval, double lo, double hi, int fast32) {
+    if (order == 1 && c0 >= 0.0 && c1 >= 0.0 && c2 >= 0.0 && c0 < n0 - 1 && c1 < n1 - 1 && c2 < n2 - 1) {
+        if (fast32) return interior32(src, n1, n2, c0, c1, c2, (float)lo, (float)hi);
+        return interior(src, n1, n2, c0, c1, c2, lo, hi);
+    }
     int a0, a1, b0, b1, e0, e1;
     double u0, u1, v0, v1, x0, x1;
     if (!axis_taps(c0, n0, mode, order, &a0, &a1, &u0, &u1) ||
@@ -158,20 +220,21 @@ __device__ __forceinline__ void store(void* out, long long idx, int kind, double
     }
 }
 
+// Launch geometry of both kernels: 2D blocks over (k, j) so that neighbouring output
+// rows, which read neighbouring source rows, share the L1; k is the fastest output
+// axis (coalesced stores); blockIdx.z = i (+ d * batch index). No index division.
+
 // Plain affine_transform of one volume. mat: 3 rows of (m0, m1, m2, offset).
 extern "C" __global__ void affine3d(const TIN* __restrict__ src, int n0, int n1, int n2,
                                     const double* __restrict__ mat, void* out, int out_kind,
                                     int d, int h, int w, int order, int mode, double cval) {
-    long long total = (long long)d * h * w;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)blockDim.x * gridDim.x) {
-        int k = (int)(idx % w);
-        long long r = idx / w;
-        int j = (int)(r % h);
-        int i = (int)(r / h);
-        double c0 = coord(mat, 0, i, j, k), c1 = coord(mat, 1, i, j, k), c2 = coord(mat, 2, i, j, k);
-        store(out, idx, out_kind, sample(src, n0, n1, n2, c0, c1, c2, order, mode, cval, -MF_INF, MF_INF));
-    }
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+    int j = blockIdx.y * blockDim.y + threadIdx.y;
+    int i = blockIdx.z;
+    if (k >= w || j >= h) return;
+    double c0 = coord(mat, 0, i, j, k), c1 = coord(mat, 1, i, j, k), c2 = coord(mat, 2, i, j, k);
+    long long idx = ((long long)i * h + j) * w + k;
+    store(out, idx, out_kind, sample(src, n0, n1, n2, c0, c1, c2, order, mode, cval, -MF_INF, MF_INF, out_kind == 0));
 }
 
 // Fused batch op: for every volume b, sample the target grid, clamp the taps to
@@ -186,23 +249,17 @@ extern "C" __global__ void fused3d(const unsigned long long* __restrict__ srcs,
                                    const double* __restrict__ params, void* out, int out_kind,
                                    int batch, int channels, int channel, int d, int h, int w,
                                    int order, int mode) {
-    long long per = (long long)d * h * w;
-    long long total = per * batch;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)blockDim.x * gridDim.x) {
-        int b = (int)(idx / per);
-        long long v = idx - b * per;
-        int k = (int)(v % w);
-        long long r = v / w;
-        int j = (int)(r % h);
-        int i = (int)(r / h);
-        const double* m = mats + 12 * b;
-        const double* p = params + 5 * b;
-        const TIN* src = (const TIN*)srcs[b];
-        double c0 = coord(m, 0, i, j, k), c1 = coord(m, 1, i, j, k), c2 = coord(m, 2, i, j, k);
-        double t = sample(src, shapes[3 * b], shapes[3 * b + 1], shapes[3 * b + 2], c0, c1, c2,
-                          order, mode, p[4], p[0], p[1]);
-        long long o = ((long long)b * channels + channel) * per + v;
-        store(out, o, out_kind, __dmul_rn(__dsub_rn(t, p[2]), p[3]));
-    }
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+    int j = blockIdx.y * blockDim.y + threadIdx.y;
+    int b = blockIdx.z / d;
+    int i = blockIdx.z - b * d;
+    if (k >= w || j >= h || b >= batch) return;
+    const double* m = mats + 12 * b;
+    const double* p = params + 5 * b;
+    const TIN* src = (const TIN*)srcs[b];
+    double c0 = coord(m, 0, i, j, k), c1 = coord(m, 1, i, j, k), c2 = coord(m, 2, i, j, k);
+    double t = sample(src, shapes[3 * b], shapes[3 * b + 1], shapes[3 * b + 2], c0, c1, c2,
+                      order, mode, p[4], p[0], p[1], 1);
+    long long o = (((long long)b * channels + channel) * d + i) * h * (long long)w + (long long)j * w + k;
+    store(out, o, out_kind, __dmul_rn(__dsub_rn(t, p[2]), p[3]));
 }
