@@ -128,8 +128,13 @@ def pipeline(manifest: Path, store: Path, args: argparse.Namespace, kind: str, w
     executor = make_executor(kind, workers=workers, threads_per_worker=args.threads,
                              memory_limit=args.memory_limit, device=args.device)
     try:
-        # warm the workers (model build, imports, JIT) on a throwaway store first
-        warm = ExtractConfig(**{**cfg.__dict__, "store": str(store) + ".warm"})
+        # warm the workers (model build, imports, JIT) on a few items and a throwaway store
+        import pandas as pd
+
+        rows = pd.read_csv(manifest, dtype=str, keep_default_na=False).head(2 * args.batch)
+        rows.to_csv(manifest.parent / "manifest_warm.csv", index=False)
+        warm = ExtractConfig(**{**cfg.__dict__, "store": str(store) + ".warm",
+                                "manifest": str(manifest.parent / "manifest_warm.csv")})
         extract(warm, executor=executor)
         with PeakRSS() as peak:
             rec = extract(cfg, executor=executor)
@@ -142,6 +147,32 @@ def pipeline(manifest: Path, store: Path, args: argparse.Namespace, kind: str, w
             "wall_s": rec["timings"]["pipeline_wall"], "items_per_s": rec["items_per_s"],
             "stage_s": {k: rec["timings"][k] for k in ("read", "preprocess", "infer", "write")},
             "peak_rss_driver_mib": round(peak.driver), "peak_rss_worker_mib": round(peak.children)}
+
+
+def memory_demo(manifest: Path, work: Path, args: argparse.Namespace) -> dict:
+    """A cohort many times the worker's memory limit: every scan listed ``--memory-demo``
+    times under new subject ids (the pipeline reads each row's file anew, so memory behaves
+    as for distinct scans). Peak worker RSS must stay under the limit."""
+    import pandas as pd
+
+    from medfeat.engine.readers import read_scan
+
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    big = pd.concat([df.assign(subject=df["subject"] + f"_r{k}") for k in range(args.memory_demo)])
+    big_manifest = manifest.parent / "manifest_big.csv"
+    big.to_csv(big_manifest, index=False)
+    scan_bytes = read_scan(manifest.parent / df["path"][0]).data.nbytes
+    limit = _parse_bytes(args.memory_limit)
+    r = pipeline(big_manifest, work / "big.zarr", args, "local", 1)
+    return {"items": r["items"], "cohort_bytes_float32": int(len(big) * scan_bytes), "memory_limit_bytes": limit,
+            "cohort_over_limit": len(big) * scan_bytes / limit, "peak_rss_worker_mib": r["peak_rss_worker_mib"],
+            "items_per_s": r["items_per_s"]}
+
+
+def _parse_bytes(text: str) -> int:
+    from dask.utils import parse_bytes
+
+    return int(parse_bytes(text))
 
 
 def main() -> None:
@@ -157,6 +188,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads per worker")
     ap.add_argument("--memory-limit", default="4GB")
     ap.add_argument("--kinds", default="threads:1,local:1,local:2", help="scheduler:workers list")
+    ap.add_argument("--memory-demo", type=int, default=0,
+                    help="also run a cohort of the scans repeated this many times (memory bound)")
     ap.add_argument("--no-record", action="store_true", help="print only; write no JSON / RESULTS.md")
     ap.add_argument("--work", default=None, help="folder for the cohort and stores (default: temp)")
     args = ap.parse_args()
@@ -183,7 +216,8 @@ def main() -> None:
     for r in runs:
         r["ratio_vs_sequential"] = r["items_per_s"] / seq["items_per_s"]
         r["efficiency"] = r["items_per_s"] / alone[slowest]
-    result = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    demo = memory_demo(manifest, work, args) if args.memory_demo else None
+    result = {"memory_demo": demo, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
               "device": args.device, "args": {k: v for k, v in vars(args).items()},
               "cohort": {"scans": n, "shape": args.shape, "synth_s": synth_s,
@@ -204,7 +238,8 @@ def _append_results(r: dict) -> None:
     lines = [f"\n## Pipeline vs sequential loop, {a['model']} tap {a['taps']} ({r['date']})\n",
              f"Command: `python benchmarks/bench_pipeline.py --subjects {a['subjects']} --shape {a['shape']} "
              f"--model {a['model']} --taps {a['taps']} --batch {a['batch']} --threads {a['threads']} "
-             f"--device {a['device']} --kinds {a['kinds']}{' --tiny' if a['tiny'] else ''}`  ",
+             f"--device {a['device']} --kinds {a['kinds']} --memory-limit {a['memory_limit']}"
+             f"{' --tiny' if a['tiny'] else ''}{' --memory-demo %d' % a['memory_demo'] if a['memory_demo'] else ''}`  ",
              f"Machine: {r['machine']}. Cohort: {r['cohort']['scans']} scans of {a['shape']}^3 "
              f"({r['cohort']['bytes_float32'] / 2**20:.0f} MiB as float32).  ",
              f"Sequential loop: {r['sequential']['items_per_s']:.2f} items/s. Stages alone (items/s): "
@@ -216,6 +251,12 @@ def _append_results(r: dict) -> None:
         lines.append(f"| {p['kind']} | {p['workers']} x {p['threads_per_worker']} | {p['items_per_s']:.2f} | "
                      f"{p['ratio_vs_sequential']:.2f}x | {p['efficiency']:.2f} | {p['infer_busy_fraction']:.2f} | "
                      f"{p['peak_rss_driver_mib']} / {p['peak_rss_worker_mib']} |")
+    if r.get("memory_demo"):
+        m = r["memory_demo"]
+        lines.append(f"\nMemory bound (`--memory-demo {a['memory_demo']}`): {m['items']} items, "
+                     f"{m['cohort_bytes_float32'] / 2**30:.2f} GiB of float32 scans = "
+                     f"{m['cohort_over_limit']:.1f}x the worker's {a['memory_limit']} limit; peak worker RSS "
+                     f"{m['peak_rss_worker_mib']} MiB, {m['items_per_s']:.2f} items/s.")
     lines.append("\nefficiency = pipeline items/s over the slowest stage's items/s alone (inference at the "
                  "same batch size, best of the samples taken beside each run); model busy = the model's "
                  "busy seconds per worker over the pipeline's wall time (1.0: the other stages are hidden).  ")

@@ -2,10 +2,10 @@
 
 An entry is a directory named by the sha256 of a canonical JSON of everything its content
 depends on: model name and build config, weights sha256 (or the random-init seed), taps
-and poolings, input size, opset, precision, the exporter's torch version and the source of
-the model's module; for engines also the GPU, compute capability and TensorRT version.
-A second run with the same inputs reuses the entry; any change gives another key, so the
-artefact is rebuilt.
+and poolings, input size, opset, precision, the exporter's torch version, and the sources of
+the model's module and of the pooling / export code; for engines also the GPU, compute
+capability and TensorRT version. A second run with the same inputs reuses the entry; any
+change gives another key, so the artefact is rebuilt.
 
 Entries are written into a temporary directory next to the cache and renamed into place,
 so a crash leaves no half entry and two processes building the same key do not corrupt
@@ -111,6 +111,17 @@ class ArtefactCache:
         shutil.rmtree(self.entry_dir(key), ignore_errors=True)
 
 
+def _exporter_source_sha() -> str:
+    """sha256 over the sources that shape every graph (pooling, export wrapper): editing them
+    rebuilds the cache."""
+    from medfeat.export import onnx_export, pooling
+
+    digest = hashlib.sha256()
+    for module in (pooling, onnx_export):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def _model_source_sha(backbone: Backbone) -> str | None:
     """sha256 of the source file defining the model's build: an architecture edit rebuilds."""
     try:
@@ -141,6 +152,7 @@ def onnx_key_fields(backbone: Backbone, *, input_size: Sequence[int] | int | Non
         "precision": precision,
         "torch": torch.__version__.split("+")[0],
         "model_source_sha256": _model_source_sha(backbone),
+        "exporter_source_sha256": _exporter_source_sha(),
     }
 
 

@@ -117,7 +117,7 @@ def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[in
 
     Parameters
     ----------
-    backbone : the truncated, pooled model (left on the CPU, in eval mode, float32).
+    backbone : the truncated, pooled model (not modified: a copy is cast and moved as needed).
     path : the ``.onnx`` file to write.
     input_size : spatial size (voxels / pixels); the spec's by default. Fixed in the graph.
     opset : ONNX opset (>= 20 for 3D grid sampling).
@@ -135,8 +135,11 @@ def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[in
         raise InputError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
     path = Path(path)
     outputs = sanitise_names(backbone.tap_names)
-    wrapper = TapOutputs(_copy_in(backbone, DTYPES[precision]), DTYPES[precision]).eval()
-    example = random_input(backbone, EXPORT_BATCH, input_size, seed=1234)
+    # reduced precision traces on the GPU when there is one: the CPU lacks half kernels for
+    # some ops (avg_pool3d, ...); the graph itself does not depend on the tracing device
+    device = "cuda" if precision != "fp32" and torch.cuda.is_available() else "cpu"
+    wrapper = TapOutputs(_copy_in(backbone, DTYPES[precision], device), DTYPES[precision]).eval()
+    example = random_input(backbone, EXPORT_BATCH, input_size, seed=1234, device=device)
     axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs.values()}}
     try:
         with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off():
@@ -145,8 +148,12 @@ def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[in
                               output_names=list(outputs.values()), dynamic_axes=axes,
                               opset_version=opset, do_constant_folding=True, dynamo=False)
     except Exception as exc:  # the exporter raises many types; name the op when it says one
-        raise RuntimeUnavailableError(f"{backbone.spec.name}: ONNX export failed at opset {opset}: "
-                                      f"{_first_line(exc)}") from exc
+        hint = ""
+        if device == "cpu" and precision != "fp32" and "not implemented for" in str(exc):
+            hint = ("; tracing at reduced precision needs kernels the CPU lacks: export on a GPU machine, "
+                    "or export fp32 and use --format tensorrt for fp16/bf16")
+        raise RuntimeUnavailableError(f"{backbone.spec.name}: ONNX export failed at opset {opset} ({precision}): "
+                                      f"{_first_line(exc)}{hint}") from exc
     onnx.checker.check_model(str(path), full_check=False)
     return {
         "model": backbone.spec.name,
@@ -186,14 +193,14 @@ def onnx_ops(path: str | Path) -> list[str]:
     return sorted({(f"{n.domain}::" if n.domain else "") + n.op_type for n in model.graph.node})
 
 
-def _copy_in(backbone: Backbone, dtype: torch.dtype) -> Backbone:
-    """The backbone in ``dtype`` on the CPU; a deep copy unless nothing changes."""
+def _copy_in(backbone: Backbone, dtype: torch.dtype, device: str = "cpu") -> Backbone:
+    """The backbone in ``dtype`` on ``device``; a deep copy unless nothing changes."""
     first = next(iter(backbone.parameters()), None)
-    if first is not None and first.dtype == dtype and first.device.type == "cpu":
+    if first is not None and first.dtype == dtype and first.device.type == device:
         return backbone.eval()
     import copy
 
-    return copy.deepcopy(backbone).to("cpu", dtype).eval()
+    return copy.deepcopy(backbone).to(device, dtype).eval()
 
 
 def _first_line(exc: BaseException) -> str:

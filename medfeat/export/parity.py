@@ -185,23 +185,27 @@ def precision_audit(backbone: Backbone, *, device: str = "cpu", input_size: Sequ
             else:
                 run = make_runtime(backbone, name, device=dev, precision=precision,
                                    input_size=input_size, cache_dir=cache_dir)
+            run_device = getattr(run, "device", dev)  # the ORT stand-in may run on the CPU
             report = check_parity(backbone, run, runtime=name, precision=precision,
-                                  input_size=input_size, device=dev)
+                                  input_size=input_size, device=str(run_device))
         except (RuntimeUnavailableError, ParityError) as exc:
             rows.append({**row, "status": "unavailable", "reason": str(exc), "taps": {}})
             continue
         taps = {t: {"max_abs": p.max_abs, "rel": p.rel, "cosine": p.cosine, "within_tolerance": p.passed}
                 for t, p in report.taps.items()}
-        rows.append({**row, "status": "ok", "reason": "", "taps": taps})
+        rows.append({**row, "device": str(run_device), "status": "ok", "reason": "", "taps": taps})
     return rows
 
 
 def _unchecked_ort(backbone: Backbone, precision: str, device: str, input_size: Any, cache_dir: Any) -> Any:
     from medfeat.export.artefacts import ONNX_FILE, onnx_artefact
-    from medfeat.export.ort_session import OrtRunner
+    from medfeat.export.ort_session import OrtRunner, available_providers
 
-    ep = "cuda" if device.startswith("cuda") else "cpu"
+    # the CPU provider stands in where onnxruntime-gpu is missing: the graph's drift is the same
+    ep = "cuda" if device.startswith("cuda") and "CUDAExecutionProvider" in available_providers() else "cpu"
     entry = onnx_artefact(backbone, input_size=input_size, precision=precision, cache_dir=cache_dir,
                           check=False, parity_ep=ep)
     meta = entry.meta()
-    return OrtRunner(entry.path / ONNX_FILE, meta["outputs"], ep=ep, input_shape=meta["input"]["shape"][1:])
+    runner = OrtRunner(entry.path / ONNX_FILE, meta["outputs"], ep=ep, input_shape=meta["input"]["shape"][1:])
+    runner.device = "cuda" if ep == "cuda" else "cpu"  # type: ignore[attr-defined]
+    return runner

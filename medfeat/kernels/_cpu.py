@@ -224,9 +224,50 @@ def _interior32(flat, n1, n2, c0, c1, c2, lo, hi):
     return m0 + (m1 - m0) * u
 
 
+@njit(cache=True)
+def _krange(b, m, o, e, w):
+    """Output k range [klo, khi) whose source coordinate ``(b + k*m) + o`` lies safely in (0, e).
+
+    Solved from the linear coordinate, then shrunk by one voxel and by 1e-7 in
+    coordinate space, so rounding can never put a sample of the range outside
+    [0, e): inside it the interior path needs no per-voxel test. Voxels left
+    out simply take the tested path, so results do not depend on this range.
+    """
+    lo_c = 1e-7
+    hi_c = e - 1e-7
+    base = b + o
+    if m == 0.0:
+        if base >= lo_c and base <= hi_c:
+            return 0, w
+        return 0, 0
+    t0 = (lo_c - base) / m
+    t1 = (hi_c - base) / m
+    lo = max(min(t0, t1), -1.0)  # clamped before int(): t0, t1 may be huge or inf
+    hi = min(max(t0, t1), w + 1.0)
+    if hi < lo:
+        return 0, 0
+    klo = max(0, int(math.ceil(lo)) + 1)
+    khi = min(w, int(math.floor(hi)) - 1)
+    return klo, max(klo, khi)
+
+
+@njit(cache=True)
+def _voxel(src, flat, n1, n2, c0, c1, c2, e0, e1, e2, order, mode, cval, clamp, lo, hi, lo32, hi32, fast32):
+    """One sample through the tested path: interior when all taps are inside, else folding."""
+    if order == 1 and c0 >= 0.0 and c1 >= 0.0 and c2 >= 0.0 and c0 < e0 and c1 < e1 and c2 < e2:
+        if fast32:
+            return float(_interior32(flat, n1, n2, c0, c1, c2, lo32, hi32))
+        return _interior(flat, n1, n2, c0, c1, c2, clamp, lo, hi)
+    return _sample(src, c0, c1, c2, order, mode, cval, lo, hi)
+
+
 @njit(parallel=True, fastmath=False, cache=True)
 def _resample(src, mat, off, out, order, mode, cval, clamp, lo, hi, shift, scale, fast32):
-    """out[i,j,k] = (sample(src, mat @ (i,j,k) + off) - shift) * scale; src (n0,n1,n2), out (D,H,W)."""
+    """out[i,j,k] = (sample(src, mat @ (i,j,k) + off) - shift) * scale; src (n0,n1,n2), out (D,H,W).
+
+    Each output row is split into the run of k whose eight taps are all inside
+    the source (interior path, no tests) and the ends (tested path).
+    """
     n0, n1, n2 = src.shape
     flat = src.ravel()
     d_out, h_out, w_out = out.shape
@@ -236,7 +277,6 @@ def _resample(src, mat, off, out, order, mode, cval, clamp, lo, hi, shift, scale
     m20, m21, m22 = mat[2, 0], mat[2, 1], mat[2, 2]
     o0, o1, o2 = off[0], off[1], off[2]
     e0, e1, e2 = float(n0 - 1), float(n1 - 1), float(n2 - 1)
-    fast = order == 1
     lo32 = np.float32(lo)
     hi32 = np.float32(hi)
     for i in prange(d_out):
@@ -244,18 +284,29 @@ def _resample(src, mat, off, out, order, mode, cval, clamp, lo, hi, shift, scale
             b0 = i * m00 + j * m01
             b1 = i * m10 + j * m11
             b2 = i * m20 + j * m21
-            for k in range(w_out):
+            ka, kb = 0, 0
+            if order == 1:
+                a0, z0 = _krange(b0, m02, o0, e0, w_out)
+                a1, z1 = _krange(b1, m12, o1, e1, w_out)
+                a2, z2 = _krange(b2, m22, o2, e2, w_out)
+                ka = max(a0, max(a1, a2))
+                kb = max(ka, min(z0, min(z1, z2)))
+            for k in range(ka, kb):
                 c0 = (b0 + k * m02) + o0
                 c1 = (b1 + k * m12) + o1
                 c2 = (b2 + k * m22) + o2
-                if fast and c0 >= 0.0 and c1 >= 0.0 and c2 >= 0.0 and c0 < e0 and c1 < e1 and c2 < e2:
-                    if fast32:
-                        t = float(_interior32(flat, n1, n2, c0, c1, c2, lo32, hi32))
-                    else:
-                        t = _interior(flat, n1, n2, c0, c1, c2, clamp, lo, hi)
+                if fast32:
+                    t = float(_interior32(flat, n1, n2, c0, c1, c2, lo32, hi32))
                 else:
-                    t = _sample(src, c0, c1, c2, order, mode, cval, lo, hi)
+                    t = _interior(flat, n1, n2, c0, c1, c2, clamp, lo, hi)
                 out[i, j, k] = (t - shift) * scale  # exact for shift 0, scale 1
+            for k in range(w_out - (kb - ka)):
+                kk = k if k < ka else k + (kb - ka)  # the two ends of the row
+                c0 = (b0 + kk * m02) + o0
+                c1 = (b1 + kk * m12) + o1
+                c2 = (b2 + kk * m22) + o2
+                t = _voxel(src, flat, n1, n2, c0, c1, c2, e0, e1, e2, order, mode, cval, clamp, lo, hi, lo32, hi32, fast32)
+                out[i, j, kk] = (t - shift) * scale
 
 
 def affine3d(src, mat, off, out, order, mode, cval):

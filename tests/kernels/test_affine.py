@@ -106,3 +106,13 @@ def test_bad_input_names_argument(kwargs, match):
     args.update(kwargs)
     with pytest.raises(InputError, match=match):
         affine_transform(**args)
+
+
+@pytest.mark.parametrize("mode", ["constant", "nearest"])
+def test_degenerate_row_slopes(mode):
+    """Rows along which a coordinate barely moves (|m| ~ 1e-17) or sits exactly on the last voxel."""
+    x = np.random.default_rng(4).standard_normal((5, 6, 7))
+    m = np.array([[1.0, 0.0, 1e-17], [0.0, 1.0, -1e-17], [0.0, 0.0, 0.9]])
+    for off in ([0.0, 5.0, 0.0], [4.0, 0.0, 0.3], [0.0, 0.0, -0.5]):
+        kw = dict(output_shape=(5, 6, 9), order=1, mode=mode, cval=2.0)
+        np.testing.assert_allclose(affine_transform(x, m, off, **kw), ndi.affine_transform(x, m, off, **kw), atol=1e-12)
