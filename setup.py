@@ -16,6 +16,8 @@ RUNTIME = [
     "dask[distributed]>=2024.8",
     "numba>=0.60",
     "scikit-learn>=1.4",
+    "threadpoolctl>=3",
+    "ml_dtypes>=0.4",
     "pandas>=2",
     "pyarrow>=14",
     "h5py>=3.10",
@@ -34,6 +36,7 @@ RUNTIME = [
 ]
 
 EXTRAS = {
+    # CuPy for CUDA 12; on CUDA 13 machines install cupy-cuda13x instead.
     "gpu": ["cupy-cuda12x", "onnxruntime-gpu"],
     "tensorrt": ["tensorrt"],
     "test": [

@@ -224,13 +224,18 @@ def main() -> None:
                          "bytes_float32": int(n * args.shape ** 3 * 4)},
               "sequential": seq, "alone_items_per_s": alone, "infer_alone_samples": infer_rates, "slowest_stage": slowest, "pipeline": runs}
     if not args.no_record:
-        out = HERE / "results" / f"pipeline_{args.device.split(':')[0]}.json"
+        out = HERE / "results" / _json_name(args)
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str))
         _append_results(result)
     print(json.dumps(result, indent=2, default=str))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _json_name(args: argparse.Namespace) -> str:
+    tiny = "_tiny" if args.tiny else ""
+    return f"pipeline_{args.device.split(':')[0]}_{args.model}{tiny}_{args.shape}.json"
 
 
 def _append_results(r: dict) -> None:
@@ -260,7 +265,7 @@ def _append_results(r: dict) -> None:
     lines.append("\nefficiency = pipeline items/s over the slowest stage's items/s alone (inference at the "
                  "same batch size, best of the samples taken beside each run); model busy = the model's "
                  "busy seconds per worker over the pipeline's wall time (1.0: the other stages are hidden).  ")
-    lines.append(f"JSON: `benchmarks/results/pipeline_{a['device'].split(':')[0]}.json`.\n")
+    lines.append(f"JSON: `benchmarks/results/{_json_name(argparse.Namespace(**a))}`.\n")
     with (HERE / "RESULTS.md").open("a") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -8,8 +8,8 @@ depend on the weights):
   UNet: the segmentation logits).
 
 Each (model, variant) runs in its own process, so peak memory is its own: we report the peak
-resident set size during the timed forwards minus the resident size just before them (the
-activations), the parameter count held, and the median of ``--repeats`` timed runs after one
+resident set size minus the resident size with the model and input built, before any
+forward (the activations and workspaces), the parameter count held, and the median of ``--repeats`` timed runs after one
 warm-up, all under ``torch.inference_mode()``. Results go to ``benchmarks/results/bench_taps3d.json``
 and a section appended to ``benchmarks/RESULTS.md``.
 
@@ -51,9 +51,9 @@ def _measure(name: str, variant: str, repeats: int, queue: mp.Queue) -> None:
     x = torch.rand(1, spec.in_channels, *spec.input_size, generator=torch.Generator().manual_seed(0))
     params = sum(p.numel() for p in model.parameters())
     times = []
+    before = _rss_mib()  # model and input only: the peak above it is the forward's working memory
     with torch.inference_mode():
         model(x)  # warm-up
-        before = _rss_mib()
         for _ in range(repeats):
             start = time.perf_counter()
             model(x)
@@ -84,8 +84,9 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"\n## 3D taps: half-depth tap vs full model (CPU), {meta['date']}\n",
              f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}; torch {meta['torch']}, {rows[0]['threads']} threads; batch 1, "
-             f"median of {meta['repeats']} runs after a warm-up; random weights. Memory: peak RSS during the "
-             "forwards minus RSS before them (activations), in a fresh process per row.\n",
+             f"median of {meta['repeats']} runs after a warm-up; random weights. Memory: peak RSS minus RSS "
+             "with model and input built, before any forward (activations), in a fresh process per row. The "
+             "2 cores were shared with other jobs during the run, so times carry that noise.\n",
              "| model | input | variant | tap | params (M) | median (s) | forward memory (MiB) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

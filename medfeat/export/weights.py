@@ -48,6 +48,35 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return _flatten(obj, path)
 
 
+CONFIG_METADATA_KEY = "medfeat_config"
+
+
+def checkpoint_config(path: str | Path) -> dict:
+    """Build config stored in a safetensors file's metadata by medfeat (e.g. a trained task
+    UNet's channels), so a checkpoint of a non-default architecture loads without flags.
+    Empty for other files."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_checkpoint
+        return {}
+    raw = meta.get(CONFIG_METADATA_KEY)
+    if not raw:
+        return {}
+    import json
+
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise WeightsError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not JSON") from None
+    return config if isinstance(config, dict) else {}
+
+
 def _flatten(obj: object, path: Path) -> dict[str, torch.Tensor]:
     while isinstance(obj, Mapping) and not _is_state_dict(obj):
         inner = next((obj[k] for k in _NESTING_KEYS if k in obj and isinstance(obj[k], Mapping)), None)

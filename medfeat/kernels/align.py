@@ -39,11 +39,11 @@ class AlignConfig:
 
     size: int = 64
     levels: int = 3
-    iterations: tuple[int, ...] = (100, 60, 30)
+    iterations: tuple[int, ...] = (60, 40, 25)
     lr_rotation: float = 0.02  # radians per step
     lr_translation: float = 0.5  # in units of the working voxel size (mm / voxel)
     lr_linear: float = 0.005  # affine linear part, per step
-    samples: int = 32768  # fixed voxels sampled per level
+    samples: int = 16384  # fixed voxels sampled per level
 
 
 def _torch() -> Any:
@@ -110,11 +110,7 @@ def _ncc(fixed: Any, warped: Any, weight: Any) -> Any:
     w = warped - mw.view(-1, *[1] * len(dims))
     cov = (weight * f * w).sum(dims)
     var = (weight * f * f).sum(dims) * (weight * w * w).sum(dims)
-    return cov / torch_sqrt(var + 1e-12)
-
-
-def torch_sqrt(x: Any) -> Any:
-    return _torch().sqrt(x)
+    return cov / _torch().sqrt(var + 1e-12)
 
 
 class _Params:

@@ -80,6 +80,7 @@ class SwinUNETRTaps(TappedModel):
         size = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
         self.input_size = size
         self.encoder_only = encoder_only
+        self._name = "swin_unetr_encoder" if encoder_only else "swin_unetr"
         net = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
                         depths=tuple(depths), num_heads=tuple(num_heads), window_size=window_size,
                         norm_name=norm_name)
@@ -94,7 +95,7 @@ class SwinUNETRTaps(TappedModel):
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or any(s % 32 for s in x.shape[2:]):
-            raise InputError(f"swin_unetr: input of shape {tuple(x.shape)} is not (B, C, D, H, W) "
+            raise InputError(f"{self._name}: input of shape {tuple(x.shape)} is not (B, C, D, H, W) "
                              "with D, H, W divisible by 32")
 
     def _swin_states(self, x: torch.Tensor, upto: int) -> list[torch.Tensor]:
@@ -114,7 +115,7 @@ class SwinUNETRTaps(TappedModel):
         self._check(x)
         unknown = [t for t in taps if t not in self._order]
         if unknown:
-            raise UnknownNameError(f"swin_unetr: unknown or pruned tap {unknown[0]!r}; "
+            raise UnknownNameError(f"{self._name}: unknown or pruned tap {unknown[0]!r}; "
                                    f"taps are: {', '.join(self._order)}")
         upto = max(_stage_index(t) for t in taps)
         states = self._swin_states(x, upto) if upto >= 0 else []
@@ -142,7 +143,7 @@ class SwinUNETRTaps(TappedModel):
 
     def prune_after(self, tap: str) -> None:
         if tap not in self._order:
-            raise UnknownNameError(f"swin_unetr: unknown tap {tap!r}; taps are: {', '.join(self._order)}")
+            raise UnknownNameError(f"{self._name}: unknown tap {tap!r}; taps are: {', '.join(self._order)}")
         keep = self._order[: self._order.index(tap) + 1]
         upto = max(_stage_index(t) for t in keep)
         if upto < 0:  # only encoder1, which reads the input: no Swin stage is needed

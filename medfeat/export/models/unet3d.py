@@ -12,7 +12,9 @@ placeholder that holds no parameters and refuses to run.
 
 Default config: 1 input channel, 6 classes (background, femur, tibia, femoral cartilage,
 tibial cartilage, other tissue: the synthetic knee cohort's labels), channels
-(16, 32, 64, 128, 256), strides 2, two residual units per block, instance norm, 64^3 input.
+(8, 16, 32, 64, 128), strides 2, two residual units per block, instance norm, 64^3 input. The
+widths are half MONAI's usual (16, ..., 256): a quarter of the compute, so training on a
+cohort fits the CPU demo; other widths load with ``config={"channels": ...}``.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from medfeat.export.registry import converter_for, register_backbone
 from medfeat.export.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
 
 DEFAULT_CONFIG: dict[str, Any] = dict(
-    input_size=(64, 64, 64), in_channels=1, out_channels=6, channels=(16, 32, 64, 128, 256),
+    input_size=(64, 64, 64), in_channels=1, out_channels=6, channels=(8, 16, 32, 64, 128),
     strides=(2, 2, 2, 2), num_res_units=2,
 )
 TINY_CONFIG: dict[str, Any] = dict(input_size=(16, 16, 16), channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
@@ -56,7 +58,7 @@ class UNet3DTaps(TappedModel):
     """MONAI 3D UNet with taps; ``forward``: (B, C, D, H, W) -> (B, out_channels, D, H, W) logits."""
 
     def __init__(self, input_size: Sequence[int] | int = 64, in_channels: int = 1, out_channels: int = 6,
-                 channels: Sequence[int] = (16, 32, 64, 128, 256), strides: Sequence[int] = (2, 2, 2, 2),
+                 channels: Sequence[int] = (8, 16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2, 2),
                  num_res_units: int = 2) -> None:
         super().__init__()
         from monai.networks.nets import UNet

@@ -4,7 +4,9 @@
 // -DTIN=<type>; CI compiles this file with `nvcc --ptx` using the defaults.
 // The arithmetic mirrors scipy.ndimage and the Numba twin step by step, in
 // float64 with explicit round-to-nearest intrinsics so that nvcc cannot
-// contract multiply-adds into FMAs: CPU and GPU then give the same bits.
+// contract multiply-adds into FMAs: CPU and GPU then give the same bits. Where all
+// eight taps lie inside the volume and the output is float32 or narrower, the
+// interpolation itself runs in float32 (interior32, same operations as the twin).
 //
 // Mode codes (same as medfeat/kernels/_checks.py MODES):
 //   0 constant, 1 grid-constant, 2 nearest, 3 reflect (grid-mirror), 4 mirror.
