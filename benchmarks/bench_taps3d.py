@@ -10,7 +10,7 @@ depend on the weights):
 Each (model, variant) runs in its own process, so peak memory is its own: we report the peak
 resident set size minus the resident size with the model and input built, before any
 forward (the activations and workspaces), the parameter count held, and the median of ``--repeats`` timed runs after one
-warm-up, all under ``torch.inference_mode()``. Results go to ``benchmarks/results/bench_taps3d.json``
+warm-up (min and median), all under ``torch.inference_mode()``. Results go to ``benchmarks/results/bench_taps3d.json``
 and a section appended to ``benchmarks/RESULTS.md``.
 
     python benchmarks/bench_taps3d.py [--repeats 3] [--models sam_med3d,swin_unetr,unet3d]
@@ -61,6 +61,7 @@ def _measure(name: str, variant: str, repeats: int, queue: mp.Queue) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     queue.put({"model": name, "variant": variant, "tap": HALF_TAPS[name] if variant == "half" else "(plain forward)",
                "input": list(spec.input_size), "params_m": round(params / 1e6, 2),
+               "min_s": round(min(times), 3),
                "median_s": round(statistics.median(times), 3), "times_s": [round(t, 3) for t in times],
                "peak_rss_mib": round(peak, 1), "forward_mem_mib": round(max(peak - before, 0.0), 1),
                "threads": torch.get_num_threads()})
@@ -84,20 +85,22 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"\n## 3D taps: half-depth tap vs full model (CPU), {meta['date']}\n",
              f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}; torch {meta['torch']}, {rows[0]['threads']} threads; batch 1, "
-             f"median of {meta['repeats']} runs after a warm-up; random weights. Memory: peak RSS minus RSS "
+             f"{meta['repeats']} timed runs after a warm-up (min is the robust figure on a shared machine); "
+             "random weights. Memory: peak RSS minus RSS "
              "with model and input built, before any forward (activations), in a fresh process per row. The "
              "2 cores were shared with other jobs during the run, so times carry that noise.\n",
-             "| model | input | variant | tap | params (M) | median (s) | forward memory (MiB) | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | input | variant | tap | params (M) | min (s) | median (s) | forward memory (MiB) "
+             "| peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['variant']} | {r['tap']} | "
-                     f"{r['params_m']} | {r['median_s']} | {r['forward_mem_mib']} | {r['peak_rss_mib']} |")
+                     f"{r['params_m']} | {r['min_s']} | {r['median_s']} | {r['forward_mem_mib']} | {r['peak_rss_mib']} |")
     by = {(r["model"], r["variant"]): r for r in rows}
     for name in dict.fromkeys(r["model"] for r in rows):
         half, full = by.get((name, "half")), by.get((name, "full"))
         if half and full:
-            lines.append(f"\n{name}: half-depth tap takes {half['median_s'] / full['median_s']:.0%} of the full "
-                         f"model's time and {half['forward_mem_mib'] / max(full['forward_mem_mib'], 1e-9):.0%} "
+            lines.append(f"\n{name}: half-depth tap takes {half['min_s'] / full['min_s']:.0%} of the full "
+                         f"model's time (best of runs) and {half['forward_mem_mib'] / max(full['forward_mem_mib'], 1e-9):.0%} "
                          "of its forward memory.")
     return "\n".join(lines) + "\n"
 

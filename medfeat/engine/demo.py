@@ -21,6 +21,7 @@ def demo_experiment(subjects: int = 48, seed: int = 0, size: int = 64) -> Experi
                            extra={"train_args": {"epochs": 6, "size": size}})],
         align=["none", "rigid"], roi=["whole", "crop"], pair_modes=["diff"],
         probe={"n_splits": 5, "seeds": (0, 1), "n_boot": 1000},
-        extract={"batch_size": 4, "scheduler_kind": "local", "workers": 1},
+        # Threads: a LocalCluster's start-up (seconds) outweighs this small cohort's work.
+        extract={"batch_size": 4, "scheduler_kind": "threads", "workers": 1},
         source=Path.cwd() / "demo.yaml",
     )

@@ -137,10 +137,17 @@ def _provenance(cfg: ExtractConfig, backbone: Any, tap: str, dim: int, size: tup
         "preprocessing": {"variant": cfg.variant, "alignment": cfg.align, "roi": cfg.roi,
                           "roi_margin_mm": pp.ROI_MARGIN_MM if cfg.roi == "crop" else None,
                           "input_size": list(size), "intensity": pp.describe(backbone.spec.preprocess),
-                          "interpolation": "linear, world space, zero outside"},
+                          "interpolation": _interpolation(backbone)},
         "precision": cfg.precision, "runtime": cfg.runtime, "device": cfg.device,
         "versions": _versions(), "created": _now(),
     }
+
+
+def _interpolation(backbone: Any) -> str:
+    if backbone.spec.input_kind == "image2d":
+        gray = backbone.provenance.get("config", {}).get("gray", "repeat")
+        return f"bilinear resize (no antialias) to round(s*256/224), centre crop s; gray {gray}"
+    return "linear, world space, zero outside"
 
 
 def _chunks(indices: np.ndarray, items: list[Item], chunk: int, batch: int) -> dict[int, list[list[tuple[int, Item]]]]:

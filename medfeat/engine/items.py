@@ -244,12 +244,13 @@ class LoadTimer:
 
 def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer,
               transforms: dict[tuple[str, int], np.ndarray] | None = None,
-              out: np.ndarray | None = None) -> np.ndarray:
+              out: np.ndarray | None = None, gray: str = "repeat") -> np.ndarray:
     """The model input of ``item``: (C, *size) float32, written into ``out`` when given (a
     row of the batch buffer). Raises InputError for bad inputs.
 
     ``transforms`` holds estimated alignments by (item id, channel) from :func:`align_batch`;
-    channels that need one and are missing there are aligned on their own.
+    channels that need one and are missing there are aligned on their own. ``gray`` is the
+    2D model's grey-image mode (:func:`gray_mode`).
     """
     if spec.input_kind == "image2d":
         ch = item.channels[0]
@@ -259,11 +260,9 @@ def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer,
         img = read_image(ch.path)
         timer.read += time.perf_counter() - t0
         t0 = time.perf_counter()
-        x = pp.prepare_image(img, size, spec.preprocess, spec.in_channels)
-        if out is not None:
-            out[...] = x
+        x = pp.prepare_image(img, size, spec.preprocess, spec.in_channels, gray=gray, out=out)
         timer.preprocess += time.perf_counter() - t0
-        return x if out is None else out
+        return x
     if len(item.channels) != spec.in_channels:
         raise InputError(f"{item.item_id}: {len(item.channels)} input channel(s), model takes {spec.in_channels}")
     if out is None:
@@ -272,6 +271,11 @@ def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer,
     for k, ch in enumerate(item.channels):
         _load_channel(ch, spec, size, timer, transforms.get((item.item_id, k)), out, k)
     return out
+
+
+def gray_mode(backbone: Any) -> str:
+    """The grey-image mode a 2D backbone was built with (its ``gray`` config; ``repeat``)."""
+    return str((getattr(backbone, "provenance", None) or {}).get("config", {}).get("gray", "repeat"))
 
 
 def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: LoadTimer,

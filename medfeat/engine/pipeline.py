@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medfeat.engine.items import Item, LoadTimer, align_batch, load_item
+from medfeat.engine.items import Item, LoadTimer, align_batch, gray_mode, load_item
 from medfeat.errors import MedfeatError, RuntimeUnavailableError, UnknownNameError
 
 SCHEDULER_KINDS = ("local", "threads", "sync")
@@ -73,6 +73,12 @@ def get_model(cfg: ModelConfig) -> LoadedModel:
             _MODELS[cfg] = build_model(cfg)
             _BUILDS["count"] += 1
         return _MODELS[cfg]
+
+
+def clear_models() -> None:
+    """Forget the cached models of this process (tests; a fresh run in a long-lived worker)."""
+    with _MODELS_LOCK:
+        _MODELS.clear()
 
 
 def model_builds() -> int:
@@ -129,12 +135,13 @@ def run_batch(cfg: ModelConfig, items: Sequence[Item]) -> BatchResult:
     spec = model.backbone.spec
     # One preallocated batch buffer; each item is resampled and normalised straight into its row.
     buf = np.empty((len(items), spec.in_channels, *model.size), dtype=np.float32)
+    gray = gray_mode(model.backbone)
     rows_ok: list[int] = []
     for row, item in enumerate(items):
         if item.item_id in failed:
             continue
         try:
-            load_item(item, spec, model.size, timer, transforms, out=buf[row])
+            load_item(item, spec, model.size, timer, transforms, out=buf[row], gray=gray)
             rows_ok.append(row)
             ids.append(item.item_id)
         except MedfeatError as exc:

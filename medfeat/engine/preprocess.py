@@ -16,8 +16,9 @@ Intensity statistics (percentiles, mean, std) are taken on the source scan befor
 resampling, as uniGradICON's preprocessing does (clamp, then resize), so they do not depend
 on how much zero padding the target grid adds.
 
-2D images follow the usual eval transform: resize the shorter side to ``size * 256 / 224``,
-centre crop ``size``, scale to [0, 1], grey -> 3 channels, per-channel mean/std.
+2D images follow the usual eval transform, through the kernels' fused ``prepare_images``:
+resize the shorter side to ``size * 256 / 224`` (bilinear, no antialias), centre crop
+``size``, scale to [0, 1], grey -> 3 channels (or channel 0 only), per-channel mean/std.
 """
 from __future__ import annotations
 
@@ -191,58 +192,89 @@ def prepare_volume_into(out: np.ndarray, channel: int, data: np.ndarray, affine:
 
 
 # -- 2D ----------------------------------------------------------------------------------
-def prepare_image(image: np.ndarray, size: Sequence[int], rule: Preprocess,
-                  in_channels: int = 3) -> np.ndarray:
-    """A 2D image (H, W) or (H, W, C) of any real dtype -> (in_channels, h, w) float32.
+GRAY_MODES = ("repeat", "first_channel")
 
-    Resize (bilinear, antialiased) so the shorter side is ``round(min(size) * 256 / 224)``,
-    centre crop ``size``, scale to [0, 1] (by 255 for 8-bit, 65535 for 16-bit, else min-max),
-    grey -> ``in_channels`` copies, then the rule (``mean_std`` per channel, or ``none``).
+
+def prepare_image(image: np.ndarray, size: Sequence[int], rule: Preprocess, in_channels: int = 3, *,
+                  gray: str = "repeat", out: np.ndarray | None = None) -> np.ndarray:
+    """A 2D image (H, W) or (H, W, C) of any real dtype -> (in_channels, s, s) float32 model input.
+
+    The kernels' fused eval transform (:func:`medfeat.kernels.prepare_images`): resize so
+    the shorter side is ``round(s * 256 / 224)`` (the longer one truncated, as torchvision's
+    ``Resize``; bilinear, half-pixel centres, edge clamp, no antialias, i.e.
+    ``F.interpolate(mode="bilinear", align_corners=False)``), centre crop ``s``, scale to
+    [0, 1] (by 255 for 8-bit, 65535 for 16-bit, else min-max), then the rule (``mean_std``
+    per channel, or ``none``), written straight into ``out`` when given (a row of the batch
+    buffer). ``size`` must be square (s, s).
+
+    Grey images (H, W) or (H, W, 1): ``gray="repeat"`` feeds the grey values to all three
+    channels (each normalised with its own mean/std); ``"first_channel"`` puts them in
+    channel 0 and zeros in channels 1-2, which through the model's first convolution is
+    exactly the study's "first channel's weights only" (``GrayConv2d``). RGB(A) images keep
+    their channels (alpha dropped). A one-channel model gets the channel mean of RGB.
     """
-    import torch
-    import torch.nn.functional as F
+    from medfeat.kernels import prepare_images
 
+    if gray not in GRAY_MODES:
+        raise UnknownNameError(f"gray mode {gray!r} is not one of {', '.join(GRAY_MODES)}")
+    h, w = (int(s) for s in size)
+    if h != w:
+        raise InputError(f"2D model input must be square for the resize + centre-crop transform, got {h}x{w}")
+    src, pixel_scale = _kernel_source(image)
+    mean, std = _mean_std(rule, in_channels)
+    if out is None:
+        out = np.empty((in_channels, h, w), dtype=np.float32)
+    if out.shape != (in_channels, h, w):
+        raise InputError(f"2D input buffer has shape {out.shape}, expected {(in_channels, h, w)}")
+    resize_to = round(h * 256 / 224)
+    if in_channels == 3:
+        prepare_images([src], out[None], resize_to=resize_to, crop=h, mean=mean, std=std, pixel_scale=pixel_scale)
+        if gray == "first_channel" and src.shape[2] == 1:
+            out[1:] = 0.0
+        return out
+    if in_channels != 1:
+        raise InputError(f"a 2D model takes 1 or 3 input channels, this one {in_channels}")
+    tmp = np.empty((1, 3, h, w), dtype=np.float32)  # unit-range RGB, then the channel mean
+    prepare_images([src], tmp, resize_to=resize_to, crop=h, mean=(0.0,) * 3, std=(1.0,) * 3, pixel_scale=pixel_scale)
+    out[0] = (tmp[0].mean(0) - mean[0]) / std[0]
+    return out
+
+
+def _kernel_source(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """(H, W, 1|3) array the kernel samples and the factor taking its values to [0, 1].
+
+    8/16-bit images go to the kernel as they are (the fused pass scales them); other
+    dtypes are min-max scaled to [0, 1] in float32 first.
+    """
     img = np.asarray(image)
     if img.ndim == 2:
         img = img[:, :, None]
-    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
-        raise InputError(f"expected a 2D image (H, W) or (H, W, 1|3|4), got shape {image.shape}")
-    img = _unit_range(img[:, :, :3])
-    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
-    h, w = int(size[0]), int(size[1])
-    short = round(min(h, w) * 256 / 224)
-    scale = short / min(x.shape[2], x.shape[3])
-    new = (max(h, round(x.shape[2] * scale)), max(w, round(x.shape[3] * scale)))
-    x = F.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (new[0] - h) // 2, (new[1] - w) // 2
-    x = x[:, top:top + h, left:left + w]
-    if x.shape[0] == 1 and in_channels == 3:
-        x = x.expand(3, -1, -1)
-    elif x.shape[0] == 3 and in_channels == 1:
-        x = x.mean(0, keepdim=True)
-    out = x.contiguous().numpy().astype(np.float32)
-    return _channel_rule(out, rule)
-
-
-def _unit_range(img: np.ndarray) -> np.ndarray:
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape) < 1:
+        raise InputError(f"expected a 2D image (H, W) or (H, W, 1|3|4), got shape {np.shape(image)}")
+    img = np.ascontiguousarray(img[:, :, :3])
     if img.dtype == np.uint8:
-        return img.astype(np.float32) / 255.0
+        return img, 1.0 / 255.0
     if img.dtype == np.uint16:
-        return img.astype(np.float32) / 65535.0
+        return img, 1.0 / 65535.0
     x = img.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise InputError("image has NaN or Inf pixels")
     lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / max(hi - lo, 1e-6)
+    x -= np.float32(lo)
+    x *= np.float32(1.0 / max(hi - lo, 1e-6))
+    return x, 1.0
 
 
-def _channel_rule(x: np.ndarray, rule: Preprocess) -> np.ndarray:
+def _mean_std(rule: Preprocess, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of a 2D rule, on [0, 1] pixel values (3 entries each)."""
     if rule.rule == "mean_std":
-        mean = np.asarray(rule.params.get("mean", (0.485, 0.456, 0.406)), np.float32)[: x.shape[0]]
-        std = np.asarray(rule.params.get("std", (0.229, 0.224, 0.225)), np.float32)[: x.shape[0]]
-        return (x - mean[:, None, None]) / std[:, None, None]
+        mean = [float(v) for v in rule.params.get("mean", (0.485, 0.456, 0.406))]
+        std = [float(v) for v in rule.params.get("std", (0.229, 0.224, 0.225))]
+        if len(mean) not in (1, 3) or len(std) != len(mean) or min(std) <= 0:
+            raise InputError(f"mean_std rule needs 1 or 3 means and positive stds, got {mean} / {std}")
+        return tuple(mean * (3 // len(mean))), tuple(std * (3 // len(std)))
     if rule.rule in ("none", "minmax"):
-        return x
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     raise UnknownNameError(f"intensity rule {rule.rule!r} is not one of mean_std, minmax, none for a 2D model")
 
 

@@ -30,6 +30,9 @@ from medfeat.errors import InputError, UnknownNameError
 
 CODECS = ("zstd", "blosc")
 SHARD_MIN_CHUNKS = 8
+# Threads decoding the chunks of one scan (zstd decode releases the GIL); a worker runs
+# few batches at once, so a small pool per read keeps the cores busy without oversubscribing.
+DECODE_THREADS = 4
 NGFF_VERSION = "0.5"
 
 
@@ -76,7 +79,30 @@ def write_zarr_volume(group: Any, name: str, vol: Volume, *, chunk: int = 64, co
 
 
 def read_zarr_volume(path: str | Path) -> Volume:
-    """Read one scan group (or its ``0`` array) of a Zarr cohort store as a :class:`Volume`."""
+    """Read one scan group (or its ``0`` array) of a Zarr cohort store as a :class:`Volume`.
+
+    The voxels go through :func:`zarr_dask_array`: each stored chunk is read and decoded
+    by its own task on Dask's thread pool and written straight into the (D, H, W) float32
+    result, so a large scan never needs its compressed and decoded copies at once.
+    """
+    darr, affine, p = zarr_dask_array(path)
+    data = np.empty(darr.shape, dtype=np.float32)
+    try:  # chunk by chunk into ``data``; chunks do not overlap, so no lock is needed
+        darr.store(data, lock=False, scheduler="threads", num_workers=DECODE_THREADS)
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt chunk
+        raise InputError(f"{p}: corrupt chunk ({' '.join(str(exc).split())[:160]})") from exc
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{p}: NaN or Inf voxels")
+    return Volume(data=data, affine=affine, spacing=affine_spacing(affine), path=p)
+
+
+def zarr_dask_array(path: str | Path) -> tuple[Any, np.ndarray, Path]:
+    """A lazy float32 Dask array over a cohort scan, its (4, 4) voxel -> world affine, its path.
+
+    The Dask chunks are the stored array's chunks (the inner chunks when sharded: zarr
+    reads one chunk of a shard without the rest), so one task decodes one stored chunk.
+    """
+    import dask.array as da
     import zarr
 
     p = Path(path)
@@ -88,13 +114,8 @@ def read_zarr_volume(path: str | Path) -> Volume:
     affine = _affine(dict(group.attrs), p)
     if arr.ndim != 3:
         raise InputError(f"{p}: expected a 3D array, got shape {arr.shape}")
-    try:
-        data = np.asarray(arr[...], dtype=np.float32)  # zarr decodes chunk by chunk
-    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt chunk
-        raise InputError(f"{p}: corrupt chunk ({' '.join(str(exc).split())[:160]})") from exc
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{p}: NaN or Inf voxels")
-    return Volume(data=data, affine=affine, spacing=affine_spacing(affine), path=p)
+    darr = da.from_zarr(arr, chunks=arr.chunks)
+    return darr.astype(np.float32, copy=False), affine, p
 
 
 def _affine(attrs: dict[str, Any], p: Path) -> np.ndarray:

@@ -63,6 +63,12 @@ class TappedModel(nn.Module):
     * ``prune_after(tap)``: delete (not skip) every layer the taps up to ``tap`` do not need.
     """
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain forward; by default the raw output of the last tap (families whose model
+        has another plain output, such as segmentation logits, override it)."""
+        last = self.tap_names()[-1]
+        return self.forward_taps(x, [last])[last]
+
     def tap_names(self) -> list[str]:
         raise NotImplementedError
 

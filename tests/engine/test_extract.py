@@ -18,7 +18,7 @@ from medfeat.engine import preprocess as pp
 from medfeat.engine.extract import ExtractConfig, extract
 from medfeat.engine.items import Atlas, plan_items
 from medfeat.engine.manifest import read_manifest
-from medfeat.engine.pipeline import model_builds
+from medfeat.engine.pipeline import clear_models, model_builds
 from medfeat.engine.store import FeatureStore
 from medfeat.engine.volume_io import read_volume
 from medfeat.export.spec import Preprocess
@@ -98,6 +98,7 @@ def test_prepare_image_2d():
 
 # -- the run ----------------------------------------------------------------------------
 def test_extract_resume_and_threads_equal_sync(manifest, tmp_path):
+    clear_models()  # an earlier test may have built the same model in this process
     builds = model_builds()
     r = extract(_cfg(manifest, tmp_path / "a"))
     assert r["items"] == {"total": 6, "skipped": 0, "done": 6, "failed": 0}
