@@ -11,7 +11,7 @@ import click
 
 from medfeat.engine.items import ALIGNMENTS, ROIS
 from medfeat.engine.pipeline import SCHEDULER_KINDS
-from medfeat.errors import UnknownNameError
+from medfeat.errors import InputError, UnknownNameError
 
 EXIT_ITEMS_FAILED = 3
 
@@ -28,6 +28,19 @@ def _size(text: str | None) -> tuple[int, ...] | None:
     return size
 
 
+def _labels(text: str | None) -> tuple[int, ...] | None:
+    """``--roi-labels 3,4`` -> (3, 4); None when not given."""
+    if not text:
+        return None
+    try:
+        labels = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        labels = ()
+    if not labels or min(labels) < 1:
+        raise InputError(f"--roi-labels {text!r}: expected positive integer labels, e.g. 3,4")
+    return labels
+
+
 @click.command("extract")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False), help="Cohort manifest CSV.")
 @click.option("--store", required=True, type=click.Path(file_okay=False), help="Feature store (Zarr v3 directory).")
@@ -38,6 +51,8 @@ def _size(text: str | None) -> tuple[int, ...] | None:
 @click.option("--variant", "align", type=click.Choice(ALIGNMENTS), default="none", show_default=True,
               help="Alignment: none, rigid/affine (to the baseline), oracle (recorded transform), atlas.")
 @click.option("--roi", type=click.Choice(ROIS), default="whole", show_default=True, help="Whole field of view or a crop around the mask.")
+@click.option("--roi-labels", default=None,
+              help="Comma-separated mask labels whose box is the crop ROI, e.g. 3,4 (default: every non-zero label).")
 @click.option("--runtime", default="eager", show_default=True, help="eager, or another runtime of medfeat.engine.runtimes.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", default="fp32", show_default=True)
@@ -57,7 +72,7 @@ def _size(text: str | None) -> tuple[int, ...] | None:
 @click.option("--atlas-mask", type=click.Path(exists=True), default=None, help="Atlas mask for --roi crop.")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, align: str, roi: str,
-                runtime: str, device: str, precision: str, pooling: str | None, batch_size: int,
+                roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None, batch_size: int,
                 chunk_items: int | None, workers: int | None, threads_per_worker: int,
                 memory_limit: str | None, scheduler: str | None, scheduler_kind: str, retry_failed: bool,
                 tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
@@ -69,7 +84,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
     if not tap_list:
         raise UnknownNameError("--taps: give at least one tap name")
     cfg = ExtractConfig(manifest=manifest, store=store, model=model, taps=tap_list, weights=weights,
-                        align=align, roi=roi, runtime=runtime, device=device, precision=precision,
+                        align=align, roi=roi, roi_labels=_labels(roi_labels), runtime=runtime, device=device, precision=precision,
                         pooling=pooling, seed=seed, tiny=tiny, input_size=_size(input_size),
                         batch_size=batch_size, chunk_items=chunk_items, scheduler_kind=scheduler_kind,
                         scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,

@@ -46,6 +46,7 @@ class ExtractConfig:
     weights: str | None = None
     align: str = "none"
     roi: str = "whole"
+    roi_labels: tuple[int, ...] | None = None  # mask labels that make the crop ROI; None: all
     runtime: str = "eager"
     device: str = "cpu"
     precision: str = "fp32"
@@ -136,6 +137,8 @@ def _provenance(cfg: ExtractConfig, backbone: Any, tap: str, dim: int, size: tup
         "input_kind": backbone.spec.input_kind,
         "preprocessing": {"variant": cfg.variant, "alignment": cfg.align, "roi": cfg.roi,
                           "roi_margin_mm": pp.ROI_MARGIN_MM if cfg.roi == "crop" else None,
+                          "roi_labels": (list(cfg.roi_labels) if cfg.roi == "crop" and cfg.roi_labels
+                                         is not None else None),
                           "input_size": list(size), "intensity": pp.describe(backbone.spec.preprocess),
                           "interpolation": _interpolation(backbone)},
         "precision": cfg.precision, "runtime": cfg.runtime, "device": cfg.device,
@@ -167,7 +170,7 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> dict[str
     model = get_model(cfg.model_config())  # fails fast on unknown model / tap / bad weights
     spec, size = model.backbone.spec, model.size
     atlas = Atlas.beside(cfg.manifest, cfg.atlas, cfg.atlas_mask)
-    items, plan_failures = plan_items(df, spec.input_kind, cfg.align, cfg.roi, atlas)
+    items, plan_failures = plan_items(df, spec.input_kind, cfg.align, cfg.roi, atlas, cfg.roi_labels)
     items, dup_failures = _dedupe(items)
     dims = model.backbone.output_dims()
     keys = {tap: ArrayKey(cfg.model, tap, cfg.variant) for tap in model.backbone.tap_names}

@@ -19,12 +19,14 @@ Alignments (the first half of a variant name ``ALIGN-ROI``):
 ``oracle_atlas``  as ``atlas`` for per-scan models, with the manifest's ``atlas_transform``.
 
 ROI (second half): ``whole`` (field of view of the reference) or ``crop`` (box around the
-reference's mask, else the atlas mask, plus a margin).
+reference's mask, else the atlas mask, plus a margin). ``roi_labels`` restricts the box to
+some of the mask's labels: a mask whose labels include a tissue filling the field of view
+(the synthetic cohort's label 5, soft tissue) otherwise gives a box as large as the scan.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,7 @@ class Channel:
     mask : label map locating the ROI, in the reference's world (``None``: no crop mask).
     transform : 16 floats, row-major (4, 4) reference world mm -> scan world mm, or None.
     estimate : ``""``, ``"rigid"`` or ``"affine"``: estimate ``transform`` by registration.
+    mask_labels : labels of ``mask`` that make the ROI (``None``: every non-zero label).
     """
 
     path: str
@@ -63,6 +66,7 @@ class Channel:
     mask: str | None = None
     transform: tuple[float, ...] | None = None
     estimate: str = ""
+    mask_labels: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,23 @@ def _scan_id(row: dict[str, Any], unique_subjects: bool) -> str:
     return str(row["subject"]) if unique_subjects else f"{row['subject']}/{Path(row['path']).name}"
 
 
-def plan_items(df: pd.DataFrame, input_kind: str, align: str, roi: str,
-               atlas: Atlas) -> tuple[list[Item], list[tuple[str, str]]]:
+def plan_items(df: pd.DataFrame, input_kind: str, align: str, roi: str, atlas: Atlas,
+               roi_labels: tuple[int, ...] | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
     """Items for a manifest frame (from ``read_manifest``), plus ``(item_id, reason)`` for
-    rows that cannot make an item (no baseline for an alignment, no atlas, ...)."""
+    rows that cannot make an item (no baseline for an alignment, no atlas, ...).
+
+    ``roi_labels``: mask labels whose bounding box is the ``crop`` ROI (None: all non-zero).
+    """
+    items, bad = _plan(df, input_kind, align, roi, atlas)
+    if roi_labels is not None and roi == "crop":
+        labels = tuple(int(v) for v in roi_labels)
+        items = [replace(it, channels=tuple(replace(c, mask_labels=labels) if c.mask else c
+                                            for c in it.channels)) for it in items]
+    return items, bad
+
+
+def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
+          atlas: Atlas) -> tuple[list[Item], list[tuple[str, str]]]:
     variant_name(align, roi)
     if input_kind == "image2d" and align != "none":
         raise UnknownNameError(f"alignment {align!r} is for 3D cohorts; 2D models take 'none'")
@@ -288,7 +305,10 @@ def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: LoadTime
     if ch.estimate:
         transform = estimated if estimated is not None else estimate_alignment(vol, ref, ch.estimate)
     if mask is not None:
-        lo, hi = pp.mask_box(mask.data, mask.affine, ref.affine)
+        roi = mask.data if ch.mask_labels is None else np.isin(mask.data, ch.mask_labels)
+        if not roi.any():
+            raise InputError(f"{ch.mask}: no voxel has an ROI label {list(ch.mask_labels or ())}")
+        lo, hi = pp.mask_box(roi, mask.affine, ref.affine)
         grid = pp.box_grid(ref.affine, lo, hi, size)
     else:
         grid = pp.fov_grid(ref.affine, ref.shape, size)

@@ -21,6 +21,7 @@ from medfeat.engine.manifest import read_manifest
 from medfeat.engine.pipeline import clear_models, model_builds
 from medfeat.engine.store import FeatureStore
 from medfeat.engine.volume_io import read_volume
+from medfeat.errors import InputError
 from medfeat.export.spec import Preprocess
 
 
@@ -185,3 +186,29 @@ def test_fused_kernel_path_matches_unfused_reference(manifest):
     ref = pp.prepare_volume(vol.data, vol.affine, grid, rule, t)
     np.testing.assert_allclose(out[0, 1], ref, atol=2e-5)
     assert not out[0, 0].any()  # the other channel untouched
+
+
+def test_crop_roi_labels_shrink_the_box_to_those_labels(manifest):
+    """Label 5 (soft tissue) fills the synthetic field of view, so a box around every label
+    is the whole scan; ``roi_labels`` makes the crop the box around the cartilage only."""
+    df = read_manifest(manifest)
+    spec = type("Spec", (), {"input_kind": "volume3d", "in_channels": 1,
+                             "preprocess": Preprocess("percentile_clamp", {"upper": 99.0})})()
+    items_all, _ = plan_items(df, "volume3d", "oracle", "crop", Atlas.beside(manifest))
+    items_cart, _ = plan_items(df, "volume3d", "oracle", "crop", Atlas.beside(manifest), roi_labels=(3, 4))
+    follow = items_cart[1].channels[0]
+    assert follow.mask_labels == (3, 4) and items_all[1].channels[0].mask_labels is None
+    assert follow.mask == df["mask_path"][0]  # the baseline's mask, on the baseline grid
+    m = read_volume(follow.mask)
+    lo_all, hi_all = pp.mask_box(m.data, m.affine, m.affine)
+    lo, hi = pp.mask_box(np.isin(m.data, (3, 4)), m.affine, m.affine)
+    assert np.all(hi - lo < hi_all - lo_all)  # strictly smaller on every axis
+    # the loaded crop: the cartilage box sampled at the input size differs from the full box
+    from medfeat.engine.items import LoadTimer, load_item
+
+    x_all = load_item(items_all[1], spec, (12, 12, 12), LoadTimer())
+    x_cart = load_item(items_cart[1], spec, (12, 12, 12), LoadTimer())
+    assert x_all.shape == x_cart.shape == (1, 12, 12, 12) and not np.allclose(x_all, x_cart)
+    bad = plan_items(df, "volume3d", "none", "crop", Atlas.beside(manifest), roi_labels=(9,))[0][0]
+    with pytest.raises(InputError, match="no voxel has an ROI label"):
+        load_item(bad, spec, (12, 12, 12), LoadTimer())

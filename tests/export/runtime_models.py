@@ -9,7 +9,7 @@ Three families, each exercising what an exporter can get wrong:
   displacement field, the moving image is warped with 5-D ``grid_sample``, stage B encodes
   (warped moving, fixed).
 
-Load with :func:`load` (by file path), which registers them once per process.
+Registered once per process by tests/export/conftest.py, which imports this file by path.
 """
 from __future__ import annotations
 

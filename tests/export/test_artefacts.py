@@ -1,10 +1,8 @@
 """The content-keyed artefact cache: hits, invalidation, atomic writes, cache location."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +11,6 @@ from medfeat.export.artefacts import (KEY_FILE, META, ONNX_FILE, PARITY_FILE, Ar
                                       cache_root, onnx_artefact, onnx_key_fields)
 from medfeat.export.parity import ParityError
 from medfeat.export.registry import create_backbone
-
-
-def _load_models():
-    """Import runtime_models.py once per process, under a name dynamo can re-import."""
-    name = "medfeat_runtime_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("runtime_models.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_load_models()
 
 
 def test_key_is_canonical_json_sha256():

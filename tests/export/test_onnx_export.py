@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,18 +21,6 @@ from medfeat.export.parity import ParityError, check_parity, compare
 from medfeat.export.registry import create_backbone, get_spec, list_backbones
 
 
-def _load_models():
-    """Import runtime_models.py once per process, under a name dynamo can re-import."""
-    name = "medfeat_runtime_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("runtime_models.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_load_models()
 TINY = {
     "rt_tiny_cnn": ["stem", "layer1", "layer2"],
     "rt_tiny_vit": ["blocks.0", "blocks.2"],

@@ -3,8 +3,6 @@ precision's tolerance from :data:`medfeat.export.parity.TOLERANCES`."""
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,20 +14,6 @@ from medfeat.export.onnx_export import random_input
 from medfeat.export.ort_session import available_providers
 from medfeat.export.parity import check_parity
 from medfeat.export.registry import create_backbone
-
-
-def _load_models():
-    """Import runtime_models.py once per process, under a name dynamo can re-import."""
-    name = "medfeat_runtime_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("runtime_models.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_load_models()
 
 
 def _vit():

@@ -11,9 +11,12 @@ References, independent of the code under test:
 
 Tolerances: the cascade rebuilt here and upstream agree to the bit (same float ops in the
 same order), so they are compared with ``torch.equal``; scipy to 1e-5 (float32 vs float64).
+Other dtypes against the float32 cascade: float64 to 1e-5 of each tap's max; fp16 / bf16
+within the exporter's parity tolerances (:data:`medfeat.export.parity.TOLERANCES`).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -26,6 +29,8 @@ from torch import nn
 from medfeat.errors import InputError, UnknownNameError, WeightsError
 from medfeat.export.models.unigradicon import to_regis_net_layout, upstream_prefixes
 from medfeat.export.models.unigradicon_net import STAGES, UNet2, identity_grid, warp
+from medfeat.export.onnx_export import DTYPES
+from medfeat.export.parity import TOLERANCES, compare
 from medfeat.export.registry import create_backbone, get_spec
 from medfeat.export.weights import sha256_file
 
@@ -219,6 +224,51 @@ def test_warp_matches_scipy():
     index = coords[0].double().numpy() * (np.array([7, 9, 11]) - 1)[:, None, None, None]
     ref = ndimage.map_coordinates(image[0, 0].double().numpy(), index, order=1, mode="nearest")
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+
+# --- dtypes: the warps follow the input's dtype ----------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_identity_grid_is_made_in_the_requested_dtype(dtype):
+    size = (3, 7, 10)
+    ref = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(n) / (n - 1) for n in size], indexing="ij"))[None])
+    grid = identity_grid(size, dtype=dtype)
+    assert grid.dtype == dtype and grid.shape == (1, 3, *size)
+    # rounded once from float64: within half an ulp at 1 (float64: i * (1 / (n-1)) vs i / (n-1))
+    assert (grid.double() - ref).abs().max() <= torch.finfo(dtype).eps / 2
+
+
+def test_float64_cascade_matches_float32(model, pair, all_taps):
+    """A float64 copy runs every warp in float64 and agrees with float32 (measured 6e-7)."""
+    wide = copy.deepcopy(model).double()
+    with torch.no_grad():
+        out = wide.forward_taps(pair.double(), wide.tap_names())
+    for tap, ref in all_taps.items():
+        assert out[tap].dtype == torch.float64, tap
+        err = float((out[tap] - ref.double()).abs().max() / ref.abs().max())
+        assert err <= 1e-5, f"{tap}: float64 vs float32 relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_cascade_runs_in_that_dtype(model, pair, all_taps, precision, monkeypatch):
+    """fp16 / bf16 end to end: identity grids, warps and compositions in the input's dtype
+    (a float32 grid made ``grid_sample`` refuse the half image). Measured worst rel: fp16
+    5e-3, bf16 4.6e-2 (D.enc.0), against tolerances 2e-2 / 6e-2."""
+    dtype = DTYPES[precision]
+    pool = F.avg_pool3d
+    # The CPU has no half avg_pool3d kernel: pool in float32 and round back, as a GPU half
+    # kernel (float accumulator) does. Everything else runs in ``dtype``.
+    monkeypatch.setattr(F, "avg_pool3d", lambda x, *a, **k: pool(x.float(), *a, **k).to(x.dtype))
+    low = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        out = low.forward_taps(pair.to(dtype), low.tap_names())
+    assert {t.dtype for t in out.values()} == {dtype}
+    ref = {tap: v.reshape(1, -1).numpy() for tap, v in all_taps.items()}
+    got = {tap: v.float().reshape(1, -1).numpy() for tap, v in out.items()}
+    rel_tol, cos_tol = TOLERANCES[precision]
+    for tap, (_, rel, cos) in compare(ref, got).items():
+        assert rel <= rel_tol and cos >= cos_tol, f"{tap} at {precision}: rel {rel:.2e}, cosine {cos:.6f}"
 
 
 def test_order_swaps_moving_and_fixed(model, pair):

@@ -144,14 +144,17 @@ class UNet2(nn.Module):
             self.batchNorms._modules[str(d)] = None
 
 
-def identity_grid(size: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
-    """The identity map (1, 3, *size): voxel ``i`` of axis ``d`` at ``i / (size[d] - 1)``.
+def identity_grid(size: Sequence[int], device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The identity map (1, 3, *size) in ``dtype``: voxel ``i`` of axis ``d`` at ``i / (size[d] - 1)``.
 
-    Computed in float64 and rounded once, as ``mermaidlite.identity_map_multiN`` does.
+    Computed in float64 and rounded once to ``dtype``, as ``mermaidlite.identity_map_multiN``
+    does for float32. The network passes its input's dtype, so at fp16 / bf16 the coordinates
+    and ``grid_sample``'s grid match the image (grid_sample refuses mixed dtypes).
     """
     axes = [torch.arange(n, dtype=torch.float64, device=device) * (1.0 / (n - 1)) for n in size]
     grids = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack(grids).unsqueeze(0).to(torch.float32)
+    return torch.stack(grids).unsqueeze(0).to(dtype)
 
 
 def warp(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -241,7 +244,7 @@ class UniGradICONNet(TappedModel):
 
         def grid(size: torch.Size) -> torch.Tensor:
             if tuple(size) not in grids:
-                grids[tuple(size)] = identity_grid(size, moving.device)
+                grids[tuple(size)] = identity_grid(size, moving.device, moving.dtype)
             return grids[tuple(size)]
 
         for stage in STAGES[: STAGES.index(last_stage) + 1]:
