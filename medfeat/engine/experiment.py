@@ -99,6 +99,11 @@ def load_experiment(path: str | Path) -> Experiment:
                                  bool(m.get("tiny")), m.get("input_size"),
                                  {k: v for k, v in m.items() if k not in known}))
     variants = doc.get("variants", {})
+    from medfeat.engine.extract import ExtractConfig
+
+    unknown = set(doc.get("extract", {})) - set(ExtractConfig.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"{path}: unknown extract settings {', '.join(sorted(unknown))}")
     return Experiment(
         name=str(doc["name"]), kind=str(doc.get("kind", "progression")), cohorts=cohorts,
         target=str(doc.get("target", "label")), models=models,
@@ -231,11 +236,12 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
         weights = resolve_weights(entry, wdir, manifest, folder, log)
         for align in exp.align:
             for roi in exp.roi:
+                settings = {"progress": progress, **exp.extract}
                 cfg = ExtractConfig(manifest=str(manifest), store=str(store), model=entry.name,
                                     taps=tuple(entry.taps), weights=weights, align=align, roi=roi,
-                                    tiny=entry.tiny, progress=progress,
+                                    tiny=entry.tiny,
                                     input_size=tuple(entry.input_size) if entry.input_size else None,
-                                    **exp.extract)
+                                    **settings)
                 record = extract(cfg)
                 failed += int(record["items"]["failed"])
                 log(f"{entry.name} {align}-{roi}: {_summary_line(record)}")
