@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -67,3 +68,16 @@ def test_bench_cli_unknown_grid_is_one_line_error() -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown benchmark grid" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_estimates_cohort_time_and_memory_from_a_sample(tmp_path_factory) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _cohort import tiny_cohort
+
+    from medfeat.engine.bench_run import plan_cohort
+
+    manifest = tiny_cohort(tmp_path_factory, subjects=4)
+    plan = plan_cohort(str(manifest), "unet3d", ["down.0"], sample=2, tiny=True, log=lambda _: None)
+    assert plan["sample_items"] == 4 and plan["cohort_items"] == 8  # 2 of 4 subjects, 2 scans each
+    assert plan["estimated_seconds"] == pytest.approx(plan["seconds_per_item"] * 8)
+    assert plan["peak_rss_bytes"] > 0
