@@ -21,4 +21,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(VENV)/bin/medfeat bench --grid cpu --out bench-results
