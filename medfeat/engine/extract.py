@@ -130,20 +130,22 @@ def _versions() -> dict[str, str]:
 
 def _provenance(cfg: ExtractConfig, backbone: Any, tap: str, dim: int, size: tuple[int, ...]) -> dict[str, Any]:
     prov = backbone.provenance
-    return {
+    out = {
         "model": cfg.model, "config": prov.get("config", {}), "seed": prov.get("seed"),
         "weights": prov.get("weights"), "weights_sha256": prov.get("weights_sha256"),
         "tap": tap, "pooling": backbone.poolings[tap], "dim": dim,
         "input_kind": backbone.spec.input_kind,
         "preprocessing": {"variant": cfg.variant, "alignment": cfg.align, "roi": cfg.roi,
                           "roi_margin_mm": pp.ROI_MARGIN_MM if cfg.roi == "crop" else None,
-                          "roi_labels": (list(cfg.roi_labels) if cfg.roi == "crop" and cfg.roi_labels
-                                         is not None else None),
                           "input_size": list(size), "intensity": pp.describe(backbone.spec.preprocess),
                           "interpolation": _interpolation(backbone)},
         "precision": cfg.precision, "runtime": cfg.runtime, "device": cfg.device,
         "versions": _versions(), "created": _now(),
     }
+    if cfg.roi == "crop" and cfg.roi_labels is not None:
+        # only when set: arrays cropped around every label keep the provenance they had
+        out["preprocessing"]["roi_labels"] = [int(v) for v in cfg.roi_labels]
+    return out
 
 
 def _interpolation(backbone: Any) -> str:

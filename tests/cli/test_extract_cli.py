@@ -37,6 +37,11 @@ def test_extract_then_store_commands(manifest, tmp_path, capsys):
     assert "6 done now" in out and "infer" in out and "write" in out
     code, out, _ = _medfeat(capsys, "store", "info", store)
     assert code == 0 and "tiny3d_test:conv2:oracle-crop" in out and "done      6" in out
+    # the crop around labels 3,4 only is another preprocessing: the store refuses to mix them
+    code, out, err = _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", store,
+                              "--model", "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync",
+                              "--variant", "oracle", "--roi", "crop", "--roi-labels", "3,4", "--quiet")
+    assert code == 2 and "provenance differs" in err and "'roi_labels': [3, 4]" in err, err
     code, out, _ = _medfeat(capsys, "store", "verify", store)
     assert code == 0 and out.strip().endswith("ok")
     code, out, _ = _medfeat(capsys, "store", "export", store, "--format", "parquet", "--out", str(tmp_path / "pq"))
@@ -54,6 +59,7 @@ def test_failed_items_exit_code(manifest, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope", "--taps", "a"], "unknown model 'nope'"),
     (["--model", "tiny3d_test", "--taps", "conv9"], "unknown tap 'conv9'"),
+    (["--model", "tiny3d_test", "--taps", "conv1", "--roi", "crop", "--roi-labels", "3,x"], "--roi-labels '3,x'"),
 ])
 def test_user_errors_are_one_line(manifest, tmp_path, capsys, args, message):
     code, out, err = _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", str(tmp_path / "s"),
