@@ -1,6 +1,8 @@
 """Pooling of raw tap outputs into one vector per item.
 
-Maps (B, C, *spatial): ``avg``, ``max``, ``avgmax`` (concatenated, 2C).
+Maps (B, C, *spatial): ``avg``, ``max``, ``avgmax`` (concatenated, 2C), and ``grid2``: the
+mean over each cell of a 2 x 2 (x 2) grid, C * 2^ndim values that keep coarse position, so
+that features of aligned scans correspond cell by cell.
 Tokens (B, N, C) with ``prefix`` leading non-patch tokens: ``cls`` (token 0), ``mean``
 (mean of patch tokens), ``cls+mean`` (2C), ``token1`` (token index 1).
 Vectors (B, C): ``none``.
@@ -11,12 +13,14 @@ import torch
 
 from medfeat.errors import UnknownNameError
 
-MAP_POOLINGS = ("avg", "max", "avgmax")
+MAP_POOLINGS = ("avg", "max", "avgmax", "grid2")
 TOKEN_POOLINGS = ("cls", "mean", "cls+mean", "token1")
 
 
-def pooled_dim(channels: int, method: str) -> int:
-    """Length of the pooled vector for a tap of ``channels`` channels."""
+def pooled_dim(channels: int, method: str, ndim: int = 3) -> int:
+    """Length of the pooled vector for a tap of ``channels`` channels over ``ndim`` spatial axes."""
+    if method == "grid2":
+        return channels * 2**ndim
     return 2 * channels if method in ("avgmax", "cls+mean") else channels
 
 
@@ -34,12 +38,18 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
         return x.flatten(1)
     if kind == "map":
         flat = x.flatten(2)
+        if method == "grid2" and x.dim() not in (4, 5):
+            raise UnknownNameError(f"pooling grid2 needs a 2D or 3D map, got {x.dim() - 2} spatial axes")
         if method == "avg":
             return flat.mean(-1)
         if method == "max":
             return flat.amax(-1)
         if method == "avgmax":
             return torch.cat([flat.mean(-1), flat.amax(-1)], dim=1)
+        if method == "grid2":
+            pool_fn = (torch.nn.functional.adaptive_avg_pool2d if x.dim() == 4
+                       else torch.nn.functional.adaptive_avg_pool3d)
+            return pool_fn(x, 2).flatten(1)
         raise UnknownNameError(f"pooling {method!r} is not one of {MAP_POOLINGS} for a map tap")
     if kind == "tokens":
         if method == "cls":

@@ -110,7 +110,8 @@ class Backbone(nn.Module):
 
     def output_dims(self) -> dict[str, int]:
         """Pooled length per tap."""
-        return {t.name: pooled_dim(t.channels, self.poolings[t.name]) for t in self.taps}
+        ndim = 2 if self.spec.input_kind == "image2d" else 3
+        return {t.name: pooled_dim(t.channels, self.poolings[t.name], ndim) for t in self.taps}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raw = self.trunk.forward_taps(x, self.tap_names)
