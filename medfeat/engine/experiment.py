@@ -16,7 +16,7 @@ An experiment file::
       - name: unet3d
         taps: [down.1, bottom]
         train: true                    # train on the cohort's masks when no weights are given
-    variants:
+    variants:                          # the product; or a list: [none-whole, rigid-crop]
       align: [none, rigid, affine, atlas]
       roi: [whole, crop]
     pair_modes: [diff, concat+diff]    # per-scan models; pair models give one row per pair
@@ -65,8 +65,7 @@ class Experiment:
     cohorts: list[dict[str, Any]]
     target: str
     models: list[ModelEntry]
-    align: list[str]
-    roi: list[str]
+    variants: list[tuple[str, str]]  # (alignment, ROI) pairs
     pair_modes: list[str | None]
     probe: dict[str, Any]
     extract: dict[str, Any]
@@ -107,11 +106,20 @@ def load_experiment(path: str | Path) -> Experiment:
     return Experiment(
         name=str(doc["name"]), kind=str(doc.get("kind", "progression")), cohorts=cohorts,
         target=str(doc.get("target", "label")), models=models,
-        align=[str(a) for a in variants.get("align", ["none"])],
-        roi=[str(r) for r in variants.get("roi", ["whole"])],
+        variants=_variants(variants, path),
         pair_modes=[None if p in (None, "none") else str(p) for p in doc.get("pair_modes", ["diff"])],
         probe=dict(doc.get("probe", {})), extract=dict(doc.get("extract", {})), source=path,
     )
+
+
+def _variants(spec: Any, path: Path) -> list[tuple[str, str]]:
+    """``{align: [...], roi: [...]}`` (their product) or a list of ``ALIGN-ROI`` names."""
+    if isinstance(spec, dict):
+        return [(str(a), str(r)) for a in spec.get("align", ["none"]) for r in spec.get("roi", ["whole"])]
+    pairs = [str(v).rsplit("-", 1) for v in spec]
+    if not all(len(p) == 2 for p in pairs):
+        raise InputError(f"{path}: variants are ALIGN-ROI names such as none-whole or rigid-crop")
+    return [(a, r) for a, r in pairs]
 
 
 def prepare_cohort(exp: Experiment, cohort: dict[str, Any], out: Path, log: Log) -> Path | None:
@@ -231,22 +239,21 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
     probe = {**exp.probe, **cohort.get("probe", {})}
     configs: list[dict] = []
     failed = 0
+    settings = {"progress": progress, **exp.extract}
     for entry in exp.models:
         spec = get_spec(entry.name)
         weights = resolve_weights(entry, wdir, manifest, folder, log)
-        for align in exp.align:
-            for roi in exp.roi:
-                settings = {"progress": progress, **exp.extract}
-                cfg = ExtractConfig(manifest=str(manifest), store=str(store), model=entry.name,
-                                    taps=tuple(entry.taps), weights=weights, align=align, roi=roi,
-                                    tiny=entry.tiny,
-                                    input_size=tuple(entry.input_size) if entry.input_size else None,
-                                    **settings)
-                record = extract(cfg)
-                failed += int(record["items"]["failed"])
-                log(f"{entry.name} {align}-{roi}: {_summary_line(record)}")
+        for align, roi in exp.variants:
+            cfg = ExtractConfig(manifest=str(manifest), store=str(store), model=entry.name,
+                                taps=tuple(entry.taps), weights=weights, align=align, roi=roi,
+                                tiny=entry.tiny,
+                                input_size=tuple(entry.input_size) if entry.input_size else None,
+                                **settings)
+            record = extract(cfg)
+            failed += int(record["items"]["failed"])
+            log(f"{entry.name} {align}-{roi}: {_summary_line(record)}")
         pair_modes = [None] if spec.input_kind != "volume3d" else exp.pair_modes
-        specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a in exp.align for r in exp.roi]
+        specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a, r in exp.variants]
         found = sweep_store(store, manifest, target, specs=specs, pair_modes=pair_modes, log=log, **probe)
         configs += [{**c, "weights": weights or "random"} for c in found]
     return configs, failed

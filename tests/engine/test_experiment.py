@@ -91,3 +91,13 @@ def test_run_cli_missing_file_is_one_line(tmp_path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2 and "experiment file not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_variants_as_product_or_list(tmp_path) -> None:
+    base = "name: x\ncohort: {synth: {}}\nmodels: [{name: unet3d, taps: [bottom]}]\n"
+    product = load_experiment(_write(tmp_path / "a.yaml", base + "variants: {align: [none, rigid], roi: [crop]}\n"))
+    assert product.variants == [("none", "crop"), ("rigid", "crop")]
+    listed = load_experiment(_write(tmp_path / "b.yaml", base + "variants: [none-whole, oracle_atlas-crop]\n"))
+    assert listed.variants == [("none", "whole"), ("oracle_atlas", "crop")]
+    with pytest.raises(InputError, match="ALIGN-ROI"):
+        load_experiment(_write(tmp_path / "c.yaml", base + "variants: [nonewhole]\n"))
