@@ -45,13 +45,7 @@ def probe() -> None:
 GROUPS = {"root": cli, "cohort": cohort, "models": models, "store": store, "probe": probe}
 
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"medfeat.commands.{_name}")
-    except ModuleNotFoundError as exc:  # a command module not written yet
-        if exc.name != f"medfeat.commands.{_name}":
-            raise
-        continue
-    _module.register(GROUPS)
+    importlib.import_module(f"medfeat.commands.{_name}").register(GROUPS)
 
 
 def main(argv: list[str] | None = None) -> None:
