@@ -209,14 +209,15 @@ def train_unet(manifest: str | Path, out: str | Path, cfg: TrainConfig | None = 
     dice = {name: _nanmean(scores[:, c]) for c, name in enumerate(cfg.class_names[: cfg.num_classes])}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save(model, out)
+    build_config = {"input_size": [cfg.size] * 3, "in_channels": 1, "out_channels": cfg.num_classes,
+                    "channels": list(cfg.channels), "strides": list(cfg.strides),
+                    "num_res_units": cfg.num_res_units}
+    _save(model, out, build_config)
     report = {
         "model": "unet3d",
         "weights": str(out),
         "weights_sha256": sha256_file(out),
-        "config": {"input_size": [cfg.size] * 3, "in_channels": 1, "out_channels": cfg.num_classes,
-                   "channels": list(cfg.channels), "strides": list(cfg.strides),
-                   "num_res_units": cfg.num_res_units},
+        "config": build_config,
         "train": {"epochs": cfg.epochs, "patch": cfg.patch, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "seed": cfg.seed,
                   "loss": "DiceCE", "optimizer": "Adam", "losses": losses},
@@ -236,11 +237,15 @@ def _nanmean(values: np.ndarray) -> float | None:
     return round(float(finite.mean()), 4) if finite.size else None
 
 
-def _save(model: torch.nn.Module, out: Path) -> None:
+def _save(model: torch.nn.Module, out: Path, config: dict[str, Any]) -> None:
+    """Write the state dict; a safetensors file also carries the build ``config`` in its
+    metadata, so ``create_backbone("unet3d", ..., weights=out)`` builds the right widths."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(out))
+        from medfeat.export.weights import CONFIG_METADATA_KEY
+
+        save_file(state, str(out), metadata={CONFIG_METADATA_KEY: json.dumps(config)})
     else:
         torch.save(state, out)

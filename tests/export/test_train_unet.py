@@ -81,6 +81,11 @@ def test_train_unet_learns_spheres_and_weights_load_into_registry(tmp_path) -> N
                                config=report["config"])
     assert backbone.provenance["weights_sha256"] == report["weights_sha256"]
     assert backbone(torch.zeros(1, 1, 16, 16, 16))["up.0"].shape == (1, 3)
+    # The safetensors file carries its build config: no config needed to load it.
+    plain = create_backbone("unet3d", ["up.0"], weights=str(tmp_path / "unet.safetensors"))
+    assert plain.provenance["config"]["channels"] == report["config"]["channels"]
+    x = torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(plain(x)["up.0"], backbone(x)["up.0"])
 
 
 def test_cli_train_unet(tmp_path, capsys) -> None:
