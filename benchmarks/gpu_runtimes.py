@@ -21,10 +21,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import pkgutil
 import platform
 import sys
 import time
@@ -41,21 +39,11 @@ CASES = [("dinov2_vitb14", 128, 8), ("sam_med3d", 8, 1), ("swin_unetr_encoder", 
 
 
 def load_families_tolerantly() -> list[str]:
-    """Import every model family, skipping those whose optional package is missing here."""
+    """Load the registry (it skips families whose optional package is missing) and list those."""
     from medfeat.export import registry
 
-    skipped = []
-    if not registry._LOADED:
-        registry._LOADED = True
-        package = importlib.import_module("medfeat.export.models")
-        for info in pkgutil.iter_modules(package.__path__):
-            if info.name.startswith("_"):
-                continue
-            try:
-                importlib.import_module(f"medfeat.export.models.{info.name}")
-            except ImportError as exc:
-                skipped.append(f"{info.name} ({exc.name})")
-    return skipped
+    registry.list_backbones()
+    return [f"{name} ({why})" for name, why in sorted(registry._UNAVAILABLE.items())]
 
 
 def matmul_rate(n: int = 8192, iters: int = 30) -> float:
@@ -75,13 +63,10 @@ def matmul_rate(n: int = 8192, iters: int = 30) -> float:
 
 
 def count_flops(backbone, x: torch.Tensor) -> float:
-    """FLOPs of one forward of ``x`` (batch 1), counted by FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward of ``x`` (batch 1), counted by medfeat's FlopCounterMode wrapper."""
+    from medfeat.export.flops import model_flops
 
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        backbone(x)
-    return float(counter.get_total_flops())
+    return float(model_flops(backbone, x))
 
 
 def time_runtime(runtime, x: torch.Tensor, min_seconds: float, warmup: int) -> tuple[float, int]:
