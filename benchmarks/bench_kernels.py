@@ -200,8 +200,9 @@ def bench_align(subjects: int, shape: int) -> dict:
     import sys
     import tempfile
 
-    from medfeat.engine import synth, volume_io
-    from medfeat.engine.manifest import parse_transform
+    from medfeat.cohorts import synth
+    from medfeat.io import nifti as volume_io
+    from medfeat.io.manifest import parse_transform
     from medfeat.kernels import AlignConfig, Grid, align
 
     sys.path.insert(0, str(HERE.parent))

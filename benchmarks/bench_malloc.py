@@ -1,4 +1,4 @@
-"""CPU inference under the two allocator modes of medfeat.engine.malloc, side by side.
+"""CPU inference under the two allocator modes of medfeat.engine.pipeline.malloc, side by side.
 
 Each mode runs in a fresh process (mallopt is process-wide): build the model, one warm-up
 call in a new thread (as the pipeline's task threads), then ``--calls`` timed calls; prints
@@ -15,8 +15,8 @@ import sys
 _CHILD = """
 import resource, sys, threading, time
 import torch
-from medfeat.engine.malloc import apply_malloc_mode
-from medfeat.export.registry import create_backbone
+from medfeat.engine.pipeline.malloc import apply_malloc_mode
+from medfeat.export.backbones.registry import create_backbone
 mode, model, tap, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 apply_malloc_mode(mode)
 torch.set_num_threads(2)

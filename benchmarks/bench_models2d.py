@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from medfeat.export.registry import create_backbone, get_spec
+from medfeat.export.backbones.registry import create_backbone, get_spec
 
 MODELS = ["dinov2_vits14", "dinov2_vitb14", "sam_vit_b", "openclip_vitb16", "blip_vitb16", "seem_focalt",
           "deit_b16", "resnet50", "resnet152"]

@@ -4,7 +4,7 @@ On one synthetic knee cohort and one model (default: the task UNet at 64^3):
 
 * **sequential**: for each item, read -> preprocess -> infer (batch 1) -> write, nothing
   overlapped.
-* **pipeline**: ``medfeat.engine.extract`` with the given scheduler(s): batches, stages
+* **pipeline**: ``medfeat.engine.pipeline.extract`` with the given scheduler(s): batches, stages
   overlapped, bounded window.
 * **ratio** = pipeline items/s / sequential items/s.
 * **efficiency** = pipeline items/s / items/s of the slowest stage alone (1.0 = the pipeline
@@ -15,7 +15,7 @@ On one synthetic knee cohort and one model (default: the task UNet at 64^3):
   a cohort many times the worker's memory limit: bounded memory means the peak does not grow
   with the cohort.
 
-The measurements live in :mod:`medfeat.engine.bench_pipeline` (also the ``pipeline`` stage of
+The measurements live in :mod:`medfeat.bench.pipeline` (also the ``pipeline`` stage of
 ``medfeat bench``); this script adds the cohort, the JSON record and the RESULTS.md section.
 Writes JSON to ``benchmarks/results/pipeline_<device>_<model>[_tiny]_<shape>.json`` and
 replaces or appends its section of ``benchmarks/RESULTS.md``. Example::
@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from medfeat.engine.bench_pipeline import PipelineBenchConfig, compare, memory_demo, parse_kinds
-from medfeat.engine.synth import synth_cohort
+from medfeat.bench.pipeline import PipelineBenchConfig, compare, memory_demo, parse_kinds
+from medfeat.cohorts.synth import synth_cohort
 
 HERE = Path(__file__).parent
 

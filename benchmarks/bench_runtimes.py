@@ -51,9 +51,9 @@ def max_rel(ref: dict, got: dict) -> float:
 
 
 def bench_case(name: str, batch: int, size, args) -> dict:
-    from medfeat.engine.runtimes import make_runtime
-    from medfeat.export.onnx_export import random_input
-    from medfeat.export.registry import create_backbone, get_spec
+    from medfeat.export.runtimes.factory import make_runtime
+    from medfeat.export.runtimes.onnx_export import random_input
+    from medfeat.export.backbones.registry import create_backbone, get_spec
 
     spec = get_spec(name)
     last = spec.tap_table(**(spec.tiny_config if args.tiny else {}))[-1].name

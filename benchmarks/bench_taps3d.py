@@ -40,7 +40,7 @@ def _rss_mib() -> float:
 def _measure(name: str, variant: str, repeats: int, queue: mp.Queue) -> None:
     import torch
 
-    from medfeat.export.registry import create_backbone, get_spec
+    from medfeat.export.backbones.registry import create_backbone, get_spec
 
     spec = get_spec(name)
     if variant == "half":

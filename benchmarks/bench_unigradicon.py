@@ -57,7 +57,7 @@ def run_case(tap: str, repeats: int, warmup: int, threads: int, size: int, devic
     """Time one tap in this process; returns seconds and MiB."""
     import torch
 
-    from medfeat.export.registry import create_backbone
+    from medfeat.export.backbones.registry import create_backbone
 
     torch.set_num_threads(threads)
     backbone = create_backbone("unigradicon", [tap]).to(device)

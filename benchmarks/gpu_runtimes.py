@@ -40,7 +40,7 @@ CASES = [("dinov2_vitb14", 128, 8), ("sam_med3d", 8, 1), ("swin_unetr_encoder", 
 
 def load_families_tolerantly() -> list[str]:
     """Load the registry (it skips families whose optional package is missing) and list those."""
-    from medfeat.export import registry
+    from medfeat.export.backbones import registry
 
     registry.list_backbones()
     return [f"{name} ({why})" for name, why in sorted(registry._UNAVAILABLE.items())]
@@ -64,7 +64,7 @@ def matmul_rate(n: int = 8192, iters: int = 30) -> float:
 
 def count_flops(backbone, x: torch.Tensor) -> float:
     """FLOPs of one forward of ``x`` (batch 1), counted by medfeat's FlopCounterMode wrapper."""
-    from medfeat.export.flops import model_flops
+    from medfeat.export.backbones.flops import model_flops
 
     return float(model_flops(backbone, x))
 
@@ -88,10 +88,10 @@ def max_rel(ref: dict, got: dict) -> float:
 
 
 def bench_model(name: str, batch: int, ort_batch: int, args) -> dict:
-    from medfeat.engine.runtimes import make_runtime
-    from medfeat.export.onnx_export import random_input
-    from medfeat.export.ort_session import available_providers
-    from medfeat.export.registry import create_backbone, get_spec
+    from medfeat.export.runtimes.factory import make_runtime
+    from medfeat.export.runtimes.onnx_export import random_input
+    from medfeat.export.runtimes.ort_session import available_providers
+    from medfeat.export.backbones.registry import create_backbone, get_spec
 
     spec = get_spec(name)
     last = spec.tap_table()[-1].name
@@ -140,9 +140,9 @@ AB_CASES = [("dinov2_vitb14", 128), ("sam_med3d", 8), ("resnet50", 128), ("unigr
 
 def channels_last_ab(seconds: float = 2.0) -> None:
     """Eager bf16 items/s with the runtime's memory-format rule vs plain contiguous."""
-    from medfeat.engine.runtimes import EagerRuntime
-    from medfeat.export.onnx_export import random_input
-    from medfeat.export.registry import create_backbone, get_spec
+    from medfeat.export.runtimes.factory import EagerRuntime
+    from medfeat.export.runtimes.onnx_export import random_input
+    from medfeat.export.backbones.registry import create_backbone, get_spec
 
     for name, batch in AB_CASES:
         try:
@@ -211,7 +211,7 @@ def main() -> None:
     args.peak = matmul_rate()
     print(f"bf16 matmul: {args.peak / 1e12:.0f} TFLOP/s", flush=True)
     cases = [c for c in CASES if args.models is None or c[0] in args.models]
-    from medfeat.export.registry import list_backbones
+    from medfeat.export.backbones.registry import list_backbones
 
     models = []
     for name, batch, ort_batch in cases:

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 # Tests share 2 cores with whatever else runs; keep BLAS/OpenMP from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# Test helpers (tiny backbones, tiny cohorts) import by bare name, also in spawned Dask
+# workers, which inherit sys.path: put their folder on it once, here.
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
 
 def _cuda_available() -> bool:

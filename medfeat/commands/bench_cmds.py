@@ -28,8 +28,8 @@ def bench(grid: str, out: str, stages: str | None, quick_limits: bool, plan: boo
     from medfeat.errors import InputError
 
     if plan:
-        from medfeat.engine.bench_run import plan_cohort
-        from medfeat.export.registry import get_spec
+        from medfeat.bench.run import plan_cohort
+        from medfeat.export.backbones.registry import get_spec
 
         if not cohort or not model:
             raise InputError("--plan needs --cohort MANIFEST and --model NAME")
@@ -40,7 +40,7 @@ def bench(grid: str, out: str, stages: str | None, quick_limits: bool, plan: boo
         (Path(out) / "plan.json").write_text(json.dumps(result, indent=1))
         click.echo(f"plan written to {Path(out) / 'plan.json'}")
         return
-    from medfeat.engine.bench_run import load_grid, markdown_table, run_grid, validate_result, write_outputs
+    from medfeat.bench.run import load_grid, markdown_table, run_grid, validate_result, write_outputs
 
     cases = load_grid(grid)
     if stages:

@@ -31,7 +31,7 @@ def synth(out: Path, subjects: int, seed: int, shape: tuple[int, int, int],
           spacing: tuple[float, float, float] | None, misalign: str, progressor_fraction: float,
           max_rotation_deg: float, max_translation_mm: float, workers: int | None) -> None:
     """Write a synthetic longitudinal knee-MRI cohort (NIfTI scans, masks, atlas, manifest) to OUT."""
-    from medfeat.engine.synth import synth_cohort
+    from medfeat.cohorts.synth import synth_cohort
 
     start = time.perf_counter()
     manifest = synth_cohort(out, subjects=subjects, seed=seed, shape=shape, spacing=spacing or None,

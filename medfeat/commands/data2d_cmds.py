@@ -14,7 +14,7 @@ import click
 @click.option("--size", default=224, show_default=True, type=click.IntRange(min=32), help="Image side, pixels.")
 def synth2d(out: Path, images: int, seed: int, size: int) -> None:
     """Write a synthetic fundus-like set graded 0..4 (PNGs + manifest.csv) to OUT."""
-    from medfeat.engine.synth2d import synth2d_cohort
+    from medfeat.cohorts.synth2d import synth2d_cohort
 
     start = time.perf_counter()
     manifest = synth2d_cohort(out, images=images, seed=seed, size=size)
@@ -29,7 +29,7 @@ def synth2d(out: Path, images: int, seed: int, size: int) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random splits.")
 def dataset2d(name: str, root: Path, out: Path, seed: int) -> None:
     """Make a manifest for a local copy of a public 2D dataset, with the study's split and labels."""
-    from medfeat.engine.datasets2d import DATASETS
+    from medfeat.cohorts.datasets2d import DATASETS
 
     loader = DATASETS[name]
     df = loader(root) if name == "cbis_ddsm" else loader(root, seed=seed)

@@ -37,8 +37,8 @@ def _copy_entry(src: Path, out: Path, names: tuple[str, ...] | None = None) -> l
 
 
 def _export_onnx(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    from medfeat.export.artefacts import ONNX_FILE, PARITY_FILE, onnx_artefact
-    from medfeat.export.parity import ParityError
+    from medfeat.export.runtimes.artefacts import ONNX_FILE, PARITY_FILE, onnx_artefact
+    from medfeat.export.runtimes.parity import ParityError
 
     try:
         entry = onnx_artefact(backbone, input_size=opts["input_size"], opset=opts["opset"],
@@ -53,9 +53,9 @@ def _export_onnx(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, An
 
 
 def _export_tensorrt(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    from medfeat.export.artefacts import PARITY_FILE, onnx_artefact
-    from medfeat.export.parity import check_parity
-    from medfeat.export.tensorrt_build import (DEFAULT_PROFILE, ENGINE_FILE, TensorRTRunner, engine_artefact,
+    from medfeat.export.runtimes.artefacts import PARITY_FILE, onnx_artefact
+    from medfeat.export.runtimes.parity import check_parity
+    from medfeat.export.runtimes.tensorrt import (DEFAULT_PROFILE, ENGINE_FILE, TensorRTRunner, engine_artefact,
                                                gpu_identity, require_tensorrt)
 
     require_tensorrt()  # before the export: say what is missing first
@@ -122,8 +122,8 @@ def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, inpu
     """
     import torch
 
-    from medfeat.export.onnx_export import DEFAULT_OPSET
-    from medfeat.export.registry import create_backbone
+    from medfeat.export.runtimes.onnx_export import DEFAULT_OPSET
+    from medfeat.export.backbones.registry import create_backbone
 
     backbone = create_backbone(model, _split(taps), weights, pooling=pooling, seed=seed, tiny=tiny)
     profile = _ints(batch_profile, "--batch-profile")
@@ -136,7 +136,7 @@ def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, inpu
                f"key {result['cache_key'][:16]})")
     _print_parity(out / "parity.json")
     if audit:
-        from medfeat.export.parity import precision_audit
+        from medfeat.export.runtimes.parity import precision_audit
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         rows = precision_audit(backbone, device=dev, input_size=opts["input_size"], cache_dir=cache_dir)
@@ -148,7 +148,7 @@ def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, inpu
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def doctor_cmd(as_json: bool) -> None:
     """What runtimes, providers, devices and optional packages this machine has, and how to get the rest."""
-    from medfeat.engine import doctor
+    from medfeat import doctor
 
     rows = doctor.run_checks() + doctor.auto_runtime_rows()
     click.echo(json.dumps(doctor.as_json(rows), indent=2) if as_json else doctor.report(rows))

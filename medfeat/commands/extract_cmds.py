@@ -9,12 +9,12 @@ import sys
 
 import click
 
-from medfeat.engine.malloc import MALLOC_MODES  # light: ctypes only
+from medfeat.engine.pipeline.malloc import MALLOC_MODES  # light: ctypes only
 from medfeat.errors import InputError, UnknownNameError
 
 EXIT_ITEMS_FAILED = 3
 
-# Copies of medfeat.engine.items.ALIGNMENTS / ROIS and medfeat.engine.pipeline.SCHEDULER_KINDS:
+# Copies of medfeat.engine.pipeline.items.ALIGNMENTS / ROIS and medfeat.engine.pipeline.worker.SCHEDULER_KINDS:
 # importing those modules pulls in torch and pandas, which `medfeat --help` must not wait for.
 # tests/cli/test_startup.py fails when the copies drift from the originals.
 ALIGNMENTS = ("none", "rigid", "affine", "oracle", "atlas", "oracle_atlas")
@@ -59,7 +59,7 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--roi", type=click.Choice(ROIS), default="whole", show_default=True, help="Whole field of view or a crop around the mask.")
 @click.option("--roi-labels", default=None,
               help="Comma-separated mask labels whose box is the crop ROI, e.g. 3,4 (default: every non-zero label).")
-@click.option("--runtime", default="eager", show_default=True, help="eager, or another runtime of medfeat.engine.runtimes.")
+@click.option("--runtime", default="eager", show_default=True, help="eager, or another runtime of medfeat.export.runtimes.factory.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", default="fp32", show_default=True)
 @click.option("--pooling", default=None, help="Pooling for every tap (default: each tap's own).")
@@ -87,7 +87,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
                 retry_failed: bool, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
                 quiet: bool) -> None:
     """Extract pooled features of MODEL at TAPS for every item of a manifest into a store."""
-    from medfeat.engine.extract import ExtractConfig, extract
+    from medfeat.engine.pipeline.extract import ExtractConfig, extract
 
     tap_list = tuple(t.strip() for t in taps.split(",") if t.strip())
     if not tap_list:
@@ -106,7 +106,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
 
 
 def _summary(record: dict) -> None:
-    from medfeat.engine.progress import StageTimes
+    from medfeat.engine.pipeline.progress import StageTimes
 
     n = record["items"]
     click.echo(f"store: {record['config']['store']}  arrays: {', '.join(record['arrays'])}")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:  # the registry imports torch: only the commands that run need it
-    from medfeat.export.spec import BackboneSpec, TapSpec
+    from medfeat.export.backbones.spec import BackboneSpec, TapSpec
 
 
 def raw_shape(tap: TapSpec, input_size: tuple[int, ...]) -> tuple[int, ...]:
@@ -31,7 +31,7 @@ def _fmt(shape: tuple[int, ...]) -> str:
 
 def model_rows() -> list[dict[str, Any]]:
     """One summary row per registered backbone."""
-    from medfeat.export.registry import get_spec, list_backbones
+    from medfeat.export.backbones.registry import get_spec, list_backbones
 
     rows = []
     for name in list_backbones():
@@ -44,7 +44,7 @@ def model_rows() -> list[dict[str, Any]]:
 
 def tap_rows(spec: BackboneSpec) -> list[dict[str, Any]]:
     """The tap table of ``spec`` at its real input size, with raw shapes and pooled dims."""
-    from medfeat.export.pooling import pooled_dim
+    from medfeat.export.backbones.pooling import pooled_dim
 
     return [{"tap": t.name, "kind": t.kind, "channels": t.channels, "reduction": t.reduction,
              "raw_shape": _fmt(raw_shape(t, spec.input_size)), "pooling": t.pooling,
@@ -80,7 +80,7 @@ def register(groups: dict[str, click.Group]) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def show_cmd(name: str, as_json: bool) -> None:
         """Show NAME's taps with raw output shapes at its input size and pooled dims."""
-        from medfeat.export.registry import get_spec
+        from medfeat.export.backbones.registry import get_spec
 
         spec = get_spec(name)
         rows = tap_rows(spec)

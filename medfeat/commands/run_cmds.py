@@ -24,7 +24,7 @@ def _print_outputs(paths: dict, start: float) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def run(experiment: str, out: str | None, weights_dir: str | None, progress: bool) -> None:
     """Run a whole experiment grid: extraction (reusing the store), probes, report."""
-    from medfeat.engine.experiment import load_experiment, run_experiment
+    from medfeat.studies.experiment import load_experiment, run_experiment
 
     start = time.perf_counter()
     exp = load_experiment(experiment)
@@ -42,8 +42,8 @@ def run(experiment: str, out: str | None, weights_dir: str | None, progress: boo
 @click.option("--size", default=64, show_default=True, help="Cube size of the synthetic scans, voxels.")
 def demo(out: str | None, subjects: int, seed: int, size: int) -> None:
     """Synthetic knee cohort -> trained UNet -> features -> progression probe, in a few minutes."""
-    from medfeat.engine.demo import demo_experiment
-    from medfeat.engine.experiment import run_experiment
+    from medfeat.studies.demo import demo_experiment
+    from medfeat.studies.experiment import run_experiment
 
     start = time.perf_counter()
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="medfeat-demo-"))

@@ -13,7 +13,7 @@ import click
 @click.option("--failures", "show_failures", is_flag=True, help="List the failed items.")
 def info_cmd(store: str, as_json: bool, show_failures: bool) -> None:
     """Summarise a feature store: items, arrays, failures, runs."""
-    from medfeat.engine.store import FeatureStore
+    from medfeat.engine.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store)
     info = fs.info()
@@ -34,7 +34,7 @@ def info_cmd(store: str, as_json: bool, show_failures: bool) -> None:
 @click.argument("store", type=click.Path(file_okay=False))
 def verify_cmd(store: str) -> None:
     """Check every done item has finite features of the right shape and matching provenance."""
-    from medfeat.engine.store import FeatureStore
+    from medfeat.engine.store.feature_store import FeatureStore
 
     problems = FeatureStore.open(store).verify()
     for p in problems:
@@ -52,8 +52,8 @@ def verify_cmd(store: str) -> None:
 @click.option("--array", "arrays", multiple=True, help="MODEL:TAP[:VARIANT] (repeatable; default all).")
 def export_cmd(store: str, fmt: str, out: str, arrays: tuple[str, ...]) -> None:
     """Export arrays to Parquet, or to HDF5 bags (features/coords) for MIL tools."""
-    from medfeat.engine.store import ArrayKey, FeatureStore
-    from medfeat.engine.store_export import export_store
+    from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
+    from medfeat.engine.store.export import export_store
 
     files = export_store(FeatureStore.open(store), out, fmt, [ArrayKey.parse(a) for a in arrays] or None)
     click.echo(f"wrote {len(files)} file(s) under {out}")

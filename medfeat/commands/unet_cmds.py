@@ -30,7 +30,7 @@ def register(groups: dict[str, click.Group]) -> None:
     def train_unet_cmd(manifest: str, out: str, epochs: int, size: int, val_fraction: float,
                        patch: int, batch_size: int, lr: float, seed: int, max_subjects: int) -> None:
         """Train the unet3d backbone (MONAI UNet, Dice+CE) and report held-out Dice per class."""
-        from medfeat.export.train_unet import TrainConfig, train_unet
+        from medfeat.export.training.train_unet import TrainConfig, train_unet
 
         cfg = TrainConfig(epochs=epochs, size=size, val_fraction=val_fraction, patch=patch, batch_size=batch_size,
                           lr=lr, seed=seed, max_subjects=max_subjects)

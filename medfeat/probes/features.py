@@ -68,7 +68,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     df = pd.read_csv(path, dtype={"item_id": str, "subject": str, "timepoint": str})
     if not {"item_id", "subject"} & set(df.columns):
         raise ManifestError(f"{path}: labels manifest needs an item_id or a subject column")
-    if "timepoint" in df:  # the spellings cohort manifests accept (medfeat.engine.manifest)
+    if "timepoint" in df:  # the spellings cohort manifests accept (medfeat.io.manifest)
         low = df["timepoint"].str.strip().str.lower()
         df["timepoint"] = df["timepoint"].where(~low.isin(_TIMEPOINT_ALIASES), low.map(_TIMEPOINT_ALIASES))
     return df
@@ -138,13 +138,13 @@ def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path
 
     Parameters
     ----------
-    store_path : a store written by :class:`medfeat.engine.store.FeatureStore`.
+    store_path : a store written by :class:`medfeat.engine.store.feature_store.FeatureStore`.
     spec : ``MODEL:TAP[:VARIANT]``.
     labels_manifest : CSV with the target column(s), see the module docstring.
     pair_mode : combine per-scan rows into baseline/follow-up pairs
         (``concat``, ``diff``, ``absdiff``, ``concat+diff``); pair items pass through.
     """
-    from medfeat.engine.store import FeatureStore
+    from medfeat.engine.store.feature_store import FeatureStore
 
     store = FeatureStore.open(store_path, mode="r")
     key = resolve_key(store, spec)

@@ -51,7 +51,7 @@ def tap_depths(keys: Sequence) -> dict[tuple[str, str], int]:
 def _registry_order(model: str) -> list[str] | None:
     """Tap names of a registered backbone in forward order, or None."""
     try:
-        from medfeat.export.registry import get_spec
+        from medfeat.export.backbones.registry import get_spec
 
         return [t.name for t in get_spec(model).tap_table()]
     except Exception:  # noqa: BLE001 - unregistered model or export deps missing: fall back
@@ -106,7 +106,7 @@ def sweep_store(store_path: str | Path, labels: str | Path, target: str, *, spec
     :func:`cross_validate_probe`; ``split_column`` switches to the manifest's fixed
     split (see :func:`evaluate_features`). ``log`` (callable) receives one line per config.
     """
-    from medfeat.engine.store import FeatureStore
+    from medfeat.engine.store.feature_store import FeatureStore
 
     store = FeatureStore.open(store_path, mode="r")
     keys = list(store.arrays())

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # test helpers (importlib mode)
 import _tiny_backbone  # noqa: E402,F401
 from _cohort import tiny_cohort  # noqa: E402
 from medfeat.cli import main  # noqa: E402

@@ -54,8 +54,8 @@ def test_cli_import_and_every_help_skip_heavy_modules() -> None:
 def test_extract_choice_copies_match_the_engine() -> None:
     """extract_cmds keeps literal copies of the engine's choice lists (to start fast)."""
     from medfeat.commands import extract_cmds
-    from medfeat.engine.items import ALIGNMENTS, ROIS
-    from medfeat.engine.pipeline import SCHEDULER_KINDS
+    from medfeat.engine.pipeline.items import ALIGNMENTS, ROIS
+    from medfeat.engine.pipeline.worker import SCHEDULER_KINDS
 
     assert extract_cmds.ALIGNMENTS == ALIGNMENTS
     assert extract_cmds.ROIS == ROIS

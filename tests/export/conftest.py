@@ -16,7 +16,7 @@ def _load_models() -> ModuleType:
     """Import runtime_models.py once per process, under a name dynamo can re-import."""
     name = "medfeat_runtime_models"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("runtime_models.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "helpers" / "runtime_models.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

@@ -18,9 +18,9 @@ from medfeat.errors import InputError
 from medfeat.kernels import AlignConfig, Grid, align, resample_world
 
 torch = pytest.importorskip("torch")
-synth = pytest.importorskip("medfeat.engine.synth")
-volume_io = pytest.importorskip("medfeat.engine.volume_io")
-manifest = pytest.importorskip("medfeat.engine.manifest")
+synth = pytest.importorskip("medfeat.cohorts.synth")
+volume_io = pytest.importorskip("medfeat.io.nifti")
+manifest = pytest.importorskip("medfeat.io.manifest")
 
 CFG = AlignConfig(size=32, iterations=(60, 40, 25), samples=16384)
 

@@ -19,7 +19,7 @@ FAST = ["--folds", "3", "--seeds", "1", "--n-boot", "50"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A store with baseline/follow-up scans of 40 subjects, two models x two taps, and labels."""
-    from medfeat.engine.store import ArrayKey, FeatureStore
+    from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 
     root = tmp_path_factory.mktemp("probe_store")
     rng = np.random.default_rng(0)
@@ -110,8 +110,8 @@ def test_cli_unknown_array_is_one_line_error(tiny, capsys):
 def test_cli_2d_fixed_split_from_synth2d_manifest(tmp_path):
     """synth2d manifest -> store of (stand-in) image features -> ordinal probe on the given split."""
     from medfeat.cli import cli
-    from medfeat.engine.store import ArrayKey, FeatureStore
-    from medfeat.engine.synth2d import synth2d_cohort
+    from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
+    from medfeat.cohorts.synth2d import synth2d_cohort
 
     manifest = pd.read_csv(synth2d_cohort(tmp_path / "fundus", images=60, seed=1, size=32))
     store = FeatureStore.create(tmp_path / "f.zarr", chunk_items=32)
@@ -133,7 +133,7 @@ def test_cli_2d_fixed_split_from_synth2d_manifest(tmp_path):
 
 
 def test_tap_depth_order_from_registry_else_names():
-    from medfeat.engine.store import ArrayKey
+    from medfeat.engine.store.feature_store import ArrayKey
     from medfeat.probes.sweep import tap_depths
 
     keys = [ArrayKey("unet3d", "bottom"), ArrayKey("unet3d", "down.0"),

@@ -1,0 +1,218 @@
+"""ONNX export of a truncated backbone: one input, a dynamic batch axis, one output per tap.
+
+The exported graph is the :class:`~medfeat.export.backbones.registry.Backbone` itself (trunk pruned
+after the last tap, pooling included), so every runtime returns the same pooled
+``(B, D)`` vectors eager PyTorch returns. Tap names become ONNX output names after
+sanitising (``blocks.6`` -> ``blocks_6``); the mapping is kept in the artefact metadata.
+
+We use the TorchScript exporter (``dynamo=False``) with ``dynamic_axes``: it handles every
+registry family at opset 20 (the first opset whose ``GridSample`` takes 5-D inputs, which
+uniGradICON's warping stages need) on torch 2.11 through 2.14, while the dynamo exporter
+still specialises some models' batch dimension.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from medfeat.errors import InputError, RuntimeUnavailableError
+from medfeat.export.backbones.registry import Backbone
+
+DEFAULT_OPSET = 20
+INPUT_NAME = "input"
+EXPORT_BATCH = 2  # traced batch; parity runs at other batch sizes to prove the axis is dynamic
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sanitise_names(taps: Sequence[str]) -> dict[str, str]:
+    """ONNX-safe output names per tap: ``[A-Za-z0-9_]``, not starting with a digit, unique."""
+    names: dict[str, str] = {}
+    used: set[str] = {INPUT_NAME}
+    for tap in taps:
+        base = re.sub(r"[^0-9A-Za-z_]", "_", tap) or "tap"
+        if base[0].isdigit():
+            base = f"t_{base}"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        names[tap] = name
+    return names
+
+
+_SIZE_KEYS = ("input_size", "img_size", "image_size")  # how families name it in their build config
+
+
+def model_input_size(backbone: Backbone) -> tuple[int, ...]:
+    """The spatial size the built model expects: its build config's size override (tiny
+    configs shrink it) or else the spec's."""
+    ndim = len(backbone.spec.input_size)
+    config = backbone.provenance.get("config") or {}
+    for key in _SIZE_KEYS:
+        if key in config and config[key] is not None:
+            value = config[key]
+            size = (int(value),) * ndim if isinstance(value, int) else tuple(int(v) for v in value)
+            if len(size) == ndim:
+                return size
+    return tuple(int(s) for s in backbone.spec.input_size)
+
+
+def resolve_input_size(backbone: Backbone, input_size: Sequence[int] | int | None) -> tuple[int, ...]:
+    """The spatial size to export at: the model's (:func:`model_input_size`), or
+    ``input_size`` (an int is repeated)."""
+    ndim = len(backbone.spec.input_size)
+    if input_size is None:
+        return model_input_size(backbone)
+    size = (int(input_size),) * ndim if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+    if len(size) == 1:
+        size = size * ndim
+    if len(size) != ndim or min(size) < 1:
+        raise InputError(f"{backbone.spec.name}: input size {size} must have {ndim} positive entries")
+    return size
+
+
+def input_shape(backbone: Backbone, batch: int, input_size: Sequence[int] | int | None = None) -> tuple[int, ...]:
+    """(B, C, *spatial) of the model input."""
+    return (batch, backbone.spec.in_channels, *resolve_input_size(backbone, input_size))
+
+
+def random_input(backbone: Backbone, batch: int, input_size: Sequence[int] | int | None = None,
+                 seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A float32 batch shaped like preprocessed input: N(0, 1) for 2D images (mean/std
+    normalised), U[0, 1) for volumes (percentile-scaled); deterministic per ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = input_shape(backbone, batch, input_size)
+    if backbone.spec.input_kind == "image2d":
+        x = torch.randn(shape, generator=gen)
+    else:
+        x = torch.rand(shape, generator=gen)
+    return x.to(device)
+
+
+class TapOutputs(nn.Module):
+    """Export wrapper: float32 input ``(B, C, *spatial)`` -> tuple of float32 ``(B, D)``, one
+    per tap in forward order. The cast to ``dtype`` happens inside, so reduced-precision
+    graphs keep a float32 interface."""
+
+    def __init__(self, backbone: Backbone, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.backbone(x.to(self.dtype))
+        return tuple(out[t].float() for t in self.backbone.tap_names)
+
+
+def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[int] | int | None = None,
+                opset: int = DEFAULT_OPSET, precision: str = "fp32") -> dict[str, Any]:
+    """Export ``backbone`` to ``path`` and check the file with the ONNX checker.
+
+    Parameters
+    ----------
+    backbone : the truncated, pooled model (not modified: a copy is cast and moved as needed).
+    path : the ``.onnx`` file to write.
+    input_size : spatial size (voxels / pixels); the spec's by default. Fixed in the graph.
+    opset : ONNX opset (>= 20 for 3D grid sampling).
+    precision : ``fp32``, ``fp16`` or ``bf16``: the dtype of the graph's weights and
+        arithmetic; input and outputs stay float32.
+
+    Returns
+    -------
+    The metadata: input name and shape (batch as ``"batch"``), output names per tap,
+    output dims, opset, precision, exporter and library versions.
+    """
+    import onnx
+
+    if precision not in DTYPES:
+        raise InputError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
+    path = Path(path)
+    outputs = sanitise_names(backbone.tap_names)
+    # reduced precision traces on the GPU when there is one: the CPU lacks half kernels for
+    # some ops (avg_pool3d, ...); the graph itself does not depend on the tracing device
+    device = "cuda" if precision != "fp32" and torch.cuda.is_available() else "cpu"
+    wrapper = TapOutputs(_copy_in(backbone, DTYPES[precision], device), DTYPES[precision]).eval()
+    example = random_input(backbone, EXPORT_BATCH, input_size, seed=1234, device=device)
+    axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs.values()}}
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off():
+            warnings.simplefilter("ignore")  # tracer and deprecation chatter
+            torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
+                              output_names=list(outputs.values()), dynamic_axes=axes,
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    except Exception as exc:  # the exporter raises many types; name the op when it says one
+        hint = ""
+        if device == "cpu" and precision != "fp32" and "not implemented for" in str(exc):
+            hint = ("; tracing at reduced precision needs kernels the CPU lacks: export on a GPU machine, "
+                    "or export fp32 and use --format tensorrt for fp16/bf16")
+        raise RuntimeUnavailableError(f"{backbone.spec.name}: ONNX export failed at opset {opset} ({precision}): "
+                                      f"{_first_line(exc)}{hint}") from exc
+    onnx.checker.check_model(str(path), full_check=False)
+    return {
+        "model": backbone.spec.name,
+        "input": {"name": INPUT_NAME, "shape": ["batch", *input_shape(backbone, 1, input_size)[1:]],
+                  "dtype": "float32"},
+        "outputs": outputs,
+        "output_dims": backbone.output_dims(),
+        "opset": opset,
+        "precision": precision,
+        "exporter": "torchscript",
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
+        "provenance": _jsonable(backbone.provenance),
+    }
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """Trace ``nn.MultiheadAttention`` through its plain ops: its no-grad fast path is one
+    fused ``aten::_native_multi_head_attention`` the ONNX exporter has no symbolic for."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def onnx_ops(path: str | Path) -> list[str]:
+    """Distinct operator types in an ONNX file (with domain when not the default)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({(f"{n.domain}::" if n.domain else "") + n.op_type for n in model.graph.node})
+
+
+def _copy_in(backbone: Backbone, dtype: torch.dtype, device: str = "cpu") -> Backbone:
+    """The backbone in ``dtype`` on ``device``; a deep copy unless nothing changes."""
+    first = next(iter(backbone.parameters()), None)
+    if first is not None and first.dtype == dtype and first.device.type == device:
+        return backbone.eval()
+    import copy
+
+    return copy.deepcopy(backbone).to(device, dtype).eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)

@@ -1,0 +1,255 @@
+"""Cohort manifests: a CSV with one row per scan (or image).
+
+Required columns: ``subject`` and ``path``. Optional columns, validated when
+present:
+
+``timepoint``
+    ``baseline`` or ``followup`` (``follow-up`` / ``follow_up`` are accepted and
+    normalised, case-insensitive). ``(subject, timepoint)`` must be unique.
+``mask_path``
+    label map with the same grid as ``path``; may be empty.
+``label``
+    integer class label (e.g. 1 = progressor, 0 = stable); may be empty.
+``transform``
+    16 space-separated numbers, a row-major 4x4 world-space (mm) affine ``T``
+    with ``followup_world = T @ baseline_world`` for homogeneous points: a point
+    at ``x`` in the baseline scan's world coordinates is at ``T @ x`` in the
+    follow-up scan's world coordinates. Identity on baseline rows; empty means
+    unknown. Parsed into a (4, 4) float64 array (or ``None``).
+``atlas_transform``
+    same format, ``atlas_world = M @ scan_world`` (written by the synthetic
+    cohort; see :mod:`medfeat.cohorts.synth`); validated like ``transform`` but
+    kept as text: parse it with :func:`parse_transform`.
+``jsn_mm``, ``jsn_lateral_mm``, ``misalign_deg``, ``misalign_mm``
+    numbers (the synthetic cohort's ground truth); empty is NaN.
+
+Any other columns are kept as strings. Relative paths are resolved against
+the manifest's folder. Errors are :class:`medfeat.errors.ManifestError` with a
+one-line message naming the file, the data row (1-based, header excluded), the
+CSV line and the column.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medfeat.errors import ManifestError
+
+REQUIRED_COLUMNS = ("subject", "path")
+TIMEPOINTS = ("baseline", "followup")
+_TIMEPOINT_ALIASES = {"baseline": "baseline", "followup": "followup",
+                      "follow-up": "followup", "follow_up": "followup"}
+PATH_COLUMNS = ("path", "mask_path")
+NUMBER_COLUMNS = ("jsn_mm", "jsn_lateral_mm", "misalign_deg", "misalign_mm")
+
+
+def format_transform(matrix: np.ndarray) -> str:
+    """The manifest text of a 4x4 matrix: 16 space-separated numbers, row-major, round-trip exact."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (4, 4):
+        raise ValueError(f"transform must be 4x4, got shape {m.shape}")
+    return " ".join(repr(float(v)) for v in m.ravel())
+
+
+def parse_transform(text: str, where: str = "transform") -> np.ndarray:
+    """Parse 16 space-separated numbers (row-major) into a (4, 4) float64 affine.
+
+    The matrix must be finite, have last row ``0 0 0 1`` and a non-singular
+    3x3 part. ``where`` prefixes the error message.
+    """
+    parts = str(text).replace(",", " ").split()
+    if len(parts) != 16:
+        raise ManifestError(f"{where}: expected 16 numbers, got {len(parts)}")
+    try:
+        m = np.array([float(v) for v in parts], dtype=np.float64).reshape(4, 4)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: not a number ({exc})") from exc
+    if not np.all(np.isfinite(m)):
+        raise ManifestError(f"{where}: non-finite entries")
+    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0], atol=1e-9):
+        raise ManifestError(f"{where}: last row must be '0 0 0 1', got {m[3].tolist()}")
+    if abs(np.linalg.det(m[:3, :3])) < 1e-9:
+        raise ManifestError(f"{where}: singular matrix")
+    return m
+
+
+def read_manifest(path: str | Path, *, check_files: bool = False) -> pd.DataFrame:
+    """Read and validate a manifest CSV.
+
+    Returns a DataFrame with one row per CSV row, in file order: ``subject``
+    (str), ``path`` (absolute str), and the optional columns parsed as
+    described in the module docstring (``label`` as nullable ``Int64``,
+    ``transform`` as (4, 4) arrays or ``None``, ``mask_path`` absolute or
+    ``None``). With ``check_files`` every ``path`` (and non-empty
+    ``mask_path``) must exist; by default missing files are left for the bulk
+    run to record as failed items.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError(f"{p}: manifest not found")
+    try:
+        raw = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError as exc:
+        raise ManifestError(f"{p}: manifest is empty") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(f"{p}: not a readable CSV ({' '.join(str(exc).split())[:160]})") from exc
+    raw.columns = [str(c).strip() for c in raw.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
+    if missing:
+        raise ManifestError(f"{p}: missing required column(s) {', '.join(missing)}")
+    dupes = sorted({c for c in raw.columns if list(raw.columns).count(c) > 1})
+    if dupes:
+        raise ManifestError(f"{p}: duplicated column(s) {', '.join(dupes)}")
+    if len(raw) == 0:
+        raise ManifestError(f"{p}: manifest has no rows")
+    df = raw.apply(lambda col: col.str.strip())
+    root = p.resolve().parent
+    return _validate(df, p, root, check_files)
+
+
+def _where(p: Path, row: int, column: str) -> str:
+    # row is the 0-based DataFrame index; the header is CSV line 1.
+    return f"{p}: row {row + 1} (line {row + 2}), column '{column}'"
+
+
+def _validate(df: pd.DataFrame, p: Path, root: Path, check_files: bool) -> pd.DataFrame:
+    out = df.copy()
+    for i, value in enumerate(df["subject"]):
+        if not value:
+            raise ManifestError(f"{_where(p, i, 'subject')}: empty subject")
+    for column in PATH_COLUMNS:
+        if column in df.columns:
+            # object dtype, so an empty mask_path stays None rather than becoming NaN
+            out[column] = pd.Series([_resolve(v, root, p, i, column, column == "path", check_files)
+                                     for i, v in enumerate(df[column])], dtype=object, index=out.index)
+    if "timepoint" in df.columns:
+        out["timepoint"] = [_timepoint(v, p, i) for i, v in enumerate(df["timepoint"])]
+        _check_unique(out, p)
+    if "label" in df.columns:
+        out["label"] = pd.array([_label(v, p, i) for i, v in enumerate(df["label"])], dtype="Int64")
+    if "transform" in df.columns:
+        out["transform"] = pd.Series(
+            [parse_transform(v, _where(p, i, "transform")) if v else None
+             for i, v in enumerate(df["transform"])], dtype=object, index=out.index)
+    if "atlas_transform" in df.columns:  # checked, but kept as text (engine.items parses it)
+        for i, v in enumerate(df["atlas_transform"]):
+            if v:
+                parse_transform(v, _where(p, i, "atlas_transform"))
+    for column in NUMBER_COLUMNS:
+        if column in df.columns:
+            out[column] = [_number(v, p, i, column) for i, v in enumerate(df[column])]
+    return out
+
+
+def _resolve(value: str, root: Path, p: Path, row: int, column: str,
+             required: bool, check_files: bool) -> str | None:
+    if not value:
+        if required:
+            raise ManifestError(f"{_where(p, row, column)}: empty path")
+        return None
+    full = Path(value) if Path(value).is_absolute() else root / value
+    if check_files and not full.exists():
+        raise ManifestError(f"{_where(p, row, column)}: file not found: {full}")
+    return str(full)
+
+
+def _timepoint(value: str, p: Path, row: int) -> str:
+    tp = _TIMEPOINT_ALIASES.get(value.lower())
+    if tp is None:
+        raise ManifestError(
+            f"{_where(p, row, 'timepoint')}: '{value}' is not one of {', '.join(TIMEPOINTS)}")
+    return tp
+
+
+def _check_unique(df: pd.DataFrame, p: Path) -> None:
+    dup = df.duplicated(subset=["subject", "timepoint"], keep="first")
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        first = int(np.flatnonzero(((df["subject"] == df["subject"].iloc[i])
+                                    & (df["timepoint"] == df["timepoint"].iloc[i])).to_numpy())[0])
+        raise ManifestError(
+            f"{_where(p, i, 'timepoint')}: duplicated (subject, timepoint) "
+            f"({df['subject'].iloc[i]}, {df['timepoint'].iloc[i]}), first at row {first + 1}")
+
+
+def _label(value: str, p: Path, row: int) -> int | None:
+    if not value:
+        return None
+    try:
+        f = float(value)
+    except ValueError:
+        f = float("nan")
+    if not np.isfinite(f) or f != int(f):
+        raise ManifestError(f"{_where(p, row, 'label')}: '{value}' is not an integer label")
+    return int(f)
+
+
+def _number(value: str, p: Path, row: int, column: str) -> float:
+    if not value:
+        return float("nan")
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ManifestError(f"{_where(p, row, column)}: '{value}' is not a number") from exc
+
+
+def pairs(df: pd.DataFrame, *, missing: str = "error") -> pd.DataFrame:
+    """One row per subject with both a baseline and a follow-up scan.
+
+    Parameters
+    ----------
+    df : a frame from :func:`read_manifest` with a ``timepoint`` column.
+    missing : ``"error"`` raises for a subject lacking one of the two scans,
+        ``"skip"`` drops it.
+
+    Returns
+    -------
+    DataFrame with columns ``subject, baseline_path, followup_path, label,
+    transform`` (``transform`` is the follow-up row's (4, 4) array mapping
+    baseline world mm to follow-up world mm, or ``None``; ``label`` is the
+    follow-up row's label, else the baseline's), plus ``baseline_mask_path``,
+    ``followup_mask_path`` and ``jsn_mm`` when the manifest has them. Subjects
+    are in order of first appearance.
+    """
+    if missing not in ("error", "skip"):
+        raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
+    if "timepoint" not in df.columns:
+        raise ManifestError("manifest has no 'timepoint' column, so it has no baseline/follow-up pairs")
+    rows = []
+    for subject, group in df.groupby("subject", sort=False):
+        by_tp = {tp: r for tp, r in zip(group["timepoint"], group.to_dict("records"))}
+        absent = [tp for tp in TIMEPOINTS if tp not in by_tp]
+        if absent:
+            if missing == "skip":
+                continue
+            raise ManifestError(f"subject {subject}: no {absent[0]} scan in the manifest")
+        base, follow = by_tp["baseline"], by_tp["followup"]
+        row = {
+            "subject": subject,
+            "baseline_path": base["path"],
+            "followup_path": follow["path"],
+            "label": _first_label(follow, base),
+            "transform": follow.get("transform"),
+        }
+        if "mask_path" in df.columns:
+            row["baseline_mask_path"] = base["mask_path"]
+            row["followup_mask_path"] = follow["mask_path"]
+        if "jsn_mm" in df.columns:
+            row["jsn_mm"] = follow["jsn_mm"]
+        rows.append(row)
+    if not rows:
+        raise ManifestError("manifest has no subject with both a baseline and a follow-up scan")
+    out = pd.DataFrame(rows)
+    out["label"] = pd.array(out["label"].tolist(), dtype="Int64")
+    return out
+
+
+def _first_label(*records: dict) -> int | None:
+    for r in records:
+        v = r.get("label")
+        if v is not None and not pd.isna(v):
+            return int(v)
+    return None

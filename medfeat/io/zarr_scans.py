@@ -1,0 +1,195 @@
+"""Zarr v3 cohort stores: one chunked, compressed array per scan, OME-Zarr (NGFF 0.5) metadata.
+
+Layout written by :func:`ingest_cohort` (``medfeat cohort ingest``)::
+
+    cohort.zarr/                    group; attrs["medfeat_cohort"] = format, created, source
+      manifest.csv                  the input manifest with ``path`` / ``mask_path`` pointing
+                                    at the scan groups below (relative to this folder)
+      scans/<subject>/<timepoint>/  one NGFF image group per scan: attrs["ome"]["multiscales"]
+          0                         (D, H, W) float32 array, chunks of ``chunk``^3, zstd
+      masks/<subject>/<timepoint>/  the same for label maps (uint8)
+
+NGFF coordinate transformations hold only scale and translation, so they describe the
+axis-aligned part of the header (spacing, origin); the full 4x4 voxel -> world (RAS mm)
+affine, oblique rotation included, is kept beside it in ``attrs["medfeat"]["affine"]`` and
+is what :func:`read_zarr_volume` uses. Scans with more than ``SHARD_MIN_CHUNKS`` chunks are
+sharded (one shard file per scan) so a cohort does not become millions of small files.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from medfeat.io.nifti import Volume, affine_spacing, check_affine
+from medfeat.errors import InputError, UnknownNameError
+
+CODECS = ("zstd", "blosc")
+SHARD_MIN_CHUNKS = 8
+# Threads decoding the chunks of one scan (zstd decode releases the GIL); a worker runs
+# few batches at once, so a small pool per read keeps the cores busy without oversubscribing.
+DECODE_THREADS = 4
+NGFF_VERSION = "0.5"
+
+
+def _compressor(codec: str) -> Any:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if codec == "zstd":
+        return ZstdCodec(level=3)
+    if codec == "blosc":
+        return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    raise UnknownNameError(f"unknown codec {codec!r}; codecs: {', '.join(CODECS)}")
+
+
+def ngff_attrs(name: str, affine: np.ndarray, shape: tuple[int, ...]) -> dict[str, Any]:
+    """NGFF 0.5 ``ome`` attributes of one single-scale 3D image (axes i, j, k in mm)."""
+    spacing = affine_spacing(affine)
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [{
+            "name": name,
+            "axes": [{"name": a, "type": "space", "unit": "millimeter"} for a in ("i", "j", "k")],
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": [float(s) for s in spacing]},
+                {"type": "translation", "translation": [float(t) for t in affine[:3, 3]]},
+            ]}],
+        }],
+    }
+
+
+def write_zarr_volume(group: Any, name: str, vol: Volume, *, chunk: int = 64, codec: str = "zstd",
+                      dtype: str = "float32") -> None:
+    """Write ``vol`` as an NGFF image group ``name`` under zarr group ``group``."""
+    g = group.require_group(name)
+    shape = tuple(int(s) for s in vol.data.shape)
+    chunks = tuple(min(chunk, s) for s in shape)
+    n_chunks = int(np.prod([-(-s // c) for s, c in zip(shape, chunks)]))
+    shards = tuple(-(-s // c) * c for s, c in zip(shape, chunks)) if n_chunks > SHARD_MIN_CHUNKS else None
+    arr = g.create_array("0", shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                         compressors=[_compressor(codec)], fill_value=0, overwrite=True)
+    arr[...] = vol.data.astype(dtype)
+    g.attrs["ome"] = ngff_attrs(name, vol.affine, shape)
+    g.attrs["medfeat"] = {"affine": vol.affine.tolist(), "spacing": vol.spacing.tolist(),
+                          "source": str(vol.path) if vol.path else None}
+
+
+def read_zarr_volume(path: str | Path) -> Volume:
+    """Read one scan group (or its ``0`` array) of a Zarr cohort store as a :class:`Volume`.
+
+    The voxels go through :func:`zarr_dask_array`: each stored chunk is read and decoded
+    by its own task on Dask's thread pool and written straight into the (D, H, W) float32
+    result, so a large scan never needs its compressed and decoded copies at once.
+    """
+    darr, affine, p = zarr_dask_array(path)
+    data = np.empty(darr.shape, dtype=np.float32)
+    try:  # chunk by chunk into ``data``; chunks do not overlap, so no lock is needed
+        darr.store(data, lock=False, scheduler="threads", num_workers=DECODE_THREADS)
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt chunk
+        raise InputError(f"{p}: corrupt chunk ({' '.join(str(exc).split())[:160]})") from exc
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{p}: NaN or Inf voxels")
+    return Volume(data=data, affine=affine, spacing=affine_spacing(affine), path=p)
+
+
+def zarr_dask_array(path: str | Path) -> tuple[Any, np.ndarray, Path]:
+    """A lazy float32 Dask array over a cohort scan, its (4, 4) voxel -> world affine, its path.
+
+    The Dask chunks are the stored array's chunks (the inner chunks when sharded: zarr
+    reads one chunk of a shard without the rest), so one task decodes one stored chunk.
+    """
+    import dask.array as da
+    import zarr
+
+    p = Path(path)
+    try:
+        node = zarr.open(str(p), mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises several types for bad stores
+        raise InputError(f"{p}: unreadable Zarr ({' '.join(str(exc).split())[:160]})") from exc
+    group, arr = (node, node["0"]) if isinstance(node, zarr.Group) else (zarr.open_group(str(p.parent), mode="r"), node)
+    affine = _affine(dict(group.attrs), p)
+    if arr.ndim != 3:
+        raise InputError(f"{p}: expected a 3D array, got shape {arr.shape}")
+    darr = da.from_zarr(arr, chunks=arr.chunks)
+    return darr.astype(np.float32, copy=False), affine, p
+
+
+def _affine(attrs: dict[str, Any], p: Path) -> np.ndarray:
+    if "medfeat" in attrs and "affine" in attrs["medfeat"]:
+        return check_affine(np.asarray(attrs["medfeat"]["affine"], np.float64), p)
+    try:  # a plain NGFF image: scale and translation only
+        ts = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise InputError(f"{p}: no affine and no NGFF coordinate transformations") from exc
+    a = np.eye(4)
+    for t in ts:
+        if t["type"] == "scale":
+            a[:3, :3] = np.diag(t["scale"][-3:])
+        elif t["type"] == "translation":
+            a[:3, 3] = t["translation"][-3:]
+    return check_affine(a, p)
+
+
+def ingest_cohort(manifest: str | Path, out: str | Path, *, chunk: int = 64, codec: str = "zstd",
+                  on_item: Callable[[str, str | None], None] | None = None) -> tuple[Path, list[tuple[str, str]]]:
+    """Convert a manifest's scans (NIfTI or DICOM series) and masks into a Zarr cohort store.
+
+    Returns the new manifest path (inside ``out``) and ``(row, reason)`` for scans that
+    could not be read (left out of the new manifest). ``on_item(name, error)`` is called
+    per scan (progress).
+    """
+    import zarr
+
+    from medfeat.engine.pipeline.extract import read_manifest_rows
+    from medfeat.io.readers import read_scan
+
+    _compressor(codec)
+    df, failures = read_manifest_rows(manifest)
+    out = Path(out)
+    root = zarr.open_group(str(out), mode="a", zarr_format=3)
+    root.attrs["medfeat_cohort"] = {"format": 1, "source": str(Path(manifest).resolve()),
+                                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    raw = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    rows = []
+    for i, r in df.iterrows():
+        name = f"{r['subject']}/{r.get('timepoint') or i}"
+        try:
+            write_zarr_volume(root, f"scans/{name}", read_scan(r["path"]), chunk=chunk, codec=codec)
+            if isinstance(r.get("mask_path"), str) and r["mask_path"]:
+                write_zarr_volume(root, f"masks/{name}", read_scan(r["mask_path"]), chunk=chunk,
+                                  codec=codec, dtype="uint8")
+        except InputError as exc:
+            failures.append((name, str(exc)))
+            if on_item:
+                on_item(name, str(exc))
+            continue
+        row = _source_row(raw, r)
+        row["path"] = f"scans/{name}"
+        if "mask_path" in row and row["mask_path"]:
+            row["mask_path"] = f"masks/{name}"
+        rows.append(row)
+        if on_item:
+            on_item(name, None)
+    for name in ("atlas.nii.gz", "atlas_mask.nii.gz"):  # the atlas variants look beside the manifest
+        src = Path(manifest).resolve().parent / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+    new = out / "manifest.csv"
+    pd.DataFrame(rows, columns=list(raw.columns)).to_csv(new, index=False)
+    return new, failures
+
+
+def _source_row(raw: pd.DataFrame, r: pd.Series) -> dict[str, str]:
+    """The original CSV text of the row for ``r`` (transforms keep their exact digits)."""
+    match = raw[(raw["subject"].str.strip() == r["subject"])]
+    if "timepoint" in raw.columns and len(match) > 1:
+        match = match[[str(t).strip().lower().replace("-", "").replace("_", "") == r["timepoint"]
+                       for t in match["timepoint"]]]
+    out = dict(match.iloc[0]) if len(match) else {c: str(r.get(c, "")) for c in raw.columns}
+    if "timepoint" in out:
+        out["timepoint"] = r["timepoint"]
+    return out

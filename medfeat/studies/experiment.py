@@ -1,0 +1,265 @@
+"""Experiments as files: a YAML grid of cohort × models × taps × preprocessing variants,
+run end to end (extraction reusing what the store has, probes, report).
+
+An experiment file::
+
+    name: progression
+    kind: progression            # progression (3D pairs) | transfer2d (2D images)
+    cohort:                      # or  cohorts: [{name: ..., ...}, ...]  (one run each)
+      synth: {subjects: 48, seed: 0, shape: [64, 64, 64]}
+      # or  manifest: PATH  |  synth2d: {images: 300}  |  dataset: {name: aptos2019, root: DIR}
+    target: label
+    models:
+      - name: unigradicon
+        taps: [A.enc.1, A.enc.3]
+        weights: Step_2_final.trch     # looked up in --weights-dir; random init if absent
+      - name: unet3d
+        taps: [down.1, bottom]
+        train: true                    # train on the cohort's masks when no weights are given
+    variants:                          # the product; or a list: [none-whole, rigid-crop]
+      align: [none, rigid, affine, atlas]
+      roi: [whole, crop]
+    pair_modes: [diff, concat+diff]    # per-scan models; pair models give one row per pair
+    probe: {n_splits: 5, seeds: [0, 1, 2], probe: linear}
+    extract: {batch_size: 4, scheduler_kind: threads}
+
+Relative paths in the file are relative to the file; a dataset whose local copy is absent
+is skipped with a note. Outputs go to ``OUT/`` (``OUT/<cohort name>/`` with several
+cohorts): ``cohort/`` (synthetic or dataset manifests), ``features.zarr``, ``weights/``
+(trained models); and ``OUT/results.json`` (+ CSV / Parquet), ``OUT/report/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from medfeat.errors import InputError, ManifestError
+from medfeat.probes.report import write_report
+from medfeat.probes.sweep import sweep_store, write_results
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ModelEntry:
+    """One model of the grid."""
+
+    name: str
+    taps: list[str]
+    weights: str | None = None
+    train: bool = False
+    tiny: bool = False
+    input_size: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment file."""
+
+    name: str
+    kind: str
+    cohorts: list[dict[str, Any]]
+    target: str
+    models: list[ModelEntry]
+    variants: list[tuple[str, str]]  # (alignment, ROI) pairs
+    pair_modes: list[str | None]
+    probe: dict[str, Any]
+    extract: dict[str, Any]
+    source: Path
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Parse and check an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: experiment file not found")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: an experiment file is a mapping")
+    for key in ("name", "models"):
+        if key not in doc:
+            raise InputError(f"{path}: missing key {key!r}")
+    if ("cohort" in doc) == ("cohorts" in doc):
+        raise InputError(f"{path}: give either cohort (one) or cohorts (a list)")
+    cohorts = [dict(doc["cohort"])] if "cohort" in doc else [dict(c) for c in doc["cohorts"]]
+    models = []
+    for i, m in enumerate(doc["models"]):
+        if not isinstance(m, dict) or "name" not in m or "taps" not in m:
+            raise InputError(f"{path}: models[{i}] needs a name and taps")
+        known = {"name", "taps", "weights", "train", "tiny", "input_size"}
+        models.append(ModelEntry(m["name"], [str(t) for t in m["taps"]], m.get("weights"), bool(m.get("train")),
+                                 bool(m.get("tiny")), m.get("input_size"),
+                                 {k: v for k, v in m.items() if k not in known}))
+    variants = doc.get("variants", {})
+    from medfeat.engine.pipeline.extract import ExtractConfig
+
+    unknown = set(doc.get("extract", {})) - set(ExtractConfig.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"{path}: unknown extract settings {', '.join(sorted(unknown))}")
+    return Experiment(
+        name=str(doc["name"]), kind=str(doc.get("kind", "progression")), cohorts=cohorts,
+        target=str(doc.get("target", "label")), models=models,
+        variants=_variants(variants, path),
+        pair_modes=[None if p in (None, "none") else str(p) for p in doc.get("pair_modes", ["diff"])],
+        probe=dict(doc.get("probe", {})), extract=dict(doc.get("extract", {})), source=path,
+    )
+
+
+def _variants(spec: Any, path: Path) -> list[tuple[str, str]]:
+    """``{align: [...], roi: [...]}`` (their product) or a list of ``ALIGN-ROI`` names."""
+    if isinstance(spec, dict):
+        return [(str(a), str(r)) for a in spec.get("align", ["none"]) for r in spec.get("roi", ["whole"])]
+    pairs = [str(v).rsplit("-", 1) for v in spec]
+    if not all(len(p) == 2 for p in pairs):
+        raise InputError(f"{path}: variants are ALIGN-ROI names such as none-whole or rigid-crop")
+    return [(a, r) for a, r in pairs]
+
+
+def prepare_cohort(exp: Experiment, cohort: dict[str, Any], out: Path, log: Log) -> Path | None:
+    """The cohort manifest: given, made from a dataset's local copy, or synthesised into
+    ``out/cohort`` (reused when present). None when a dataset's local copy is absent."""
+    if "manifest" in cohort:
+        manifest = (exp.source.parent / cohort["manifest"]).resolve()
+        if not manifest.is_file():
+            raise ManifestError(f"{manifest}: manifest not found")
+        return manifest
+    target = out / "cohort"
+    manifest = target / "manifest.csv"
+    if manifest.is_file():
+        log(f"cohort: reusing {manifest}")
+        return manifest
+    if "synth" in cohort:
+        from medfeat.cohorts.synth import synth_cohort
+
+        params = dict(cohort["synth"])
+        if "shape" in params:
+            params["shape"] = tuple(params["shape"])
+        log(f"cohort: synthesising {params} into {target}")
+        return Path(synth_cohort(target, **params))
+    if "synth2d" in cohort:
+        from medfeat.cohorts.synth2d import synth2d_cohort
+
+        log(f"cohort: synthesising 2D images {cohort['synth2d']} into {target}")
+        return Path(synth2d_cohort(target, **cohort["synth2d"]))
+    if "dataset" in cohort:
+        return _dataset_manifest(exp, dict(cohort["dataset"]), manifest, log)
+    raise InputError(f"{exp.source}: a cohort needs one of manifest, synth, synth2d, dataset")
+
+
+def _dataset_manifest(exp: Experiment, dataset: dict[str, Any], manifest: Path, log: Log) -> Path | None:
+    """Write the manifest of a public dataset's local copy with the study's label and split rules."""
+    import os
+
+    from medfeat.cohorts.datasets2d import DATASETS
+
+    name = dataset.pop("name", None)
+    if name not in DATASETS:
+        raise InputError(f"{exp.source}: unknown dataset {name!r}; datasets: {', '.join(DATASETS)}")
+    root = Path(os.path.expandvars(str(dataset.pop("root", "")))).expanduser()
+    root = root if root.is_absolute() else exp.source.parent / root
+    if not root.is_dir():
+        log(f"{name}: no local copy at {root}; skipping this cohort")
+        return None
+    frame = DATASETS[name](root, **dataset)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(manifest, index=False)
+    return manifest
+
+
+def resolve_weights(entry: ModelEntry, weights_dir: Path | None, manifest: Path, out: Path,
+                    log: Log) -> str | None:
+    """A local weights file for ``entry``: found in ``weights_dir``, trained, or None (random)."""
+    if entry.weights:
+        for base in (weights_dir, Path.cwd()):
+            if base is not None and (base / entry.weights).is_file():
+                return str((base / entry.weights).resolve())
+        if not entry.train:
+            log(f"{entry.name}: weights {entry.weights} not found"
+                f"{f' in {weights_dir}' if weights_dir else ''}; using seeded random weights")
+            return None
+    if entry.train:
+        from medfeat.export.training.train_unet import TrainConfig, train_unet
+
+        path = out / "weights" / f"{entry.name}.safetensors"
+        if not path.is_file():
+            log(f"{entry.name}: training on {manifest} ...")
+            report = train_unet(manifest, path, TrainConfig(**entry.extra.get("train_args", {})))
+            log(f"{entry.name}: held-out Dice {_dice_line(report['heldout_dice'])} "
+                f"(mean foreground {report['heldout_mean_foreground_dice']:.3f}, {report['seconds']:.0f} s)")
+        return str(path)
+    return None
+
+
+def _dice_line(dice: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if isinstance(v, (int, float)))
+
+
+def run_experiment(exp: Experiment, out: str | Path, *, weights_dir: str | Path | None = None,
+                   log: Log = print, progress: bool = False) -> dict[str, Path]:
+    """Run the whole grid; returns the paths of the (first) manifest and store, results and report."""
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wdir = Path(weights_dir) if weights_dir else None
+    configs: list[dict] = []
+    paths: dict[str, Any] = {"failed": 0}
+    for cohort in exp.cohorts:
+        name = str(cohort.get("name", "cohort"))
+        folder = out if len(exp.cohorts) == 1 else out / name
+        manifest = prepare_cohort(exp, cohort, folder, log)
+        if manifest is None:
+            continue
+        store = folder / "features.zarr"
+        found, failed = _run_cohort(exp, cohort, manifest, store, folder, wdir, log, progress)
+        configs += [{**c, "cohort": name} for c in found]
+        paths["failed"] += failed
+        paths.setdefault("manifest", manifest)
+        paths.setdefault("store", store)
+    if not configs:
+        raise InputError(f"{exp.source}: no cohort could be run")
+    paths["results"] = write_results(configs, out / "results.json", tables=True)[0]
+    paths["report"] = write_report(configs, out / "report")
+    return paths
+
+
+def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: Path, folder: Path,
+                wdir: Path | None, log: Log, progress: bool) -> tuple[list[dict], int]:
+    """Extract every (model, variant) of the grid into ``store`` and probe every array."""
+    from medfeat.engine.pipeline.extract import ExtractConfig, extract
+    from medfeat.export.backbones.registry import get_spec
+
+    target = str(cohort.get("target", exp.target))
+    probe = {**exp.probe, **cohort.get("probe", {})}
+    configs: list[dict] = []
+    failed = 0
+    settings = {"progress": progress, **exp.extract}
+    for entry in exp.models:
+        spec = get_spec(entry.name)
+        weights = resolve_weights(entry, wdir, manifest, folder, log)
+        for align, roi in exp.variants:
+            cfg = ExtractConfig(manifest=str(manifest), store=str(store), model=entry.name,
+                                taps=tuple(entry.taps), weights=weights, align=align, roi=roi,
+                                tiny=entry.tiny,
+                                input_size=tuple(entry.input_size) if entry.input_size else None,
+                                **settings)
+            record = extract(cfg)
+            failed += int(record["items"]["failed"])
+            log(f"{entry.name} {align}-{roi}: {_summary_line(record)}")
+        pair_modes = [None] if spec.input_kind != "volume3d" else exp.pair_modes
+        specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a, r in exp.variants]
+        found = sweep_store(store, manifest, target, specs=specs, pair_modes=pair_modes, log=log, **probe)
+        configs += [{**c, "weights": weights or "random"} for c in found]
+    return configs, failed
+
+
+def _summary_line(record: dict[str, Any]) -> str:
+    items = record["items"]
+    return (f"{items['done']} extracted, {items['skipped']} already in the store, {items['failed']} failed "
+            f"({record['wall_s']:.1f} s)")

@@ -1,0 +1,102 @@
+"""Experiments as files: parsing, a tiny grid end to end, reuse of the store, skipped datasets."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _cohort import tiny_cohort  # noqa: E402
+from medfeat.studies.experiment import load_experiment, run_experiment  # noqa: E402
+from medfeat.engine.store.feature_store import FeatureStore  # noqa: E402
+from medfeat.errors import InputError  # noqa: E402
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return tiny_cohort(tmp_path_factory, subjects=8)
+
+
+def _yaml(manifest: Path, extra_cohort: str = "") -> str:
+    return f"""
+name: tiny
+cohorts:
+  - {{name: knee, manifest: {manifest}}}
+{extra_cohort}
+target: label
+models:
+  - {{name: unet3d, tiny: true, taps: [down.0, bottom]}}
+variants: {{align: [none], roi: [whole, crop]}}
+pair_modes: [diff]
+probe: {{n_splits: 2, seeds: [0], n_boot: 50}}
+extract: {{batch_size: 4, scheduler_kind: sync, progress: false}}
+"""
+
+
+def test_tiny_grid_end_to_end_and_rerun_reuses_the_store(manifest, tmp_path) -> None:
+    exp = load_experiment(_write(tmp_path / "e.yaml", _yaml(manifest)))
+    lines: list[str] = []
+    paths = run_experiment(exp, tmp_path / "out", log=lines.append)
+    configs = json.loads(Path(paths["results"]).read_text())["configs"]
+    specs = {(c["spec"], c["pair_mode"]) for c in configs}
+    assert specs == {(f"unet3d:{t}:none-{r}", "diff") for t in ("down.0", "bottom") for r in ("whole", "crop")}
+    assert all(c["weights"] == "random" for c in configs)
+    assert Path(paths["report"]).is_file()
+    store = FeatureStore.open(paths["store"])
+    assert len(store.arrays()) == 4 and len(store.items()) == 16
+
+    lines.clear()
+    run_experiment(exp, tmp_path / "out", log=lines.append)
+    assert sum("0 extracted, 16 already in the store" in line for line in lines) == 2
+
+
+def test_missing_dataset_copy_is_skipped_not_fatal(manifest, tmp_path) -> None:
+    extra = "  - {name: aptos, dataset: {name: aptos2019, root: /nonexistent/APTOS2019}}"
+    exp = load_experiment(_write(tmp_path / "e.yaml", _yaml(manifest, extra)))
+    lines: list[str] = []
+    paths = run_experiment(exp, tmp_path / "out", log=lines.append)
+    assert any("no local copy" in line for line in lines)
+    assert {c["cohort"] for c in json.loads(Path(paths["results"]).read_text())["configs"]} == {"knee"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nmodels: []\n", "either cohort"),
+    ("name: x\ncohort: {synth: {}}\nmodels: [{name: unet3d}]\n", "needs a name and taps"),
+    ("[not, a, mapping]", "is a mapping"),
+])
+def test_bad_experiment_files_name_the_problem(tmp_path, text, message) -> None:
+    with pytest.raises(InputError, match=message):
+        load_experiment(_write(tmp_path / "bad.yaml", text))
+
+
+def test_shipped_experiment_files_parse() -> None:
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"progression.yaml", "transfer2d.yaml"} <= set(names)
+    for path in root.glob("*.yaml"):
+        exp = load_experiment(path)
+        assert exp.models and exp.cohorts
+
+
+def test_run_cli_missing_file_is_one_line(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "medfeat", "run", str(tmp_path / "none.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "experiment file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_variants_as_product_or_list(tmp_path) -> None:
+    base = "name: x\ncohort: {synth: {}}\nmodels: [{name: unet3d, taps: [bottom]}]\n"
+    product = load_experiment(_write(tmp_path / "a.yaml", base + "variants: {align: [none, rigid], roi: [crop]}\n"))
+    assert product.variants == [("none", "crop"), ("rigid", "crop")]
+    listed = load_experiment(_write(tmp_path / "b.yaml", base + "variants: [none-whole, oracle_atlas-crop]\n"))
+    assert listed.variants == [("none", "whole"), ("oracle_atlas", "crop")]
+    with pytest.raises(InputError, match="ALIGN-ROI"):
+        load_experiment(_write(tmp_path / "c.yaml", base + "variants: [nonewhole]\n"))
