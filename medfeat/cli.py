@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from medfeat import __version__
+from medfeat.version import __version__
 from medfeat.commands import COMMAND_MODULES
 from medfeat.errors import MedfeatError
 

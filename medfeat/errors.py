@@ -37,3 +37,10 @@ class RuntimeUnavailableError(MedfeatError, RuntimeError):
 
 class StoreError(MedfeatError, ValueError):
     """A feature store that is missing, locked, or inconsistent."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s message on one line (whitespace runs folded), at most ``limit`` characters;
+    the exception's type name when the message is empty."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:limit]

@@ -1,1 +1,3 @@
-"""TODO"""
+"""The ``medfeat bench`` harness: timings, machine ceilings, benchmark stages against
+their peers, the pipeline-efficiency study and cohort planning.
+"""

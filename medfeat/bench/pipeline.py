@@ -25,18 +25,24 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medfeat.engine.pipeline.extract import ExtractConfig, extract, read_manifest_rows
-from medfeat.engine.pipeline.items import Atlas, Item, LoadTimer, load_item, plan_items
-from medfeat.engine.pipeline.worker import Executor, ModelConfig, get_model, make_executor
+from medfeat.engine.pipeline.config import ClusterConfig, ExtractConfig, ModelConfig, Variant
+from medfeat.engine.pipeline.executors import Executor, make_executor, run_bounded
+from medfeat.engine.pipeline.extract import extract, torch_threads_per_worker, write_chunk
+from medfeat.engine.pipeline.inputs import ScanCache, load_item
+from medfeat.engine.pipeline.items import Atlas, Item, plan_items
+from medfeat.engine.pipeline.worker import BatchResult, get_model
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 from medfeat.errors import InputError
+from medfeat.io.manifest import read_manifest_rows
+from medfeat.io.nifti import Volume, affine_spacing
+from medfeat.io.readers import read_scan
 
 STAGE_NAMES = ("read", "preprocess", "infer", "write")
 VARIANT = "none-whole"  # no alignment, whole scan: the variant every run here extracts
@@ -67,12 +73,14 @@ class PipelineBenchConfig:
         return ModelConfig(self.model, tuple(self.taps), tiny=self.tiny, device=self.device,
                            input_size=self.input_size, torch_threads=torch_threads)
 
+    def cluster(self, kind: str, workers: int) -> ClusterConfig:
+        return ClusterConfig(scheduler_kind=kind, workers=workers, threads_per_worker=self.threads,
+                             memory_limit=self.memory_limit)
+
     def extract_config(self, manifest: Path, store: Path, kind: str, workers: int) -> ExtractConfig:
         """The pipeline run: store chunks of two batches, so chunks complete while others run."""
-        return ExtractConfig(str(manifest), str(store), self.model, tuple(self.taps), tiny=self.tiny,
-                             device=self.device, input_size=self.input_size, batch_size=self.batch,
-                             chunk_items=self.batch * 2, scheduler_kind=kind, workers=workers,
-                             threads_per_worker=self.threads, memory_limit=self.memory_limit, progress=False)
+        return ExtractConfig(str(manifest), str(store), self.model_config(), cluster=self.cluster(kind, workers),
+                             batch_size=self.batch, chunk_items=self.batch * 2, progress=False)
 
 
 def parse_kinds(text: str | Sequence[str]) -> list[tuple[str, int]]:
@@ -122,7 +130,7 @@ class PeakRSS:
 # -- sequential loop -----------------------------------------------------------------------
 def _items(manifest: Path, model: Any) -> list[Item]:
     df, _ = read_manifest_rows(manifest)
-    items, _ = plan_items(df, model.backbone.spec.input_kind, "none", "whole", Atlas.beside(manifest))
+    items, _ = plan_items(df, model.backbone.spec.input_kind, Variant(), Atlas.beside(manifest))
     return items
 
 
@@ -145,11 +153,11 @@ def sequential(manifest: Path, store: Path, cfg: PipelineBenchConfig) -> dict[st
     items = _items(manifest, model)
     fs, idx, keys = _open_store(store, cfg, model, items, cfg.batch)
     for item in items[:2]:  # warm-up (JIT compiles, allocator, first-call costs), not timed
-        model.runtime(torch.from_numpy(load_item(item, model.backbone.spec, model.size, LoadTimer())[None]))
+        model.runtime(torch.from_numpy(load_item(item, model.backbone.spec, model.size, ScanCache())[None]))
     t = dict.fromkeys(STAGE_NAMES, 0.0)
     t0 = time.perf_counter()
     for i, item in zip(idx, items):
-        timer = LoadTimer()
+        timer = ScanCache()
         x = load_item(item, model.backbone.spec, model.size, timer)
         t["read"] += timer.read
         t["preprocess"] += timer.preprocess
@@ -174,8 +182,6 @@ def stage_jobs(manifest: Path, work: Path, cfg: PipelineBenchConfig) -> dict[str
     one ``(N, C, *size)`` float32 ``.npy`` (the infer stage starts from the batch buffer).
     Jobs carry ``None`` where the model config goes: :func:`measure` fills in the executor's.
     """
-    from medfeat.io.readers import read_scan
-
     model = get_model(cfg.model_config())
     spec = model.backbone.spec
     items = _items(manifest, model)
@@ -187,7 +193,7 @@ def stage_jobs(manifest: Path, work: Path, cfg: PipelineBenchConfig) -> dict[str
         vol = read_scan(item.channels[0].path)
         np.save(raw_dir / f"{i}.npy", vol.data)
         raws.append((str(raw_dir / f"{i}.npy"), vol.affine.tolist()))
-        load_item(item, spec, model.size, LoadTimer(), out=inputs[i])
+        load_item(item, spec, model.size, ScanCache(), out=inputs[i])
     np.save(work / "stage_inputs.npy", inputs)
     b = cfg.batch
     cuts = [(lo, min(lo + b, len(items))) for lo in range(0, len(items), b)]
@@ -199,8 +205,6 @@ def stage_jobs(manifest: Path, work: Path, cfg: PipelineBenchConfig) -> dict[str
 
 # Stage tasks: each does one stage of run_batch on one batch (same code paths, same model).
 def _read_task(items: list[Item]) -> int:
-    from medfeat.io.readers import read_scan
-
     for item in items:
         for ch in item.channels:
             read_scan(ch.path)
@@ -208,14 +212,12 @@ def _read_task(items: list[Item]) -> int:
 
 
 def _preprocess_task(mcfg: ModelConfig, items: list[Item], raws: list[tuple[str, list]]) -> int:
-    from medfeat.io.nifti import Volume, affine_spacing
-
     model = get_model(mcfg)
     spec = model.backbone.spec
-    timer = LoadTimer()
+    timer = ScanCache()
     for item, (path, affine) in zip(items, raws):
         a = np.asarray(affine, np.float64)
-        timer.cache[item.channels[0].path] = Volume(np.load(path), a, affine_spacing(a))
+        timer.scans[item.channels[0].path] = Volume(np.load(path), a, affine_spacing(a))
     buf = np.empty((len(items), spec.in_channels, *model.size), np.float32)
     for row, item in enumerate(items):
         load_item(item, spec, model.size, timer, out=buf[row])
@@ -239,21 +241,12 @@ STAGE_TASKS: dict[str, Callable[..., int]] = {"read": _read_task, "preprocess": 
 def run_alone(executor: Executor, fn: Callable[..., int], jobs: list[tuple], window: int) -> float:
     """Items/s of ``fn(*job)`` over all jobs on ``executor``, at most ``window`` in flight."""
     t0 = time.perf_counter()
-    pos, n, in_flight = 0, 0, set()
-    while pos < len(jobs) or in_flight:
-        while pos < len(jobs) and len(in_flight) < window:
-            in_flight.add(executor.submit(fn, *jobs[pos]))
-            pos += 1
-        done, in_flight = executor.wait_first(in_flight)
-        n += sum(f.result() for f in done)
+    n = sum(fut.result() for _, fut in run_bounded(executor, ((None, fn, job) for job in jobs), window))
     return n / (time.perf_counter() - t0)
 
 
 def write_alone(store: Path, jobs: dict[str, Any], cfg: PipelineBenchConfig) -> float:
-    """Items/s of the driver's chunk writes (extract's ``_write_chunk``) of zero features."""
-    from medfeat.engine.pipeline.extract import _write_chunk
-    from medfeat.engine.pipeline.worker import BatchResult
-
+    """Items/s of the driver's chunk writes (extract's ``write_chunk``) of zero features."""
     items, taps, dims = jobs["items"], jobs["taps"], jobs["dims"]
     chunk = cfg.batch * 2  # as extract_config's chunk_items
     fs = FeatureStore.create(store, chunk_items=chunk)
@@ -265,7 +258,7 @@ def write_alone(store: Path, jobs: dict[str, Any], cfg: PipelineBenchConfig) -> 
     for c in range(0, len(items), chunk):
         batch = [(int(i), it) for i, it in zip(idx[c:c + chunk], items[c:c + chunk])]
         rows = {tap: np.zeros((len(batch), dims[tap]), np.float32) for tap in taps}
-        _write_chunk(fs, keys, [(batch, BatchResult([it.item_id for _, it in batch], rows, [], {}))])
+        write_chunk(fs, keys, [(batch, BatchResult([it.item_id for _, it in batch], rows, [], {}))])
     return len(items) / (time.perf_counter() - t0)
 
 
@@ -277,34 +270,30 @@ def _warm(manifest: Path, store: Path, ecfg: ExtractConfig, executor: Executor, 
     rows = pd.read_csv(manifest, dtype=str, keep_default_na=False).head(2 * batch)
     warm_manifest = manifest.parent / "manifest_warm.csv"
     rows.to_csv(warm_manifest, index=False)
-    extract(ExtractConfig(**{**ecfg.__dict__, "store": str(store), "manifest": str(warm_manifest)}),
-            executor=executor)
+    extract(replace(ecfg, store=str(store), manifest=str(warm_manifest)), executor=executor)
 
 
 def pipeline_run(ecfg: ExtractConfig, executor: Executor, workers: int) -> dict[str, Any]:
     """One extraction on ``executor``: items/s, model busy fraction, seconds per stage, peak RSS."""
     with PeakRSS() as peak:
         rec = extract(ecfg, executor=executor)
-    wall = rec["timings"]["pipeline_wall"]
-    return {"items": rec["items"]["done"], "failed": rec["items"]["failed"], "wall_s": wall,
-            "items_per_s": rec["items_per_s"],
-            "infer_busy_fraction": rec["timings"].get("infer", 0.0) / max(workers, 1) / wall,
-            "stage_s": {k: rec["timings"].get(k, 0.0) for k in STAGE_NAMES},
+    wall = rec.timings["pipeline_wall"]
+    return {"items": rec.items.done, "failed": rec.items.failed, "wall_s": wall,
+            "items_per_s": rec.items_per_s,
+            "infer_busy_fraction": rec.timings.get("infer", 0.0) / max(workers, 1) / wall,
+            "stage_s": {k: rec.timings.get(k, 0.0) for k in STAGE_NAMES},
             "peak_rss_driver_mib": round(peak.driver), "peak_rss_worker_mib": round(peak.children)}
 
 
 def measure(manifest: Path, work: Path, cfg: PipelineBenchConfig, kind: str, workers: int,
             jobs: dict[str, Any]) -> dict[str, Any]:
     """Pipeline and stages alone on one executor, alternating, ``cfg.repeats`` times; medians."""
-    from medfeat.engine.pipeline.extract import _torch_threads
-
-    executor = make_executor(kind, workers=workers, threads_per_worker=cfg.threads,
-                             memory_limit=cfg.memory_limit, device=cfg.device)
+    executor = make_executor(cfg.cluster(kind, workers), device=cfg.device)
     name = f"{kind}_{workers}"
-    threads = _torch_threads(workers) if kind == "local" else None
+    threads = torch_threads_per_worker(workers) if kind == "local" else None
     # the pipeline's model config with its torch threads, so a worker that builds the model
     # first for a stage task builds it as the pipeline would
-    mcfg = cfg.extract_config(manifest, work, kind, workers).model_config(threads)
+    mcfg = cfg.model_config(threads)
     tasks = {"read": jobs["read"], **{k: [(mcfg, *j[1:]) for j in jobs[k]] for k in ("preprocess", "infer")}}
     window = 2 * executor.slots  # extract's default bounded window
     pipe: list[dict[str, Any]] = []
@@ -369,8 +358,7 @@ def compare(manifest: Path, work: Path, cfg: PipelineBenchConfig, kinds: Sequenc
 def single_run(manifest: Path, store: Path, cfg: PipelineBenchConfig, kind: str, workers: int) -> dict[str, Any]:
     """One warmed pipeline run on a fresh executor."""
     ecfg = cfg.extract_config(manifest, _fresh(store), kind, workers)
-    executor = make_executor(kind, workers=workers, threads_per_worker=cfg.threads,
-                             memory_limit=cfg.memory_limit, device=cfg.device)
+    executor = make_executor(cfg.cluster(kind, workers), device=cfg.device)
     try:
         _warm(manifest, _fresh(Path(str(store) + ".warm")), ecfg, executor, cfg.batch)
         return pipeline_run(ecfg, executor, workers)
@@ -384,8 +372,6 @@ def memory_demo(manifest: Path, work: Path, cfg: PipelineBenchConfig, copies: in
     scans), on one Dask worker. Peak worker RSS must stay under the limit."""
     import pandas as pd
     from dask.utils import parse_bytes
-
-    from medfeat.io.readers import read_scan
 
     if not cfg.memory_limit:
         raise InputError("the memory demo needs a worker memory limit (e.g. 4GB)")

@@ -18,7 +18,7 @@ import yaml
 
 from medfeat.bench.stages import STAGES, StageCase
 from medfeat.bench.harness import environment, machine_limits
-from medfeat.errors import InputError, UnknownNameError
+from medfeat.errors import InputError, UnknownNameError, one_line
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "tiny": [
@@ -97,15 +97,10 @@ def run_grid(cases: list[StageCase], *, quick_limits: bool = False, log: Callabl
         try:
             new = STAGES[case.stage](case, limits[case.device])
         except Exception as exc:  # noqa: BLE001 - one failing stage must not lose the others
-            new = [{"stage": case.stage, "impl": "-", "model": case.model or "", "error": _one_line(exc)}]
+            new = [{"stage": case.stage, "impl": "-", "model": case.model or "", "error": f"{type(exc).__name__}: {one_line(exc)}"}]
         rows += new
         log(f"{case.stage:<12} {case.model or 'x'.join(map(str, case.size)):<16} {time.perf_counter() - start:6.1f} s")
     return {"environment": environment(devices[-1] if devices else "cpu"), "limits": limits, "rows": rows}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 RESULT_SCHEMA_KEYS = ("environment", "limits", "rows")
@@ -250,7 +245,8 @@ def plan_cohort(manifest: str, model: str, taps: list[str], *, sample: int = 4, 
     import pandas as pd
     import psutil
 
-    from medfeat.engine.pipeline.extract import ExtractConfig, extract
+    from medfeat.engine.pipeline.config import ExtractConfig
+    from medfeat.engine.pipeline.extract import extract
 
     df = pd.read_csv(manifest)
     if df.empty:
@@ -268,14 +264,14 @@ def plan_cohort(manifest: str, model: str, taps: list[str], *, sample: int = 4, 
         sample_df.to_csv(sample_manifest, index=False)
         proc = psutil.Process()
         rss0 = proc.memory_info().rss
-        cfg = ExtractConfig(manifest=str(sample_manifest), store=str(Path(tmp) / "s.zarr"), model=model,
-                            taps=tuple(taps), tiny=tiny, runtime=runtime, batch_size=batch_size,
-                            scheduler_kind="sync", progress=False)
+        cfg = ExtractConfig.from_settings(str(sample_manifest), str(Path(tmp) / "s.zarr"), model, taps,
+                                          tiny=tiny, runtime=runtime, batch_size=batch_size,
+                                          scheduler_kind="sync", progress=False)
         start = time.perf_counter()
         summary = extract(cfg)
         seconds = time.perf_counter() - start
         peak = max(proc.memory_info().rss, rss0)
-    done = max(1, int(summary["items"]["done"]))
+    done = max(1, summary.items.done)
     per_item = seconds / done
     total_items = len(df) if done == len(sample_df) else round(len(df) * done / max(1, len(sample_df)))
     plan = {"model": model, "taps": taps, "sample_items": done, "sample_seconds": seconds,

@@ -136,7 +136,7 @@ def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, inpu
                f"key {result['cache_key'][:16]})")
     _print_parity(out / "parity.json")
     if audit:
-        from medfeat.export.runtimes.parity import precision_audit
+        from medfeat.export.runtimes.audit import precision_audit
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         rows = precision_audit(backbone, device=dev, input_size=opts["input_size"], cache_dir=cache_dir)

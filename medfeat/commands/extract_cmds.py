@@ -9,17 +9,11 @@ import sys
 
 import click
 
-from medfeat.engine.pipeline.malloc import MALLOC_MODES  # light: ctypes only
+# config holds only dataclasses and choice lists (no torch, no pandas): light enough for --help
+from medfeat.engine.pipeline.config import ALIGNMENTS, MALLOC_MODES, ROIS, SCHEDULER_KINDS, RunRecord
 from medfeat.errors import InputError, UnknownNameError
 
 EXIT_ITEMS_FAILED = 3
-
-# Copies of medfeat.engine.pipeline.items.ALIGNMENTS / ROIS and medfeat.engine.pipeline.worker.SCHEDULER_KINDS:
-# importing those modules pulls in torch and pandas, which `medfeat --help` must not wait for.
-# tests/cli/test_startup.py fails when the copies drift from the originals.
-ALIGNMENTS = ("none", "rigid", "affine", "oracle", "atlas", "oracle_atlas")
-ROIS = ("whole", "crop")
-SCHEDULER_KINDS = ("local", "threads", "sync")
 
 
 def _size(text: str | None) -> tuple[int, ...] | None:
@@ -54,8 +48,10 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--taps", required=True, help="Comma-separated tap names or indices.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local checkpoint; seeded random weights when absent.")
-@click.option("--variant", "align", type=click.Choice(ALIGNMENTS), default="none", show_default=True,
-              help="Alignment: none, rigid/affine (to the baseline), oracle (recorded transform), atlas.")
+@click.option("--align", type=click.Choice(ALIGNMENTS), default=None,
+              help="Alignment: none (default), rigid/affine (to the baseline), oracle (recorded transform), atlas.")
+@click.option("--variant", "variant_alias", type=click.Choice(ALIGNMENTS), default=None, hidden=True,
+              help="Deprecated alias of --align.")
 @click.option("--roi", type=click.Choice(ROIS), default="whole", show_default=True, help="Whole field of view or a crop around the mask.")
 @click.option("--roi-labels", default=None,
               help="Comma-separated mask labels whose box is the crop ROI, e.g. 3,4 (default: every non-zero label).")
@@ -80,45 +76,51 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--atlas", type=click.Path(exists=True), default=None, help="Atlas scan (default: atlas.nii.gz beside the manifest).")
 @click.option("--atlas-mask", type=click.Path(exists=True), default=None, help="Atlas mask for --roi crop.")
 @click.option("--quiet", is_flag=True, help="No progress line.")
-def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, align: str, roi: str,
+def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, align: str | None,
+                variant_alias: str | None, roi: str,
                 roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None, batch_size: int,
                 chunk_items: int | None, workers: int | None, threads_per_worker: int,
                 memory_limit: str | None, scheduler: str | None, malloc: str, scheduler_kind: str,
                 retry_failed: bool, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
                 quiet: bool) -> None:
     """Extract pooled features of MODEL at TAPS for every item of a manifest into a store."""
-    from medfeat.engine.pipeline.extract import ExtractConfig, extract
+    from medfeat.engine.pipeline.config import ExtractConfig
+    from medfeat.engine.pipeline.extract import extract
 
+    if variant_alias is not None:
+        click.echo("--variant is deprecated and will be removed: use --align", err=True)
+        if align is not None and align != variant_alias:
+            raise InputError(f"--align {align} and --variant {variant_alias} disagree; give --align alone")
     tap_list = tuple(t.strip() for t in taps.split(",") if t.strip())
     if not tap_list:
         raise UnknownNameError("--taps: give at least one tap name")
-    cfg = ExtractConfig(manifest=manifest, store=store, model=model, taps=tap_list, weights=weights,
-                        align=align, roi=roi, roi_labels=_labels(roi_labels), runtime=runtime, device=device, precision=precision,
-                        pooling=pooling, seed=seed, tiny=tiny, input_size=_size(input_size),
-                        batch_size=batch_size, chunk_items=chunk_items, scheduler_kind=scheduler_kind,
-                        scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
-                        memory_limit=memory_limit, malloc=malloc, retry_failed=retry_failed, atlas=atlas,
-                        atlas_mask=atlas_mask, progress=not quiet)
+    cfg = ExtractConfig.from_settings(
+        manifest, store, model, tap_list, weights=weights, align=align or variant_alias or "none", roi=roi,
+        roi_labels=_labels(roi_labels), runtime=runtime, device=device, precision=precision, pooling=pooling,
+        seed=seed, tiny=tiny, input_size=_size(input_size), batch_size=batch_size, chunk_items=chunk_items,
+        scheduler_kind=scheduler_kind, scheduler=scheduler, workers=workers,
+        threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,
+        retry_failed=retry_failed, atlas=atlas, atlas_mask=atlas_mask, progress=not quiet)
     record = extract(cfg)
     _summary(record)
-    if record["items"]["failed"]:
+    if record.items.failed:
         sys.exit(EXIT_ITEMS_FAILED)
 
 
-def _summary(record: dict) -> None:
+def _summary(record: RunRecord) -> None:
     from medfeat.engine.pipeline.progress import StageTimes
 
-    n = record["items"]
-    click.echo(f"store: {record['config']['store']}  arrays: {', '.join(record['arrays'])}")
-    click.echo(f"items: {n['total']} total, {n['done']} done now, {n['skipped']} skipped (done or failed "
-               f"before), {n['failed']} failed  |  {record['scheduler']}")
-    times = StageTimes(dict(record["timings"]))
-    click.echo(times.table(record["timings"]["pipeline_wall"], max(n["done"], 1)))
-    if record.get("items_per_s"):
-        click.echo(f"throughput: {record['items_per_s']:.2f} items/s")
-    if record["failures"]:
-        click.echo(f"{len(record['failures'])} item(s) failed (kept in the store; --retry-failed takes them again):")
-        for f in record["failures"][:50]:
+    n = record.items
+    click.echo(f"store: {record.store}  arrays: {', '.join(record.arrays)}")
+    click.echo(f"items: {n.total} total, {n.done} done now, {n.skipped} skipped (done or failed "
+               f"before), {n.failed} failed  |  {record.scheduler}")
+    times = StageTimes(dict(record.timings))
+    click.echo(times.table(record.timings["pipeline_wall"], max(n.done, 1)))
+    if record.items_per_s:
+        click.echo(f"throughput: {record.items_per_s:.2f} items/s")
+    if record.failures:
+        click.echo(f"{len(record.failures)} item(s) failed (kept in the store; --retry-failed takes them again):")
+        for f in record.failures[:50]:
             click.echo(f"  {f['item_id']}: {f['reason']}")
 
 

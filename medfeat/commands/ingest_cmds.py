@@ -19,7 +19,7 @@ def ingest_cmd(manifest: str, out: str, chunk: int, codec: str) -> None:
     Writes OUT/manifest.csv pointing at the Zarr scans; `medfeat extract` reads it like any
     manifest. Unreadable scans are listed and left out (exit code 3).
     """
-    from medfeat.io.zarr_scans import ingest_cohort
+    from medfeat.cohorts.ingest import ingest_cohort
 
     new, failures = ingest_cohort(manifest, out, chunk=chunk, codec=codec)
     click.echo(f"wrote {out} and {new}")

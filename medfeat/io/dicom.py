@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medfeat.io.nifti import Volume, affine_spacing, check_affine
-from medfeat.errors import InputError
+from medfeat.errors import InputError, one_line
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -28,14 +28,14 @@ def _read(path: Path):  # noqa: ANN202 - pydicom Dataset
     try:
         return pydicom.dcmread(str(path))
     except Exception as exc:  # pydicom raises InvalidDicomError, OSError, ...
-        raise InputError(f"{path}: unreadable DICOM ({' '.join(str(exc).split())[:160]})") from exc
+        raise InputError(f"{path}: unreadable DICOM ({one_line(exc, 160)})") from exc
 
 
 def _pixels(ds, path: Path) -> np.ndarray:  # noqa: ANN001
     try:
         arr = ds.pixel_array.astype(np.float32)
     except Exception as exc:  # noqa: BLE001 - missing pixel data, unsupported transfer syntax
-        raise InputError(f"{path}: no readable pixel data ({' '.join(str(exc).split())[:160]})") from exc
+        raise InputError(f"{path}: no readable pixel data ({one_line(exc, 160)})") from exc
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
     return arr * np.float32(slope) + np.float32(intercept)

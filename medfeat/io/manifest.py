@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medfeat.errors import ManifestError
+from medfeat.errors import ManifestError, one_line
 
 REQUIRED_COLUMNS = ("subject", "path")
 TIMEPOINTS = ("baseline", "followup")
@@ -95,7 +95,7 @@ def read_manifest(path: str | Path, *, check_files: bool = False) -> pd.DataFram
     except pd.errors.EmptyDataError as exc:
         raise ManifestError(f"{p}: manifest is empty") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, csv.Error) as exc:
-        raise ManifestError(f"{p}: not a readable CSV ({' '.join(str(exc).split())[:160]})") from exc
+        raise ManifestError(f"{p}: not a readable CSV ({one_line(exc, 160)})") from exc
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     if missing:
@@ -108,6 +108,38 @@ def read_manifest(path: str | Path, *, check_files: bool = False) -> pd.DataFram
     df = raw.apply(lambda col: col.str.strip())
     root = p.resolve().parent
     return _validate(df, p, root, check_files)
+
+
+def read_manifest_rows(path: str | Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The manifest's valid rows, and ``(row id, reason)`` for each bad row.
+
+    File-level problems (missing file, missing columns) raise :class:`ManifestError`.
+    """
+    try:
+        return read_manifest(path), []
+    except ManifestError as exc:
+        if ": row " not in str(exc):
+            raise
+    p = Path(path)
+    raw = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+    raw.columns = [str(c).strip() for c in raw.columns]
+    raw = raw.apply(lambda col: col.str.strip())
+    good, bad = [], []
+    for i in range(len(raw)):
+        try:  # validate one row at a time (read_manifest stops at the first bad row)
+            good.append(_validate(raw.iloc[[i]].reset_index(drop=True), p, p.resolve().parent, False))
+        except ManifestError as exc:
+            msg = str(exc).replace("row 1 (line 2)", f"row {i + 1} (line {i + 2})")
+            bad.append((f"row {i + 1}", msg))
+    if not good:
+        raise ManifestError(f"{p}: no valid rows ({bad[0][1]})")
+    df = pd.concat(good, ignore_index=True)
+    if "timepoint" in df.columns:
+        dup = df.duplicated(subset=["subject", "timepoint"], keep="first")
+        for s, tp in df.loc[dup, ["subject", "timepoint"]].itertuples(index=False):
+            bad.append((f"{s}/{tp}", f"{p}: duplicated (subject, timepoint) ({s}, {tp})"))
+        df = df.loc[~dup].reset_index(drop=True)
+    return df, bad
 
 
 def _where(p: Path, row: int, column: str) -> str:

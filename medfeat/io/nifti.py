@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfeat.errors import InputError
+from medfeat.errors import InputError, one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -117,9 +117,9 @@ def read_volume(path: str | Path) -> Volume:
     except InputError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError(f"{p}: truncated or corrupt gzip stream ({_one_line(exc)})") from exc
+        raise InputError(f"{p}: truncated or corrupt gzip stream ({one_line(exc, 200)})") from exc
     except Exception as exc:  # nibabel raises ImageFileError, ValueError, OSError for bad files
-        raise InputError(f"{p}: unreadable NIfTI ({_one_line(exc)})") from exc
+        raise InputError(f"{p}: unreadable NIfTI ({one_line(exc, 200)})") from exc
     if np.iscomplexobj(raw) or raw.dtype.fields is not None:
         raise InputError(f"{p}: unsupported voxel type {raw.dtype} (expected real scalars)")
     data = np.asarray(raw, dtype=np.float32).reshape(shape)
@@ -169,8 +169,3 @@ def write_volume(
     p.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(p))
     return p
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]

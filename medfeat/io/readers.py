@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from medfeat.io.nifti import Volume, is_nifti, read_volume
-from medfeat.errors import InputError
+from medfeat.errors import InputError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -78,4 +78,4 @@ def _read_pillow(p: Path) -> np.ndarray:
                 return np.asarray(im, dtype=np.uint16)
             return np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{p}: unreadable image ({' '.join(str(exc).split())[:160]})") from exc
+        raise InputError(f"{p}: unreadable image ({one_line(exc, 160)})") from exc

@@ -1,6 +1,6 @@
 """Zarr v3 cohort stores: one chunked, compressed array per scan, OME-Zarr (NGFF 0.5) metadata.
 
-Layout written by :func:`ingest_cohort` (``medfeat cohort ingest``)::
+Layout written by :func:`medfeat.cohorts.ingest.ingest_cohort` (``medfeat cohort ingest``)::
 
     cohort.zarr/                    group; attrs["medfeat_cohort"] = format, created, source
       manifest.csv                  the input manifest with ``path`` / ``mask_path`` pointing
@@ -17,16 +17,13 @@ sharded (one shard file per scan) so a cohort does not become millions of small 
 """
 from __future__ import annotations
 
-import datetime as _dt
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from medfeat.io.nifti import Volume, affine_spacing, check_affine
-from medfeat.errors import InputError, UnknownNameError
+from medfeat.errors import InputError, UnknownNameError, one_line
 
 CODECS = ("zstd", "blosc")
 SHARD_MIN_CHUNKS = 8
@@ -34,6 +31,12 @@ SHARD_MIN_CHUNKS = 8
 # few batches at once, so a small pool per read keeps the cores busy without oversubscribing.
 DECODE_THREADS = 4
 NGFF_VERSION = "0.5"
+
+
+def check_codec(codec: str) -> None:
+    """Raise UnknownNameError for a codec name this module cannot write."""
+    if codec not in CODECS:
+        raise UnknownNameError(f"unknown codec {codec!r}; codecs: {', '.join(CODECS)}")
 
 
 def _compressor(codec: str) -> Any:
@@ -90,7 +93,7 @@ def read_zarr_volume(path: str | Path) -> Volume:
     try:  # chunk by chunk into ``data``; chunks do not overlap, so no lock is needed
         darr.store(data, lock=False, scheduler="threads", num_workers=DECODE_THREADS)
     except Exception as exc:  # noqa: BLE001 - a truncated or corrupt chunk
-        raise InputError(f"{p}: corrupt chunk ({' '.join(str(exc).split())[:160]})") from exc
+        raise InputError(f"{p}: corrupt chunk ({one_line(exc, 160)})") from exc
     if not np.all(np.isfinite(data)):
         raise InputError(f"{p}: NaN or Inf voxels")
     return Volume(data=data, affine=affine, spacing=affine_spacing(affine), path=p)
@@ -109,7 +112,7 @@ def zarr_dask_array(path: str | Path) -> tuple[Any, np.ndarray, Path]:
     try:
         node = zarr.open(str(p), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises several types for bad stores
-        raise InputError(f"{p}: unreadable Zarr ({' '.join(str(exc).split())[:160]})") from exc
+        raise InputError(f"{p}: unreadable Zarr ({one_line(exc, 160)})") from exc
     group, arr = (node, node["0"]) if isinstance(node, zarr.Group) else (zarr.open_group(str(p.parent), mode="r"), node)
     affine = _affine(dict(group.attrs), p)
     if arr.ndim != 3:
@@ -132,64 +135,3 @@ def _affine(attrs: dict[str, Any], p: Path) -> np.ndarray:
         elif t["type"] == "translation":
             a[:3, 3] = t["translation"][-3:]
     return check_affine(a, p)
-
-
-def ingest_cohort(manifest: str | Path, out: str | Path, *, chunk: int = 64, codec: str = "zstd",
-                  on_item: Callable[[str, str | None], None] | None = None) -> tuple[Path, list[tuple[str, str]]]:
-    """Convert a manifest's scans (NIfTI or DICOM series) and masks into a Zarr cohort store.
-
-    Returns the new manifest path (inside ``out``) and ``(row, reason)`` for scans that
-    could not be read (left out of the new manifest). ``on_item(name, error)`` is called
-    per scan (progress).
-    """
-    import zarr
-
-    from medfeat.engine.pipeline.extract import read_manifest_rows
-    from medfeat.io.readers import read_scan
-
-    _compressor(codec)
-    df, failures = read_manifest_rows(manifest)
-    out = Path(out)
-    root = zarr.open_group(str(out), mode="a", zarr_format=3)
-    root.attrs["medfeat_cohort"] = {"format": 1, "source": str(Path(manifest).resolve()),
-                                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    raw = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    rows = []
-    for i, r in df.iterrows():
-        name = f"{r['subject']}/{r.get('timepoint') or i}"
-        try:
-            write_zarr_volume(root, f"scans/{name}", read_scan(r["path"]), chunk=chunk, codec=codec)
-            if isinstance(r.get("mask_path"), str) and r["mask_path"]:
-                write_zarr_volume(root, f"masks/{name}", read_scan(r["mask_path"]), chunk=chunk,
-                                  codec=codec, dtype="uint8")
-        except InputError as exc:
-            failures.append((name, str(exc)))
-            if on_item:
-                on_item(name, str(exc))
-            continue
-        row = _source_row(raw, r)
-        row["path"] = f"scans/{name}"
-        if "mask_path" in row and row["mask_path"]:
-            row["mask_path"] = f"masks/{name}"
-        rows.append(row)
-        if on_item:
-            on_item(name, None)
-    for name in ("atlas.nii.gz", "atlas_mask.nii.gz"):  # the atlas variants look beside the manifest
-        src = Path(manifest).resolve().parent / name
-        if src.is_file():
-            shutil.copyfile(src, out / name)
-    new = out / "manifest.csv"
-    pd.DataFrame(rows, columns=list(raw.columns)).to_csv(new, index=False)
-    return new, failures
-
-
-def _source_row(raw: pd.DataFrame, r: pd.Series) -> dict[str, str]:
-    """The original CSV text of the row for ``r`` (transforms keep their exact digits)."""
-    match = raw[(raw["subject"].str.strip() == r["subject"])]
-    if "timepoint" in raw.columns and len(match) > 1:
-        match = match[[str(t).strip().lower().replace("-", "").replace("_", "") == r["timepoint"]
-                       for t in match["timepoint"]]]
-    out = dict(match.iloc[0]) if len(match) else {c: str(r.get(c, "")) for c in raw.columns}
-    if "timepoint" in out:
-        out["timepoint"] = r["timepoint"]
-    return out

@@ -22,7 +22,7 @@ from medfeat.kernels.geometry import Grid, index_map
 from medfeat.kernels.intensity import IntensityRule, rule_params
 
 
-def _out_kind(out: Any) -> tuple[str, str]:
+def out_kind(out: Any) -> tuple[str, str]:
     """(device, dtype name) of the output buffer: numpy, cupy or torch."""
     mod = type(out).__module__
     if mod.startswith("torch"):
@@ -34,7 +34,7 @@ def _out_kind(out: Any) -> tuple[str, str]:
 
 
 def _check_out(out: Any) -> tuple[str, str, tuple[int, ...]]:
-    device, name = _out_kind(out)
+    device, name = out_kind(out)
     shape = tuple(int(s) for s in out.shape)
     if len(shape) != 5:
         raise InputError(f"out: expected a (batch, channels, D, H, W) buffer, got shape {shape}")
@@ -113,13 +113,13 @@ def resample_normalise(
     if (xp is np) != (device == "cpu"):
         raise InputError("out: must be on the same device as the volumes")
     if xp is np:
-        _run_cpu(volumes, mats, params, out, dtype_name, channel, order, code)
+        launch_cpu(volumes, mats, params, out, dtype_name, channel, order, code)
     else:
-        _run_gpu(volumes, mats, params, out, dtype_name, shape, channel, order, code)
+        launch_gpu(volumes, mats, params, out, dtype_name, shape, channel, order, code)
     return out
 
 
-def _run_cpu(volumes, mats, params, out, dtype_name, channel, order, code) -> None:
+def launch_cpu(volumes, mats, params, out, dtype_name, channel, order, code) -> None:
     from medfeat.kernels import _cpu
 
     if type(out).__module__.startswith("torch"):
@@ -151,7 +151,7 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def _run_gpu(volumes, mats, params, out, dtype_name, shape, channel, order, code) -> None:
+def launch_gpu(volumes, mats, params, out, dtype_name, shape, channel, order, code) -> None:
     import cupy as cp
 
     from medfeat.kernels import _gpu

@@ -101,7 +101,7 @@ def prepare_images(
     a grayscale image feeds all three channels. ``out`` is numpy/cupy float32,
     float16 or bfloat16 (numpy via ml_dtypes), or a torch tensor.
     """
-    from medfeat.kernels.fused import _run_cpu, _run_gpu
+    from medfeat.kernels.fused import launch_cpu, launch_gpu
 
     device, dtype_name, shape = _check_out_2d(out, len(images), crop)
     srcs = []
@@ -124,16 +124,16 @@ def prepare_images(
             inf = float("inf")
             params[i] = (-inf, inf, mean[c] / pixel_scale, pixel_scale / std[c], 0.0)
         if xp is np:
-            _run_cpu(srcs, mats, params, out5, dtype_name, c, 1, _checks.MODES["nearest"])
+            launch_cpu(srcs, mats, params, out5, dtype_name, c, 1, _checks.MODES["nearest"])
         else:
-            _run_gpu(srcs, mats, params, out5, dtype_name, (shape[0], 3, 1, crop, crop), c, 1, _checks.MODES["nearest"])
+            launch_gpu(srcs, mats, params, out5, dtype_name, (shape[0], 3, 1, crop, crop), c, 1, _checks.MODES["nearest"])
     return out
 
 
 def _check_out_2d(out: Any, batch: int, crop: int) -> tuple[str, str, tuple[int, ...]]:
-    from medfeat.kernels.fused import _out_kind
+    from medfeat.kernels.fused import out_kind
 
-    device, name = _out_kind(out)
+    device, name = out_kind(out)
     shape = tuple(int(s) for s in out.shape)
     if shape != (batch, 3, crop, crop):
         raise InputError(f"out: expected shape {(batch, 3, crop, crop)}, got {shape}")

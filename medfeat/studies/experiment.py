@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import yaml
 
+from medfeat.engine.pipeline.config import ExtractConfig, RunRecord
 from medfeat.errors import InputError, ManifestError
 from medfeat.probes.report import write_report
 from medfeat.probes.sweep import sweep_store, write_results
@@ -98,11 +99,10 @@ def load_experiment(path: str | Path) -> Experiment:
                                  bool(m.get("tiny")), m.get("input_size"),
                                  {k: v for k, v in m.items() if k not in known}))
     variants = doc.get("variants", {})
-    from medfeat.engine.pipeline.extract import ExtractConfig
-
-    unknown = set(doc.get("extract", {})) - set(ExtractConfig.__dataclass_fields__)
+    unknown = set(doc.get("extract", {})) - ExtractConfig.settings()
     if unknown:
-        raise InputError(f"{path}: unknown extract settings {', '.join(sorted(unknown))}")
+        raise InputError(f"{path}: unknown extract setting(s) {', '.join(sorted(unknown))}; "
+                         f"settings: {', '.join(sorted(ExtractConfig.settings()))}")
     return Experiment(
         name=str(doc["name"]), kind=str(doc.get("kind", "progression")), cohorts=cohorts,
         target=str(doc.get("target", "label")), models=models,
@@ -232,7 +232,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, weights_dir: str | Path 
 def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: Path, folder: Path,
                 wdir: Path | None, log: Log, progress: bool) -> tuple[list[dict], int]:
     """Extract every (model, variant) of the grid into ``store`` and probe every array."""
-    from medfeat.engine.pipeline.extract import ExtractConfig, extract
+    from medfeat.engine.pipeline.extract import extract
     from medfeat.export.backbones.registry import get_spec
 
     target = str(cohort.get("target", exp.target))
@@ -244,13 +244,12 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
         spec = get_spec(entry.name)
         weights = resolve_weights(entry, wdir, manifest, folder, log)
         for align, roi in exp.variants:
-            cfg = ExtractConfig(manifest=str(manifest), store=str(store), model=entry.name,
-                                taps=tuple(entry.taps), weights=weights, align=align, roi=roi,
-                                tiny=entry.tiny,
-                                input_size=tuple(entry.input_size) if entry.input_size else None,
-                                **settings)
+            cfg = ExtractConfig.from_settings(
+                str(manifest), str(store), entry.name, tuple(entry.taps), weights=weights, align=align,
+                roi=roi, tiny=entry.tiny, input_size=tuple(entry.input_size) if entry.input_size else None,
+                **settings)
             record = extract(cfg)
-            failed += int(record["items"]["failed"])
+            failed += record.items.failed
             log(f"{entry.name} {align}-{roi}: {_summary_line(record)}")
         pair_modes = [None] if spec.input_kind != "volume3d" else exp.pair_modes
         specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a, r in exp.variants]
@@ -259,7 +258,7 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
     return configs, failed
 
 
-def _summary_line(record: dict[str, Any]) -> str:
-    items = record["items"]
-    return (f"{items['done']} extracted, {items['skipped']} already in the store, {items['failed']} failed "
-            f"({record['wall_s']:.1f} s)")
+def _summary_line(record: RunRecord) -> str:
+    items = record.items
+    return (f"{items.done} extracted, {items.skipped} already in the store, {items.failed} failed "
+            f"({record.wall_s:.1f} s)")

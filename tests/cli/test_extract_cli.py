@@ -33,13 +33,14 @@ def test_extract_then_store_commands(manifest, tmp_path, capsys):
                               "--model", "tiny3d_test", "--taps", "conv1,conv2", "--scheduler-kind", "sync",
                               "--variant", "oracle", "--roi", "crop", "--quiet")
     assert code == 0, err
+    assert "--variant is deprecated" in err  # the old name of --align still works, and says so
     assert "6 done now" in out and "infer" in out and "write" in out
     code, out, _ = _medfeat(capsys, "store", "info", store)
     assert code == 0 and "tiny3d_test:conv2:oracle-crop" in out and "done      6" in out
     # the crop around labels 3,4 only is another preprocessing: the store refuses to mix them
     code, out, err = _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", store,
                               "--model", "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync",
-                              "--variant", "oracle", "--roi", "crop", "--roi-labels", "3,4", "--quiet")
+                              "--align", "oracle", "--roi", "crop", "--roi-labels", "3,4", "--quiet")
     assert code == 2 and "provenance differs" in err and "'roi_labels': [3, 4]" in err, err
     code, out, _ = _medfeat(capsys, "store", "verify", store)
     assert code == 0 and out.strip().endswith("ok")

@@ -49,14 +49,3 @@ def test_cli_import_and_every_help_skip_heavy_modules() -> None:
     assert len(steps) > 10, steps  # the root, the groups and their commands were all asked
     heavy = {step: mods for step, mods in steps.items() if mods}
     assert heavy == {}, f"heavy modules imported at start-up: {heavy}"
-
-
-def test_extract_choice_copies_match_the_engine() -> None:
-    """extract_cmds keeps literal copies of the engine's choice lists (to start fast)."""
-    from medfeat.commands import extract_cmds
-    from medfeat.engine.pipeline.items import ALIGNMENTS, ROIS
-    from medfeat.engine.pipeline.worker import SCHEDULER_KINDS
-
-    assert extract_cmds.ALIGNMENTS == ALIGNMENTS
-    assert extract_cmds.ROIS == ROIS
-    assert extract_cmds.SCHEDULER_KINDS == SCHEDULER_KINDS

@@ -12,12 +12,13 @@ import zarr
 import _tiny_backbone  # noqa: E402,F401
 from _cohort import tiny_cohort  # noqa: E402
 from medfeat.io.dicom import read_dicom_series, write_dicom_series  # noqa: E402
-from medfeat.engine.pipeline.extract import ExtractConfig, extract  # noqa: E402
+from medfeat.engine.pipeline.config import ExtractConfig  # noqa: E402
+from medfeat.engine.pipeline.extract import extract  # noqa: E402
 from medfeat.io.manifest import read_manifest  # noqa: E402
 from medfeat.io.readers import read_scan  # noqa: E402
 from medfeat.engine.store.feature_store import FeatureStore  # noqa: E402
 from medfeat.io.nifti import read_volume  # noqa: E402
-from medfeat.io.zarr_scans import ingest_cohort  # noqa: E402
+from medfeat.cohorts.ingest import ingest_cohort  # noqa: E402
 from medfeat.errors import InputError  # noqa: E402
 
 
@@ -44,8 +45,8 @@ def test_ingest_round_trip_and_extract_equal(tmp_path_factory, tmp_path):
     assert arr.chunks == (4, 4, 4) and arr.shards == (16, 16, 16)  # 64 chunks: one shard per scan
     # features from the Zarr cohort equal those from the NIfTI files
     cfg = dict(model="tiny3d_test", taps=("conv2",), scheduler_kind="sync", progress=False, align="oracle", roi="crop")
-    extract(ExtractConfig(str(manifest), str(tmp_path / "a"), **cfg))
-    extract(ExtractConfig(str(new), str(tmp_path / "b"), **cfg))
+    extract(ExtractConfig.from_settings(str(manifest), str(tmp_path / "a"), **cfg))
+    extract(ExtractConfig.from_settings(str(new), str(tmp_path / "b"), **cfg))
     _, xa = FeatureStore.open(tmp_path / "a").read("tiny3d_test:conv2:oracle-crop")
     _, xb = FeatureStore.open(tmp_path / "b").read("tiny3d_test:conv2:oracle-crop")
     np.testing.assert_array_equal(xa, xb)

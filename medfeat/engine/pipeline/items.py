@@ -25,29 +25,16 @@ some of the mask's labels: a mask whose labels include a tissue filling the fiel
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from medfeat.engine.pipeline import preprocess as pp
-from medfeat.errors import InputError, ManifestError, RuntimeUnavailableError, UnknownNameError
-
-ALIGNMENTS = ("none", "rigid", "affine", "oracle", "atlas", "oracle_atlas")
-ROIS = ("whole", "crop")
-
-
-def variant_name(align: str, roi: str) -> str:
-    """Store variant name, e.g. ``none-whole``, ``rigid-crop``."""
-    if align not in ALIGNMENTS:
-        raise UnknownNameError(f"unknown alignment {align!r}; alignments: {', '.join(ALIGNMENTS)}")
-    if roi not in ROIS:
-        raise UnknownNameError(f"unknown ROI {roi!r}; ROIs: {', '.join(ROIS)}")
-    return f"{align}-{roi}"
-
+from medfeat.engine.pipeline.config import Variant
+from medfeat.errors import ManifestError, RuntimeUnavailableError, UnknownNameError, one_line
+from medfeat.io.manifest import parse_transform
 
 @dataclass(frozen=True)
 class Channel:
@@ -113,8 +100,6 @@ def _tuple(m: Any) -> tuple[float, ...] | None:
 
 
 def _atlas_transform(row: dict[str, Any]) -> tuple[float, ...] | None:
-    from medfeat.io.manifest import parse_transform
-
     text = row.get("atlas_transform")
     if not isinstance(text, str) or not text.strip():
         return None
@@ -130,16 +115,17 @@ def _scan_id(row: dict[str, Any], unique_subjects: bool) -> str:
     return str(row["subject"]) if unique_subjects else f"{row['subject']}/{Path(row['path']).name}"
 
 
-def plan_items(df: pd.DataFrame, input_kind: str, align: str, roi: str, atlas: Atlas,
-               roi_labels: tuple[int, ...] | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
+def plan_items(df: pd.DataFrame, input_kind: str, variant: Variant,
+               atlas: Atlas) -> tuple[list[Item], list[tuple[str, str]]]:
     """Items for a manifest frame (from ``read_manifest``), plus ``(item_id, reason)`` for
     rows that cannot make an item (no baseline for an alignment, no atlas, ...).
 
-    ``roi_labels``: mask labels whose bounding box is the ``crop`` ROI (None: all non-zero).
+    ``variant.roi_labels``: mask labels whose bounding box is the ``crop`` ROI (None: all
+    non-zero).
     """
-    items, bad = _plan(df, input_kind, align, roi, atlas)
-    if roi_labels is not None and roi == "crop":
-        labels = tuple(int(v) for v in roi_labels)
+    items, bad = _plan(df, input_kind, variant.align, variant.roi, atlas)
+    if variant.roi_labels is not None and variant.roi == "crop":
+        labels = tuple(int(v) for v in variant.roi_labels)
         items = [replace(it, channels=tuple(replace(c, mask_labels=labels) if c.mask else c
                                             for c in it.channels)) for it in items]
     return items, bad
@@ -147,7 +133,6 @@ def plan_items(df: pd.DataFrame, input_kind: str, align: str, roi: str, atlas: A
 
 def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
           atlas: Atlas) -> tuple[list[Item], list[tuple[str, str]]]:
-    variant_name(align, roi)
     if input_kind == "image2d" and align != "none":
         raise UnknownNameError(f"alignment {align!r} is for 3D cohorts; 2D models take 'none'")
     if align in ("atlas", "oracle_atlas") and atlas.image is None:
@@ -239,134 +224,11 @@ def _plan_pairs(rows: list[dict[str, Any]], align: str, crop: bool, amask: str |
     return items
 
 
-# -- loading -----------------------------------------------------------------------------
-@dataclass
-class LoadTimer:
-    """Seconds spent reading files and preprocessing, summed over calls."""
-
-    read: float = 0.0
-    preprocess: float = 0.0
-    cache: dict[str, Any] = field(default_factory=dict)
-
-    def volume(self, path: str) -> Any:
-        """Read a scan once per batch (a baseline can serve several channels)."""
-        if path not in self.cache:
-            t0 = time.perf_counter()
-            from medfeat.io.readers import read_scan
-
-            self.cache[path] = read_scan(path)
-            self.read += time.perf_counter() - t0
-        return self.cache[path]
-
-
-def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: LoadTimer,
-              transforms: dict[tuple[str, int], np.ndarray] | None = None,
-              out: np.ndarray | None = None, gray: str = "repeat") -> np.ndarray:
-    """The model input of ``item``: (C, *size) float32, written into ``out`` when given (a
-    row of the batch buffer). Raises InputError for bad inputs.
-
-    ``transforms`` holds estimated alignments by (item id, channel) from :func:`align_batch`;
-    channels that need one and are missing there are aligned on their own. ``gray`` is the
-    2D model's grey-image mode (:func:`gray_mode`).
-    """
-    if spec.input_kind == "image2d":
-        ch = item.channels[0]
-        t0 = time.perf_counter()
-        from medfeat.io.readers import read_image
-
-        img = read_image(ch.path)
-        timer.read += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        x = pp.prepare_image(img, size, spec.preprocess, spec.in_channels, gray=gray, out=out)
-        timer.preprocess += time.perf_counter() - t0
-        return x
-    if len(item.channels) != spec.in_channels:
-        raise InputError(f"{item.item_id}: {len(item.channels)} input channel(s), model takes {spec.in_channels}")
-    if out is None:
-        out = np.empty((spec.in_channels, *size), dtype=np.float32)
-    transforms = transforms or {}
-    for k, ch in enumerate(item.channels):
-        _load_channel(ch, spec, size, timer, transforms.get((item.item_id, k)), out, k)
-    return out
-
-
-def gray_mode(backbone: Any) -> str:
-    """The grey-image mode a 2D backbone was built with (its ``gray`` config; ``repeat``)."""
-    return str((getattr(backbone, "provenance", None) or {}).get("config", {}).get("gray", "repeat"))
-
-
-def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: LoadTimer,
-                  estimated: np.ndarray | None, out: np.ndarray, k: int) -> None:
-    vol = timer.volume(ch.path)
-    ref = timer.volume(ch.ref) if ch.ref else vol
-    mask = timer.volume(ch.mask) if ch.mask else None
-    t0 = time.perf_counter()
-    transform = None if ch.transform is None else np.asarray(ch.transform).reshape(4, 4)
-    if ch.estimate:
-        transform = estimated if estimated is not None else estimate_alignment(vol, ref, ch.estimate)
-    if mask is not None:
-        roi = mask.data if ch.mask_labels is None else np.isin(mask.data, ch.mask_labels)
-        if not roi.any():
-            raise InputError(f"{ch.mask}: no voxel has an ROI label {list(ch.mask_labels or ())}")
-        lo, hi = pp.mask_box(roi, mask.affine, ref.affine)
-        grid = pp.box_grid(ref.affine, lo, hi, size)
-    else:
-        grid = pp.fov_grid(ref.affine, ref.shape, size)
-    try:
-        pp.prepare_volume_into(out[None], k, vol.data, vol.affine, grid, spec.preprocess, transform)
-    except ImportError:  # kernels not built: the unfused SciPy path
-        out[k] = pp.prepare_volume(vol.data, vol.affine, grid, spec.preprocess, transform)
-    timer.preprocess += time.perf_counter() - t0
-
-
 def check_alignment_available(kind: str) -> None:
     """Raise RuntimeUnavailableError (one line, at planning time) when no registration exists."""
     try:
-        from medfeat.kernels import align  # noqa: F401
+        import medfeat.kernels.align  # noqa: F401
     except ImportError as exc:
         raise RuntimeUnavailableError(
-            f"{kind} alignment is not available (medfeat.kernels has no align); "
-            "use --variant oracle on cohorts with recorded transforms") from exc
-
-
-def estimate_alignment(moving: Any, fixed: Any, kind: str) -> np.ndarray:
-    """(4, 4) fixed world mm -> moving world mm, by the kernels' registration (NCC, pyramid).
-
-    ``kind``: ``rigid`` or ``affine``. Scans are aligned one item at a time here.
-    """
-    from medfeat.kernels import align
-
-    out = align([moving.data], [fixed.data], [moving.affine], [fixed.affine], kind=kind)
-    return np.asarray(out[0], dtype=np.float64)
-
-
-def align_batch(items: list[Item], timer: LoadTimer) -> tuple[dict[tuple[str, int], np.ndarray], list[tuple[str, str]]]:
-    """Estimate every alignment a batch needs in one batched registration per kind.
-
-    Returns transforms by (item id, channel) and ``(item id, reason)`` for items whose
-    scans could not be read (they fail; the rest of the batch goes on).
-    """
-    from medfeat.errors import MedfeatError
-
-    wanted: dict[str, list[tuple[str, int, Any, Any]]] = {}
-    failures = []
-    for item in items:
-        for k, ch in enumerate(item.channels):
-            if not ch.estimate:
-                continue
-            try:
-                moving, fixed = timer.volume(ch.path), timer.volume(ch.ref or ch.path)
-            except MedfeatError as exc:
-                failures.append((item.item_id, " ".join(str(exc).split())[:300]))
-                continue
-            wanted.setdefault(ch.estimate, []).append((item.item_id, k, moving, fixed))
-    out: dict[tuple[str, int], np.ndarray] = {}
-    t0 = time.perf_counter()
-    for kind, jobs in wanted.items():
-        from medfeat.kernels import align
-
-        mats = align([j[2].data for j in jobs], [j[3].data for j in jobs],
-                     [j[2].affine for j in jobs], [j[3].affine for j in jobs], kind=kind)
-        out.update({(j[0], j[1]): np.asarray(m, np.float64) for j, m in zip(jobs, mats)})
-    timer.preprocess += time.perf_counter() - t0
-    return out, failures
+            f"{kind} alignment is not available ({one_line(exc)}); "
+            "use --align oracle on cohorts with recorded transforms") from exc

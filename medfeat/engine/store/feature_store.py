@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from medfeat import __version__
+from medfeat.version import __version__
 from medfeat.engine.store.lock import LOCK_NAME
 from medfeat.errors import StoreError, UnknownNameError
 

@@ -1,1 +1,3 @@
-"""TODO"""
+"""Backbones: the registry, tap specs, weight loading, pooling, FLOP counts, and one
+module per model family under ``models/``.
+"""

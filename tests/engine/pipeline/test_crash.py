@@ -20,8 +20,9 @@ SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {here!r})
     import _tiny_backbone
-    from medfeat.engine.pipeline.extract import ExtractConfig, extract
-    extract(ExtractConfig({manifest!r}, {store!r}, "tinyslow_test", ("conv1", "conv2"),
+    from medfeat.engine.pipeline.config import ExtractConfig
+    from medfeat.engine.pipeline.extract import extract
+    extract(ExtractConfig.from_settings({manifest!r}, {store!r}, "tinyslow_test", ("conv1", "conv2"),
                           scheduler_kind="sync", batch_size=2, chunk_items=2, progress=False))
 """)
 
@@ -52,10 +53,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path_factory, tmp_path):
     # resume and the reference run in this process (same code; saves two interpreter starts)
     import _tiny_backbone  # noqa: F401
 
-    from medfeat.engine.pipeline.extract import ExtractConfig, extract
+    from medfeat.engine.pipeline.config import ExtractConfig
+    from medfeat.engine.pipeline.extract import extract
 
     for store in (killed, clean):
-        extract(ExtractConfig(str(manifest), str(store), "tinyslow_test", ("conv1", "conv2"),
+        extract(ExtractConfig.from_settings(str(manifest), str(store), "tinyslow_test", ("conv1", "conv2"),
                               scheduler_kind="sync", batch_size=2, chunk_items=2, progress=False))
     a, b = zarr.open_group(str(killed), mode="r"), zarr.open_group(str(clean), mode="r")
     for col in ("item_id", "subject", "source"):

@@ -1,6 +1,8 @@
 """Extraction: preprocessing geometry, items, resume, failures, retry, run record."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import shutil
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ from scipy import ndimage
 import _tiny_backbone  # noqa: F401 - registers the tiny test backbones
 from _cohort import tiny_cohort  # noqa: E402
 from medfeat.engine.pipeline import preprocess as pp
-from medfeat.engine.pipeline.extract import ExtractConfig, extract
+from medfeat.engine.pipeline.config import ExtractConfig, Variant
+from medfeat.engine.pipeline.extract import extract
 from medfeat.engine.pipeline.items import Atlas, plan_items
 from medfeat.io.manifest import read_manifest
 from medfeat.engine.pipeline.worker import clear_models, model_builds
@@ -32,7 +35,7 @@ def manifest(tmp_path_factory):
 def _cfg(manifest, store, **kw) -> ExtractConfig:
     base = dict(model="tiny3d_test", taps=("conv1", "conv2"), scheduler_kind="sync", batch_size=2,
                 chunk_items=4, progress=False)
-    return ExtractConfig(str(manifest), str(store), **{**base, **kw})
+    return ExtractConfig.from_settings(str(manifest), str(store), **{**base, **kw})
 
 
 # -- geometry against an independent reference --------------------------------------------
@@ -65,7 +68,7 @@ def test_intensity_percentile_clamp():
 
 def test_oracle_alignment_brings_followup_onto_baseline(manifest):
     df = read_manifest(manifest)
-    items, bad = plan_items(df, "volume3d", "oracle", "whole", Atlas.beside(manifest))
+    items, bad = plan_items(df, "volume3d", Variant("oracle", "whole"), Atlas.beside(manifest))
     assert not bad and len(items) == 6
     dice = lambda a, b: 2 * (a & b).sum() / (a.sum() + b.sum())  # noqa: E731
     for k in range(3):
@@ -101,10 +104,10 @@ def test_extract_resume_and_threads_equal_sync(manifest, tmp_path):
     clear_models()  # an earlier test may have built the same model in this process
     builds = model_builds()
     r = extract(_cfg(manifest, tmp_path / "a"))
-    assert r["items"] == {"total": 6, "skipped": 0, "done": 6, "failed": 0}
-    assert set(r["timings"]) >= {"read", "preprocess", "infer", "write"}
+    assert asdict(r.items) == {"total": 6, "skipped": 0, "done": 6, "failed": 0}
+    assert set(r.timings) >= {"read", "preprocess", "infer", "write"}
     again = extract(_cfg(manifest, tmp_path / "a"))
-    assert again["items"]["done"] == 0 and again["items"]["skipped"] == 6
+    assert again.items.done == 0 and again.items.skipped == 6
     extract(_cfg(manifest, tmp_path / "b", scheduler_kind="threads", workers=1, threads_per_worker=3))
     assert model_builds() == builds + 1  # one model for all runs and threads of this process
     a, b = FeatureStore.open(tmp_path / "a"), FeatureStore.open(tmp_path / "b")
@@ -120,7 +123,7 @@ def test_extract_resume_and_threads_equal_sync(manifest, tmp_path):
 
 def test_pair_items(manifest, tmp_path):
     r = extract(_cfg(manifest, tmp_path / "p", model="tinypair_test", taps=("conv2",)))
-    assert r["items"]["done"] == 3
+    assert r.items.done == 3
     ids, x = FeatureStore.open(tmp_path / "p").read("tinypair_test:conv2:none-whole")
     assert ids == ["S0000", "S0001", "S0002"] and x.shape == (3, 16)
 
@@ -145,8 +148,8 @@ def test_failures_recorded_run_goes_on_and_retry(manifest, tmp_path):
     root = _broken_cohort(manifest, tmp_path)
     store = tmp_path / "f"
     r = extract(_cfg(root / "manifest.csv", store))
-    reasons = {f["item_id"]: f["reason"] for f in r["failures"]}
-    assert r["items"]["done"] == 6 and r["items"]["failed"] == 5
+    reasons = {f["item_id"]: f["reason"] for f in r.failures}
+    assert r.items.done == 6 and r.items.failed == 5
     assert "truncated" in reasons["B1/baseline"] or "unreadable" in reasons["B1/baseline"]
     assert "NaN" in reasons["B2/baseline"]
     assert "3D" in reasons["B3/baseline"]
@@ -154,10 +157,10 @@ def test_failures_recorded_run_goes_on_and_retry(manifest, tmp_path):
     assert "sometime" in reasons["row 11"]
     s = FeatureStore.open(store)
     assert len(s.failures()) == 10  # 5 items x 2 taps
-    assert extract(_cfg(root / "manifest.csv", store))["items"]["done"] == 0  # failed ones skipped
+    assert extract(_cfg(root / "manifest.csv", store)).items.done == 0  # failed ones skipped
     shutil.copy(root / s.items()["source"][0], root / "missing.nii.gz")  # fix one
     r = extract(_cfg(root / "manifest.csv", store, retry_failed=True))
-    assert r["items"]["done"] == 1 and r["items"]["failed"] == 4
+    assert r.items.done == 1 and r.items.failed == 4
     assert not any(f["item_id"] == "B4/baseline" for f in FeatureStore.open(store).failures())
 
 
@@ -166,7 +169,7 @@ def test_2d_cohort_through_the_same_pipeline(tmp_path):
 
     m = synth2d_cohort(tmp_path / "c2d", images=4, seed=0, size=48)
     r = extract(_cfg(m, tmp_path / "s2d", model="tiny2d_test", taps=("conv2",), scheduler_kind="threads"))
-    assert r["items"]["done"] == 4
+    assert r.items.done == 4
     ids, x = FeatureStore.open(tmp_path / "s2d").read("tiny2d_test:conv2:none-whole")
     assert ids == [f"fundus{i:05d}" for i in range(4)] and x.shape == (4, 16) and np.isfinite(x).all()
 
@@ -193,8 +196,8 @@ def test_crop_roi_labels_shrink_the_box_to_those_labels(manifest):
     df = read_manifest(manifest)
     spec = type("Spec", (), {"input_kind": "volume3d", "in_channels": 1,
                              "preprocess": Preprocess("percentile_clamp", {"upper": 99.0})})()
-    items_all, _ = plan_items(df, "volume3d", "oracle", "crop", Atlas.beside(manifest))
-    items_cart, _ = plan_items(df, "volume3d", "oracle", "crop", Atlas.beside(manifest), roi_labels=(3, 4))
+    items_all, _ = plan_items(df, "volume3d", Variant("oracle", "crop"), Atlas.beside(manifest))
+    items_cart, _ = plan_items(df, "volume3d", Variant("oracle", "crop", (3, 4)), Atlas.beside(manifest))
     follow = items_cart[1].channels[0]
     assert follow.mask_labels == (3, 4) and items_all[1].channels[0].mask_labels is None
     assert follow.mask == df["mask_path"][0]  # the baseline's mask, on the baseline grid
@@ -203,11 +206,11 @@ def test_crop_roi_labels_shrink_the_box_to_those_labels(manifest):
     lo, hi = pp.mask_box(np.isin(m.data, (3, 4)), m.affine, m.affine)
     assert np.all(hi - lo < hi_all - lo_all)  # strictly smaller on every axis
     # the loaded crop: the cartilage box sampled at the input size differs from the full box
-    from medfeat.engine.pipeline.items import LoadTimer, load_item
+    from medfeat.engine.pipeline.inputs import ScanCache, load_item
 
-    x_all = load_item(items_all[1], spec, (12, 12, 12), LoadTimer())
-    x_cart = load_item(items_cart[1], spec, (12, 12, 12), LoadTimer())
+    x_all = load_item(items_all[1], spec, (12, 12, 12), ScanCache())
+    x_cart = load_item(items_cart[1], spec, (12, 12, 12), ScanCache())
     assert x_all.shape == x_cart.shape == (1, 12, 12, 12) and not np.allclose(x_all, x_cart)
-    bad = plan_items(df, "volume3d", "none", "crop", Atlas.beside(manifest), roi_labels=(9,))[0][0]
+    bad = plan_items(df, "volume3d", Variant("none", "crop", (9,)), Atlas.beside(manifest))[0][0]
     with pytest.raises(InputError, match="no voxel has an ROI label"):
-        load_item(bad, spec, (12, 12, 12), LoadTimer())
+        load_item(bad, spec, (12, 12, 12), ScanCache())

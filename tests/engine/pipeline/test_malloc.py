@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from medfeat.engine.pipeline.worker import make_executor
+from medfeat.engine.pipeline.config import ClusterConfig
 from medfeat.errors import UnknownNameError
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -54,4 +54,4 @@ def test_retain_reuses_freed_blocks_instead_of_new_pages() -> None:
 
 def test_unknown_malloc_mode_is_refused() -> None:
     with pytest.raises(UnknownNameError, match="malloc mode 'huge'"):
-        make_executor("sync", malloc="huge")
+        ClusterConfig("sync", malloc="huge")

@@ -9,21 +9,23 @@ import pytest
 
 import _tiny_backbone  # noqa: E402,F401
 from _cohort import tiny_cohort  # noqa: E402
-from medfeat.engine.pipeline.extract import ExtractConfig, extract  # noqa: E402
-from medfeat.engine.pipeline.worker import SyncExecutor, make_executor, model_builds  # noqa: E402
+from medfeat.engine.pipeline.config import ClusterConfig, ExtractConfig  # noqa: E402
+from medfeat.engine.pipeline.executors import SyncExecutor, make_executor  # noqa: E402
+from medfeat.engine.pipeline.extract import extract  # noqa: E402
+from medfeat.engine.pipeline.worker import model_builds  # noqa: E402
 from medfeat.engine.store.feature_store import FeatureStore  # noqa: E402
 
 
 def _cfg(manifest, store, **kw):
     base = dict(batch_size=2, chunk_items=2, progress=False, modules=("_tiny_backbone",))
-    return ExtractConfig(str(manifest), str(store), "tiny3d_test", ("conv2",), **{**base, **kw})
+    return ExtractConfig.from_settings(str(manifest), str(store), "tiny3d_test", ("conv2",), **{**base, **kw})
 
 
 @pytest.mark.timeout(300)
 def test_local_cluster_matches_sync_and_builds_once_per_worker(tmp_path_factory, tmp_path):
     manifest = tiny_cohort(tmp_path_factory)
     # One worker process: starting each costs seconds (spawn, import torch) on a shared CI box.
-    ex = make_executor("local", workers=1, threads_per_worker=2, memory_limit="3GB")
+    ex = make_executor(ClusterConfig("local", workers=1, threads_per_worker=2, memory_limit="3GB"))
     try:
         r = extract(_cfg(manifest, tmp_path / "dask", scheduler_kind="local", workers=1), executor=ex)
         # a second run joins the same cluster by address (--scheduler tcp://...)
@@ -31,8 +33,8 @@ def test_local_cluster_matches_sync_and_builds_once_per_worker(tmp_path_factory,
         builds = ex.client.run(model_builds)
     finally:
         ex.close()
-    assert r["items"]["done"] == 6 and r["scheduler"].startswith("dask")
-    assert r2["items"]["done"] == 6 and r2["scheduler"].startswith("dask")
+    assert r.items.done == 6 and r.scheduler.startswith("dask")
+    assert r2.items.done == 6 and r2.scheduler.startswith("dask")
     assert list(builds.values()) == [1]  # 6 batches, 2 runs, 1 model: built once per worker
     extract(_cfg(manifest, tmp_path / "sync", scheduler_kind="sync"), executor=SyncExecutor())
     ia, xa = FeatureStore.open(tmp_path / "dask").read("tiny3d_test:conv2:none-whole")
@@ -70,13 +72,13 @@ def test_cuda_workers_match_cpu(tmp_path_factory, tmp_path):
     GPU) when installed, else a plain LocalCluster; features equal the CPU run's (fp32)."""
     pytest.importorskip("dask_cuda")
     manifest = tiny_cohort(tmp_path_factory)
-    ex = make_executor("local", threads_per_worker=2, device="cuda")
+    ex = make_executor(ClusterConfig("local", threads_per_worker=2), device="cuda")
     try:
         assert type(ex.cluster).__name__ == "LocalCUDACluster"
         r = extract(_cfg(manifest, tmp_path / "cuda", scheduler_kind="local", device="cuda"), executor=ex)
     finally:
         ex.close()
-    assert r["items"]["done"] == 6
+    assert r.items.done == 6
     extract(_cfg(manifest, tmp_path / "cpu", scheduler_kind="sync"), executor=SyncExecutor())
     ia, xa = FeatureStore.open(tmp_path / "cuda").read("tiny3d_test:conv2:none-whole")
     ib, xb = FeatureStore.open(tmp_path / "cpu").read("tiny3d_test:conv2:none-whole")

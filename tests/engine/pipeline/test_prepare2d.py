@@ -19,7 +19,8 @@ from PIL import Image
 import _tiny_backbone  # noqa: E402,F401 - registers tiny2d_test
 from medfeat.engine.pipeline import worker as pl  # noqa: E402
 from medfeat.engine.pipeline import preprocess as pp  # noqa: E402
-from medfeat.engine.pipeline.extract import ExtractConfig, extract  # noqa: E402
+from medfeat.engine.pipeline.config import ExtractConfig  # noqa: E402
+from medfeat.engine.pipeline.extract import extract  # noqa: E402
 from medfeat.engine.pipeline.items import Channel, Item  # noqa: E402
 from medfeat.engine.store.feature_store import FeatureStore  # noqa: E402
 from medfeat.errors import InputError, UnknownNameError  # noqa: E402
@@ -141,10 +142,10 @@ def test_resnet50_tiny_on_synthetic_2d_set(tmp_path):
     from medfeat.cohorts.synth2d import synth2d_cohort
 
     manifest = synth2d_cohort(tmp_path / "c2d", images=6, size=64)
-    cfg = ExtractConfig(str(manifest), str(tmp_path / "s"), "resnet50", ("layer1",), tiny=True,
+    cfg = ExtractConfig.from_settings(str(manifest), str(tmp_path / "s"), "resnet50", ("layer1",), tiny=True,
                         input_size=(32, 32), scheduler_kind="sync", batch_size=4, progress=False)
     rec = extract(cfg)
-    assert rec["items"]["done"] == 6 and rec["items"]["failed"] == 0
+    assert rec.items.done == 6 and rec.items.failed == 0
     ids, feats = FeatureStore.open(tmp_path / "s").read("resnet50:layer1:none-whole")
     assert feats.shape == (6, 32) and np.isfinite(feats).all()
     # the same features from the torch-reference inputs through the same model
@@ -153,5 +154,5 @@ def test_resnet50_tiny_on_synthetic_2d_set(tmp_path):
     df = pd.read_csv(manifest)
     paths = {str(r.item_id): Path(manifest).parent / r.path for r in df.itertuples()}
     ref = np.stack([reference(np.asarray(Image.open(paths[i])), 32) for i in ids]).astype(np.float32)
-    model = pl.get_model(cfg.model_config())
+    model = pl.get_model(cfg.model)
     np.testing.assert_allclose(feats, model.runtime(torch.from_numpy(ref))["layer1"], atol=1e-4, rtol=1e-4)

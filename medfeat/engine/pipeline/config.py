@@ -1,0 +1,219 @@
+"""Typed configuration of an extraction: the model, the variant, the cluster, the run record.
+
+An :class:`ExtractConfig` is composed of three small frozen parts, each owning its
+fields once:
+
+* :class:`ModelConfig`: what a worker builds (also the key of its model cache);
+* :class:`Variant`: the preprocessing variant, alignment and ROI (store name ``ALIGN-ROI``);
+* :class:`ClusterConfig`: where batches run (scheduler kind or address, workers, threads,
+  memory limit, allocator mode).
+
+Flat settings (the CLI's options, an experiment's ``extract:`` block) become a config
+through :meth:`ExtractConfig.from_settings`, which routes each key to the part that owns
+it and names any key that no part has. This module imports nothing heavy: the CLI reads
+its choice lists at start-up.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from medfeat.engine.pipeline.malloc import MALLOC_MODES
+from medfeat.errors import InputError, UnknownNameError
+
+ALIGNMENTS = ("none", "rigid", "affine", "oracle", "atlas", "oracle_atlas")
+ROIS = ("whole", "crop")
+SCHEDULER_KINDS = ("local", "threads", "sync")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that determines the model a worker builds (hashable: the cache key)."""
+
+    name: str
+    taps: tuple[str, ...]
+    weights: str | None = None
+    tiny: bool = False
+    pooling: str | None = None
+    seed: int = 0
+    runtime: str = "eager"
+    device: str = "cpu"
+    precision: str = "fp32"
+    input_size: tuple[int, ...] | None = None
+    # How many torch threads a worker uses is not part of the model's identity (cache key).
+    torch_threads: int | None = field(default=None, compare=False)
+    # Modules to import before building: they register extra backbones (plugins, tests),
+    # which spawned worker processes would otherwise not know.
+    modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A preprocessing variant: ``align`` (see ``items``), ``roi`` (``whole`` or ``crop``),
+    and the mask labels whose box is the crop (``None``: every non-zero label)."""
+
+    align: str = "none"
+    roi: str = "whole"
+    roi_labels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.align not in ALIGNMENTS:
+            raise UnknownNameError(f"unknown alignment {self.align!r}; alignments: {', '.join(ALIGNMENTS)}")
+        if self.roi not in ROIS:
+            raise UnknownNameError(f"unknown ROI {self.roi!r}; ROIs: {', '.join(ROIS)}")
+
+    @property
+    def name(self) -> str:
+        """The store's variant name, e.g. ``none-whole``, ``rigid-crop``."""
+        return f"{self.align}-{self.roi}"
+
+    @classmethod
+    def parse(cls, text: str, roi_labels: tuple[int, ...] | None = None) -> Variant:
+        """``ALIGN-ROI`` (e.g. ``rigid-crop``) -> Variant."""
+        align, sep, roi = str(text).rpartition("-")
+        if not sep:
+            raise UnknownNameError(f"variant {text!r} is not ALIGN-ROI, e.g. none-whole or rigid-crop")
+        return cls(align, roi, roi_labels)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where batches run: a scheduler kind (``local``, ``threads``, ``sync``) or the address
+    of an existing Dask scheduler, with workers, threads per worker, a per-worker memory
+    limit (``"2GB"``) and the allocator mode of the processes it starts."""
+
+    scheduler_kind: str = "local"
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 2
+    memory_limit: str | None = None
+    malloc: str = "retain"
+
+    def __post_init__(self) -> None:
+        if self.scheduler_kind not in SCHEDULER_KINDS:
+            raise UnknownNameError(f"unknown scheduler kind {self.scheduler_kind!r}; "
+                                   f"kinds: {', '.join(SCHEDULER_KINDS)}")
+        if self.malloc not in MALLOC_MODES:
+            raise UnknownNameError(f"unknown malloc mode {self.malloc!r}; modes: {', '.join(MALLOC_MODES)}")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One extraction run: manifest and store, the model, the variant, the cluster, and
+    how the driver batches (``batch_size`` items per task, ``chunk_items`` per store chunk
+    for new stores, at most ``window`` batches in flight)."""
+
+    manifest: str
+    store: str
+    model: ModelConfig
+    variant: Variant = field(default_factory=Variant)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    batch_size: int = 4
+    chunk_items: int | None = None
+    window: int | None = None
+    retry_failed: bool = False
+    atlas: str | None = None
+    atlas_mask: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def settings(cls) -> set[str]:
+        """Every flat setting :meth:`from_settings` takes (besides manifest, store, model, taps)."""
+        own = {f.name for f in fields(cls)} - {"manifest", "store", "model", "variant", "cluster"}
+        return own | _MODEL_KEYS | _VARIANT_KEYS | _CLUSTER_KEYS
+
+    @classmethod
+    def from_settings(cls, manifest: str, store: str, model: str, taps: tuple[str, ...] | list[str],
+                      **settings: Any) -> ExtractConfig:
+        """A config from flat settings (CLI options, an experiment's ``extract:`` block).
+
+        Raises InputError naming a setting that no part of the config has.
+        """
+        unknown = sorted(set(settings) - cls.settings())
+        if unknown:
+            raise InputError(f"unknown extract setting(s) {', '.join(unknown)}; "
+                             f"settings: {', '.join(sorted(cls.settings()))}")
+        pick = {k: settings[k] for k in _MODEL_KEYS if k in settings}
+        for key in ("input_size", "modules"):
+            if pick.get(key) is not None:
+                pick[key] = tuple(pick[key])
+        mcfg = ModelConfig(str(model), tuple(str(t) for t in taps), **pick)
+        vpick = {k: settings[k] for k in _VARIANT_KEYS if k in settings}
+        if vpick.get("roi_labels") is not None:
+            vpick["roi_labels"] = tuple(int(v) for v in vpick["roi_labels"])
+        cpick = {k: settings[k] for k in _CLUSTER_KEYS if k in settings}
+        own = {k: v for k, v in settings.items() if k not in _MODEL_KEYS | _VARIANT_KEYS | _CLUSTER_KEYS}
+        return cls(str(manifest), str(store), mcfg, Variant(**vpick), ClusterConfig(**cpick), **own)
+
+    def with_model(self, **changes: Any) -> ExtractConfig:
+        """This config with ``changes`` to its model config."""
+        return replace(self, model=replace(self.model, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested form (tuples as lists), for run records."""
+        return _jsonable(asdict(self))
+
+
+_MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"name", "taps", "torch_threads"}
+_VARIANT_KEYS = {f.name for f in fields(Variant)}
+_CLUSTER_KEYS = {f.name for f in fields(ClusterConfig)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class ItemCounts:
+    """Items of one run: in the plan, skipped (done or failed before), done now, failed."""
+
+    total: int = 0
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+
+
+@dataclass
+class RunRecord:
+    """What one extraction did; returned by ``extract`` and appended to the store's runs.
+
+    ``timings`` are seconds per stage (read, preprocess, infer, write; summed over tasks)
+    plus ``pipeline_wall``; ``failures`` are ``{item_id, reason}``.
+    """
+
+    config: dict[str, Any]
+    variant: str
+    arrays: list[str]
+    scheduler: str
+    versions: dict[str, str]
+    items: ItemCounts
+    timings: dict[str, float]
+    items_per_s: float | None
+    failures: list[dict[str, str]]
+    started: str = ""
+    finished: str = ""
+    wall_s: float = 0.0
+    command: str = "extract"
+
+    @property
+    def store(self) -> str:
+        return str(self.config["store"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> RunRecord:
+        """Read a record back (older records may lack fields added since; they default)."""
+        known = {f.name for f in fields(cls)}
+        body = {k: v for k, v in doc.items() if k in known}
+        missing = {"config", "variant", "arrays", "scheduler", "versions", "items", "timings",
+                   "items_per_s", "failures"} - set(body)
+        if missing:
+            raise InputError(f"run record lacks {', '.join(sorted(missing))}")
+        body["items"] = ItemCounts(**body["items"])
+        return cls(**body)

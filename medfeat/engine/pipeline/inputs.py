@@ -1,0 +1,134 @@
+"""Model inputs of items: scans read once per batch, aligned, resampled into the batch buffer.
+
+:class:`ScanCache` holds one batch's scans (a subject's baseline serves every channel that
+references it) and the read / preprocess seconds; :func:`align_batch` estimates every
+alignment a batch needs in one batched registration per kind; :func:`load_item` writes
+one item's input into its row of the preallocated batch buffer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medfeat.engine.pipeline import preprocess as pp
+from medfeat.engine.pipeline.items import Channel, Item
+from medfeat.errors import InputError, MedfeatError, one_line
+from medfeat.io.nifti import Volume
+from medfeat.io.readers import read_image, read_scan
+from medfeat.kernels import align
+
+
+@dataclass
+class ScanCache:
+    """The scans of one batch, each read once (a baseline can serve several channels and
+    items), with the seconds spent reading and preprocessing summed over the batch."""
+
+    read: float = 0.0
+    preprocess: float = 0.0
+    scans: dict[str, Volume] = field(default_factory=dict)
+
+    def volume(self, path: str) -> Volume:
+        """The scan at ``path``, read on first use."""
+        if path not in self.scans:
+            t0 = time.perf_counter()
+            self.scans[path] = read_scan(path)
+            self.read += time.perf_counter() - t0
+        return self.scans[path]
+
+
+def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: ScanCache,
+              transforms: dict[tuple[str, int], np.ndarray] | None = None,
+              out: np.ndarray | None = None, gray: str = "repeat") -> np.ndarray:
+    """The model input of ``item``: (C, *size) float32, written into ``out`` when given (a
+    row of the batch buffer). Raises InputError for bad inputs.
+
+    ``transforms`` holds estimated alignments by (item id, channel) from :func:`align_batch`;
+    channels that need one and are missing there are aligned on their own. ``gray`` is the
+    2D model's grey-image mode (:func:`gray_mode`).
+    """
+    if spec.input_kind == "image2d":
+        ch = item.channels[0]
+        t0 = time.perf_counter()
+        img = read_image(ch.path)
+        timer.read += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        x = pp.prepare_image(img, size, spec.preprocess, spec.in_channels, gray=gray, out=out)
+        timer.preprocess += time.perf_counter() - t0
+        return x
+    if len(item.channels) != spec.in_channels:
+        raise InputError(f"{item.item_id}: {len(item.channels)} input channel(s), model takes {spec.in_channels}")
+    if out is None:
+        out = np.empty((spec.in_channels, *size), dtype=np.float32)
+    transforms = transforms or {}
+    for k, ch in enumerate(item.channels):
+        _load_channel(ch, spec, size, timer, transforms.get((item.item_id, k)), out, k)
+    return out
+
+
+def gray_mode(backbone: Any) -> str:
+    """The grey-image mode a 2D backbone was built with (its ``gray`` config; ``repeat``)."""
+    return str((getattr(backbone, "provenance", None) or {}).get("config", {}).get("gray", "repeat"))
+
+
+def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: ScanCache,
+                  estimated: np.ndarray | None, out: np.ndarray, k: int) -> None:
+    vol = timer.volume(ch.path)
+    ref = timer.volume(ch.ref) if ch.ref else vol
+    mask = timer.volume(ch.mask) if ch.mask else None
+    t0 = time.perf_counter()
+    transform = None if ch.transform is None else np.asarray(ch.transform).reshape(4, 4)
+    if ch.estimate:
+        transform = estimated if estimated is not None else estimate_alignment(vol, ref, ch.estimate)
+    if mask is not None:
+        roi = mask.data if ch.mask_labels is None else np.isin(mask.data, ch.mask_labels)
+        if not roi.any():
+            raise InputError(f"{ch.mask}: no voxel has an ROI label {list(ch.mask_labels or ())}")
+        lo, hi = pp.mask_box(roi, mask.affine, ref.affine)
+        grid = pp.box_grid(ref.affine, lo, hi, size)
+    else:
+        grid = pp.fov_grid(ref.affine, ref.shape, size)
+    try:
+        pp.prepare_volume_into(out[None], k, vol.data, vol.affine, grid, spec.preprocess, transform)
+    except ImportError:  # kernels not built: the unfused SciPy path
+        out[k] = pp.prepare_volume(vol.data, vol.affine, grid, spec.preprocess, transform)
+    timer.preprocess += time.perf_counter() - t0
+
+
+def estimate_alignment(moving: Any, fixed: Any, kind: str) -> np.ndarray:
+    """(4, 4) fixed world mm -> moving world mm, by the kernels' registration (NCC, pyramid).
+
+    ``kind``: ``rigid`` or ``affine``. Scans are aligned one item at a time here.
+    """
+    out = align([moving.data], [fixed.data], [moving.affine], [fixed.affine], kind=kind)
+    return np.asarray(out[0], dtype=np.float64)
+
+
+def align_batch(items: list[Item], timer: ScanCache) -> tuple[dict[tuple[str, int], np.ndarray], list[tuple[str, str]]]:
+    """Estimate every alignment a batch needs in one batched registration per kind.
+
+    Returns transforms by (item id, channel) and ``(item id, reason)`` for items whose
+    scans could not be read (they fail; the rest of the batch goes on).
+    """
+    wanted: dict[str, list[tuple[str, int, Any, Any]]] = {}
+    failures = []
+    for item in items:
+        for k, ch in enumerate(item.channels):
+            if not ch.estimate:
+                continue
+            try:
+                moving, fixed = timer.volume(ch.path), timer.volume(ch.ref or ch.path)
+            except MedfeatError as exc:
+                failures.append((item.item_id, one_line(exc)))
+                continue
+            wanted.setdefault(ch.estimate, []).append((item.item_id, k, moving, fixed))
+    out: dict[tuple[str, int], np.ndarray] = {}
+    t0 = time.perf_counter()
+    for kind, jobs in wanted.items():
+        mats = align([j[2].data for j in jobs], [j[3].data for j in jobs],
+                     [j[2].affine for j in jobs], [j[3].affine for j in jobs], kind=kind)
+        out.update({(j[0], j[1]): np.asarray(m, np.float64) for j, m in zip(jobs, mats)})
+    timer.preprocess += time.perf_counter() - t0
+    return out, failures
