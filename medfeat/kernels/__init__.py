@@ -9,6 +9,7 @@ from medfeat.kernels.fused import resample_normalise
 from medfeat.kernels.geometry import (
     Grid,
     box_grid,
+    edge_box_grid,
     fov_grid,
     index_map,
     resample_world,
@@ -29,6 +30,7 @@ __all__ = [
     "box_grid",
     "center_crop",
     "crop",
+    "edge_box_grid",
     "fov_grid",
     "gray_to_rgb",
     "index_map",

@@ -106,6 +106,27 @@ def fov_grid(shape: Any, affine: Any, out_shape: Any) -> Grid:
     return Grid(tuple(int(v) for v in m), a @ s)
 
 
+def edge_box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any) -> Grid:
+    """Grid of ``out_shape`` spanning the box between voxel-*edge* coordinates ``lo`` and
+    ``hi`` (each (3,), continuous, any real values) of a volume with ``affine``.
+
+    A whole volume of ``n`` voxels spans edges ``[-0.5, n - 0.5]``, so
+    ``edge_box_grid(affine, -0.5, shape - 0.5, out)`` equals ``fov_grid(shape, affine, out)``;
+    a crop box with a margin in mm has fractional edges, which this keeps exactly (target
+    voxel ``t`` samples ``lo + (t + 0.5) * (hi - lo) / out_shape``).
+    """
+    lo_a = np.broadcast_to(np.asarray(lo, dtype=np.float64), (3,))
+    hi_a = np.broadcast_to(np.asarray(hi, dtype=np.float64), (3,))
+    if not (hi_a > lo_a).all():
+        raise InputError(f"box: need lo < hi on all three axes, got lo={lo_a.tolist()} hi={hi_a.tolist()}")
+    m = np.asarray(_checks.check_shape("out_shape", out_shape, 3), dtype=np.float64)
+    step = (hi_a - lo_a) / m
+    to_box = np.eye(4)
+    to_box[:3, :3] = np.diag(step)
+    to_box[:3, 3] = lo_a + 0.5 * step
+    return Grid(tuple(int(v) for v in m), _checks.check_affine4("affine", affine) @ to_box)
+
+
 def box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any | None = None) -> Grid:
     """Grid of the voxel box [lo, hi) of a volume with ``affine``; optionally resized.
 

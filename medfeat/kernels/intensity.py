@@ -16,7 +16,9 @@ import numpy as np
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
 
-_KINDS = ("percentile", "zscore", "window", "none")
+# The names of the backbone specs' rules (medfeat.export.backbones.spec.Preprocess), so a
+# rule has one name from the registry to the kernel.
+_KINDS = ("percentile_clamp", "zscore", "ct_window", "none")
 _NBINS = 1 << 16
 
 
@@ -24,15 +26,15 @@ _NBINS = 1 << 16
 class IntensityRule:
     """How to map scanner intensities to model input.
 
-    kind : 'percentile' clamps to [lower percentile (None: the minimum),
+    kind : 'percentile_clamp' clamps to [lower percentile (None: the minimum),
         upper percentile] and scales that range to [0, 1] (uniGradICON MRI:
-        ``IntensityRule()``); 'window' does the same with fixed bounds
+        ``IntensityRule()``); 'ct_window' does the same with fixed bounds
         ``window=(lo, hi)`` in scanner units (CT: (-1000, 1000) HU);
         'zscore' subtracts the mean and divides by the standard deviation;
         'none' passes values through.
     """
 
-    kind: str = "percentile"
+    kind: str = "percentile_clamp"
     lower: float | None = None
     upper: float = 99.0
     window: tuple[float, float] | None = None
@@ -40,7 +42,7 @@ class IntensityRule:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise InputError(f"rule.kind: unknown intensity rule {self.kind!r}; choose one of {_KINDS}")
-        if self.kind == "window":
+        if self.kind == "ct_window":
             if self.window is None or len(self.window) != 2 or not float(self.window[0]) < float(self.window[1]):
                 raise InputError(f"rule.window: need (lo, hi) with lo < hi, got {self.window!r}")
         for name, q in (("lower", self.lower), ("upper", self.upper)):
@@ -140,7 +142,7 @@ def _mean_std(x: Any) -> tuple[float, float]:
 def rule_params(volume: Any, rule: IntensityRule) -> tuple[float, float, float, float]:
     """(lo, hi, shift, scale) of ``rule`` for this volume: out = (clamp(v, lo, hi) - shift) * scale.
 
-    A constant volume under 'percentile' maps to 0 (scale 0) rather than
+    A constant volume under 'percentile_clamp' maps to 0 (scale 0) rather than
     dividing by zero; a constant volume under 'zscore' gets scale 1.
     """
     inf = float("inf")
@@ -149,7 +151,7 @@ def rule_params(volume: Any, rule: IntensityRule) -> tuple[float, float, float, 
     if rule.kind == "zscore":
         mean, std = _mean_std(volume)
         return -inf, inf, mean, (1.0 / std if std > 0 else 1.0)
-    if rule.kind == "window":
+    if rule.kind == "ct_window":
         lo, hi = float(rule.window[0]), float(rule.window[1])
     elif rule.lower is None:
         lo, _ = _min_max(volume)
@@ -166,7 +168,7 @@ def normalise_reference(volume: np.ndarray, rule: IntensityRule) -> np.ndarray:
         return v
     if rule.kind == "zscore":
         return (v - v.mean()) / (v.std() or 1.0)
-    if rule.kind == "window":
+    if rule.kind == "ct_window":
         lo, hi = rule.window
     else:
         lo = v.min() if rule.lower is None else np.percentile(v, rule.lower)

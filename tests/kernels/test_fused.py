@@ -46,7 +46,7 @@ def _reference(vol, aff, grid, tf, rule, cval=None):
     return (res - shift) * scale
 
 
-RULES = [IntensityRule(), IntensityRule(lower=1.0, upper=99.5), IntensityRule("zscore"), IntensityRule("window", window=(50.0, 400.0)), IntensityRule("none")]
+RULES = [IntensityRule(), IntensityRule(lower=1.0, upper=99.5), IntensityRule("zscore"), IntensityRule("ct_window", window=(50.0, 400.0)), IntensityRule("none")]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.kind + str(r.lower))
@@ -58,7 +58,7 @@ def test_fused_matches_unfused_pipeline(rule):
     out = np.full((2, 2, 6, 7, 5), 9.0, np.float32)
     resample_normalise(vols, affs, roi, out, transforms=tfs, channel=1, rule=rule)
     assert np.all(out[:, 0] == 9.0)  # the other channel is untouched
-    span = 1.0 if rule.kind in ("percentile", "window") else float(np.abs(out[:, 1]).max())
+    span = 1.0 if rule.kind in ("percentile_clamp", "ct_window") else float(np.abs(out[:, 1]).max())
     for b in range(2):
         ref = _reference(vols[b], affs[b], roi, tfs[b], rule)
         np.testing.assert_allclose(out[b, 1], ref, rtol=0, atol=1e-6 * max(span, 1.0))
@@ -111,4 +111,4 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(InputError, match="rule.kind"):
         IntensityRule("minmax")
     with pytest.raises(InputError, match="rule.window"):
-        IntensityRule("window", window=(5, 1))
+        IntensityRule("ct_window", window=(5, 1))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from medfeat.errors import InputError
 from medfeat.kernels import Grid, crop, index_map, paste, resample_world, rigid_matrix
-from medfeat.kernels.geometry import box_grid, fov_grid, world_box_to_voxels
+from medfeat.kernels.geometry import box_grid, edge_box_grid, fov_grid, world_box_to_voxels
 
 nib = pytest.importorskip("nibabel")
 sitk = pytest.importorskip("SimpleITK")
@@ -191,3 +191,19 @@ def test_mask_roi_grid_equals_crop_of_the_box():
     np.testing.assert_array_equal(resample_world(data, a, grid), crop(data, lo, hi))
     with pytest.raises(InputError, match="mask: has no nonzero voxel"):
         box_from_mask(np.zeros((3, 3, 3)))
+
+
+def test_edge_box_grid_spans_voxel_edges():
+    """A whole volume's edges give fov_grid; a fractional crop box keeps its exact edges."""
+    a = _oblique_affine([0.8, 1.2, 2.0], [0.1, -0.2, 0.3], [10.0, -4.0, 2.5])
+    shape = np.array([20, 17, 9])
+    whole = edge_box_grid(a, -0.5, shape - 0.5, (8, 8, 8))
+    ref = fov_grid(shape, a, (8, 8, 8))
+    np.testing.assert_allclose(whole.affine, ref.affine, atol=1e-12)
+    lo, hi = np.array([1.3, -0.7, 2.25]), np.array([9.8, 10.1, 7.5])
+    g = edge_box_grid(a, lo, hi, (4, 6, 5))
+    idx = np.linalg.solve(a, g.affine)  # box voxel -> volume voxel
+    np.testing.assert_allclose(idx[:3, :3] @ np.full(3, -0.5) + idx[:3, 3], lo, atol=1e-12)  # first edge
+    np.testing.assert_allclose(idx[:3, :3] @ (np.array([4, 6, 5]) - 0.5) + idx[:3, 3], hi, atol=1e-12)
+    with pytest.raises(InputError, match="lo < hi"):
+        edge_box_grid(a, hi, lo, (4, 4, 4))

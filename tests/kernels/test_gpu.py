@@ -61,7 +61,7 @@ def test_cuda_matches_cupyx(order, mode):
     np.testing.assert_allclose(ours.get(), ref.get(), rtol=0, atol=1e-6 * float(x.max()))
 
 
-@pytest.mark.parametrize("rule", [IntensityRule(), IntensityRule("zscore"), IntensityRule("window", window=(0.0, 300.0))], ids=str)
+@pytest.mark.parametrize("rule", [IntensityRule(), IntensityRule("zscore"), IntensityRule("ct_window", window=(0.0, 300.0))], ids=str)
 def test_fused_batch_equals_cpu(rule):
     vols = [_scan((12, 10, 14), 2), _scan((16, 12, 10), 3)]
     affs = [np.diag([1.2, 0.9, 2.0, 1.0]), rigid_matrix([0.1, -0.2, 0.05], [3.0, -2.0, 1.0])]

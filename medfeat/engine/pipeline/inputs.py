@@ -18,7 +18,7 @@ from medfeat.engine.pipeline.items import Channel, Item
 from medfeat.errors import InputError, MedfeatError, one_line
 from medfeat.io.nifti import Volume
 from medfeat.io.readers import read_image, read_scan
-from medfeat.kernels import align
+from medfeat.kernels import align, edge_box_grid, fov_grid
 
 
 @dataclass
@@ -87,13 +87,10 @@ def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: ScanCach
         if not roi.any():
             raise InputError(f"{ch.mask}: no voxel has an ROI label {list(ch.mask_labels or ())}")
         lo, hi = pp.mask_box(roi, mask.affine, ref.affine)
-        grid = pp.box_grid(ref.affine, lo, hi, size)
+        grid = edge_box_grid(ref.affine, lo, hi, size)
     else:
-        grid = pp.fov_grid(ref.affine, ref.shape, size)
-    try:
-        pp.prepare_volume_into(out[None], k, vol.data, vol.affine, grid, spec.preprocess, transform)
-    except ImportError:  # kernels not built: the unfused SciPy path
-        out[k] = pp.prepare_volume(vol.data, vol.affine, grid, spec.preprocess, transform)
+        grid = fov_grid(ref.shape, ref.affine, size)
+    pp.prepare_volume_into(out[None], k, vol.data, vol.affine, grid, spec.preprocess, transform)
     timer.preprocess += time.perf_counter() - t0
 
 

@@ -22,46 +22,16 @@ resize the shorter side to ``size * 256 / 224`` (bilinear, no antialias), centre
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from medfeat.errors import InputError, UnknownNameError
 from medfeat.export.backbones.spec import Preprocess
+from medfeat.kernels import Grid, IntensityRule, affine_transform, prepare_images, resample_normalise
 
 # Margin around a mask's bounding box for the ROI crop, in mm.
 ROI_MARGIN_MM = 10.0
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A target sampling grid: ``affine`` (4, 4) target voxel -> world mm, ``shape`` in voxels."""
-
-    affine: np.ndarray
-    shape: tuple[int, ...]
-
-
-def box_grid(ref_affine: np.ndarray, lo: Sequence[float], hi: Sequence[float],
-             size: Sequence[int]) -> Grid:
-    """Grid of ``size`` voxels spanning reference voxel-edge coordinates ``[lo, hi]`` per axis.
-
-    ``ref_affine``: (4, 4) reference voxel -> world mm.
-    """
-    lo = np.asarray(lo, dtype=np.float64)
-    hi = np.asarray(hi, dtype=np.float64)
-    size = np.asarray(size, dtype=np.float64)
-    step = (hi - lo) / size
-    to_ref = np.eye(4)
-    to_ref[:3, :3] = np.diag(step)
-    to_ref[:3, 3] = lo + 0.5 * step
-    return Grid(np.asarray(ref_affine, np.float64) @ to_ref, tuple(int(s) for s in size))
-
-
-def fov_grid(ref_affine: np.ndarray, ref_shape: Sequence[int], size: Sequence[int]) -> Grid:
-    """Grid of ``size`` voxels covering the whole field of view of a (D, H, W) reference."""
-    shape = np.asarray(ref_shape, dtype=np.float64)
-    return box_grid(ref_affine, -0.5 * np.ones(3), shape - 0.5, size)
 
 
 def mask_box(mask: np.ndarray, mask_affine: np.ndarray, ref_affine: np.ndarray,
@@ -98,18 +68,8 @@ def resample(data: np.ndarray, data_affine: np.ndarray, grid: Grid,
     if world_transform is not None:
         m = m @ np.asarray(world_transform, np.float64)
     m = m @ grid.affine
-    return _affine_transform(np.ascontiguousarray(data, np.float32), m, grid.shape, order)
-
-
-def _affine_transform(data: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...],
-                      order: int) -> np.ndarray:
-    """The kernels' ``affine_transform`` when exported, SciPy's otherwise (same signature)."""
-    try:
-        from medfeat.kernels import affine_transform  # type: ignore[attr-defined]
-    except ImportError:
-        from scipy.ndimage import affine_transform
-    out = affine_transform(data, matrix, output_shape=tuple(shape), order=order,
-                           mode="constant", cval=0.0)
+    out = affine_transform(np.ascontiguousarray(data, np.float32), m[:3, :3], m[:3, 3],
+                           output_shape=grid.shape, order=order, mode="constant", cval=0.0)
     return np.asarray(out, dtype=np.float32)
 
 
@@ -164,15 +124,13 @@ def prepare_volume(data: np.ndarray, affine: np.ndarray, grid: Grid, rule: Prepr
 
 def kernel_rule(rule: Preprocess) -> Any:
     """The kernels' :class:`~medfeat.kernels.IntensityRule` equal to a spec's 3D rule."""
-    from medfeat.kernels import IntensityRule
-
     p = rule.params
     if rule.rule == "percentile_clamp":
-        return IntensityRule("percentile", lower=p.get("lower"), upper=float(p.get("upper", 99.0)))
+        return IntensityRule("percentile_clamp", lower=p.get("lower"), upper=float(p.get("upper", 99.0)))
     if rule.rule == "minmax":
-        return IntensityRule("percentile", lower=0.0, upper=100.0)
+        return IntensityRule("percentile_clamp", lower=0.0, upper=100.0)
     if rule.rule == "ct_window":
-        return IntensityRule("window", window=(float(p.get("lo", -1000.0)), float(p.get("hi", 1000.0))))
+        return IntensityRule("ct_window", window=(float(p.get("lo", -1000.0)), float(p.get("hi", 1000.0))))
     if rule.rule in ("zscore", "none"):
         return IntensityRule(rule.rule)
     raise UnknownNameError(f"intensity rule {rule.rule!r} is not one of percentile_clamp, minmax, "
@@ -184,10 +142,7 @@ def prepare_volume_into(out: np.ndarray, channel: int, data: np.ndarray, affine:
     """Like :func:`prepare_volume`, written into ``out[0, channel]`` of a (1, C, D, H, W)
     float32 buffer in one fused pass (the kernels' ``resample_normalise``: resample, clamp,
     scale, cast); :func:`prepare_volume` is its unfused reference."""
-    from medfeat.kernels import Grid as KernelGrid
-    from medfeat.kernels import resample_normalise
-
-    resample_normalise([np.ascontiguousarray(data, np.float32)], [affine], KernelGrid(grid.shape, grid.affine),
+    resample_normalise([np.ascontiguousarray(data, np.float32)], [affine], grid,
                        out, transforms=[world_transform], channel=channel, rule=kernel_rule(rule))
 
 
@@ -213,8 +168,6 @@ def prepare_image(image: np.ndarray, size: Sequence[int], rule: Preprocess, in_c
     exactly the study's "first channel's weights only" (``GrayConv2d``). RGB(A) images keep
     their channels (alpha dropped). A one-channel model gets the channel mean of RGB.
     """
-    from medfeat.kernels import prepare_images
-
     if gray not in GRAY_MODES:
         raise UnknownNameError(f"gray mode {gray!r} is not one of {', '.join(GRAY_MODES)}")
     h, w = (int(s) for s in size)

@@ -16,6 +16,7 @@ from scipy import ndimage
 import _tiny_backbone  # noqa: F401 - registers the tiny test backbones
 from _cohort import tiny_cohort  # noqa: E402
 from medfeat.engine.pipeline import preprocess as pp
+from medfeat.kernels import edge_box_grid, fov_grid
 from medfeat.engine.pipeline.config import ExtractConfig, Variant
 from medfeat.engine.pipeline.extract import extract
 from medfeat.engine.pipeline.items import Atlas, plan_items
@@ -45,7 +46,7 @@ def test_resample_matches_explicit_world_coordinates():
     a = np.array([[0.0, 1.2, 0.1, -5], [1.5, 0.0, 0.0, 3], [0.0, 0.1, 2.0, 1], [0, 0, 0, 1]])
     t = np.eye(4)
     t[:3, 3] = [0.7, -0.4, 1.1]
-    grid = pp.fov_grid(a, data.shape, (7, 8, 6))
+    grid = fov_grid(data.shape, a, (7, 8, 6))
     out = pp.resample(data, a, grid, t)
     # reference: each target voxel centre -> world -> through t -> source voxel, by hand
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in (7, 8, 6)], indexing="ij"), -1).reshape(-1, 3)
@@ -76,7 +77,7 @@ def test_oracle_alignment_brings_followup_onto_baseline(manifest):
         assert ch.ref == df["path"][2 * k] and ch.path == df["path"][2 * k + 1]
         base = read_volume(df["mask_path"][2 * k])
         follow = read_volume(df["mask_path"][2 * k + 1])
-        grid = pp.fov_grid(base.affine, base.shape, (24, 24, 24))
+        grid = fov_grid(base.shape, base.affine, (24, 24, 24))
         tibia = pp.resample(base.data == 2, base.affine, grid) > 0.5
         aligned = pp.resample(follow.data == 2, follow.affine, grid, np.reshape(ch.transform, (4, 4))) > 0.5
         unaligned = pp.resample(follow.data == 2, follow.affine, grid) > 0.5
@@ -180,7 +181,7 @@ def test_fused_kernel_path_matches_unfused_reference(manifest):
     vol, base = read_volume(df["path"][1]), read_volume(df["path"][0])
     m = read_volume(df["mask_path"][0])
     lo, hi = pp.mask_box(m.data, m.affine, base.affine)
-    grid = pp.box_grid(base.affine, lo, hi, (12, 14, 10))
+    grid = edge_box_grid(base.affine, lo, hi, (12, 14, 10))
     t = np.asarray(df["transform"][1])
     rule = Preprocess("percentile_clamp", {"upper": 99.0})
     out = np.zeros((1, 2, 12, 14, 10), np.float32)
