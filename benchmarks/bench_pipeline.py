@@ -106,7 +106,7 @@ def _section(r: dict) -> str:
              f"Command: `python benchmarks/bench_pipeline.py --subjects {a['subjects']} --shape {a['shape']} "
              f"--model {a['model']} --taps {a['taps']} --batch {a['batch']} --threads {a['threads']} "
              f"--device {a['device']} --kinds {a['kinds']} --repeats {a['repeats']} --memory-limit {a['memory_limit']}"
-             f"{' --tiny' if a['tiny'] else ''}{' --memory-demo %d' % a['memory_demo'] if a['memory_demo'] else ''}`  ",
+             f"{' --tiny' if a['tiny'] else ''}{' --memory-demo ' + str(a['memory_demo']) if a['memory_demo'] else ''}`  ",
              f"Machine: {r['machine']}; load average (1/5/15 min) {' / '.join(f'{v:.2f}' for v in la['start'])} "
              f"at the start, {' / '.join(f'{v:.2f}' for v in la['end'])} at the end. "
              f"Cohort: {r['cohort']['scans']} scans of {a['shape']}^3 "

@@ -36,9 +36,8 @@ def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
 
 
 def run(items: int, dim: int, folds: int, threads: int, n_boot: int) -> dict:
-    from threadpoolctl import threadpool_limits
-
     import sklearn
+    from threadpoolctl import threadpool_limits
 
     from medfeat.probes.evaluate import cross_validate_probe
     from medfeat.probes.linear import LinearProbe

@@ -51,9 +51,9 @@ def max_rel(ref: dict, got: dict) -> float:
 
 
 def bench_case(name: str, batch: int, size, args) -> dict:
+    from medfeat.export.backbones.registry import create_backbone, get_spec
     from medfeat.export.runtimes.factory import make_runtime
     from medfeat.export.runtimes.onnx_export import random_input
-    from medfeat.export.backbones.registry import create_backbone, get_spec
 
     spec = get_spec(name)
     last = spec.tap_table(**(spec.tiny_config if args.tiny else {}))[-1].name
@@ -124,7 +124,6 @@ def main() -> None:
     parser.add_argument("--markdown", default=None, help="append the table to this file (RESULTS.md)")
     args = parser.parse_args()
     import onnxruntime
-
     from gpu_runtimes import load_families_tolerantly  # this script's folder is on sys.path
 
     skipped = load_families_tolerantly()

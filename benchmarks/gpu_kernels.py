@@ -85,8 +85,7 @@ def bench_case(src_shape, out_shape, reps, batch, bw):
     import torch
     from cupyx.scipy import ndimage as cndi
 
-    from medfeat.kernels import Grid, IntensityRule, affine_transform, resample_normalise
-    from medfeat.kernels import _gpu
+    from medfeat.kernels import Grid, IntensityRule, _gpu, affine_transform, resample_normalise
     from medfeat.kernels.fused import launch_gpu
 
     rng = np.random.default_rng(0)

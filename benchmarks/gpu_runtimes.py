@@ -88,10 +88,10 @@ def max_rel(ref: dict, got: dict) -> float:
 
 
 def bench_model(name: str, batch: int, ort_batch: int, args) -> dict:
+    from medfeat.export.backbones.registry import create_backbone, get_spec
     from medfeat.export.runtimes.factory import make_runtime
     from medfeat.export.runtimes.onnx_export import random_input
     from medfeat.export.runtimes.ort_session import available_providers
-    from medfeat.export.backbones.registry import create_backbone, get_spec
 
     spec = get_spec(name)
     last = spec.tap_table()[-1].name
@@ -140,9 +140,9 @@ AB_CASES = [("dinov2_vitb14", 128), ("sam_med3d", 8), ("resnet50", 128), ("unigr
 
 def channels_last_ab(seconds: float = 2.0) -> None:
     """Eager bf16 items/s with the runtime's memory-format rule vs plain contiguous."""
+    from medfeat.export.backbones.registry import create_backbone, get_spec
     from medfeat.export.runtimes.factory import EagerRuntime
     from medfeat.export.runtimes.onnx_export import random_input
-    from medfeat.export.backbones.registry import create_backbone, get_spec
 
     for name, batch in AB_CASES:
         try:

@@ -14,8 +14,9 @@ Re-exported by ``import medfeat`` (lazily, so the CLI starts fast)::
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from medfeat.engine.pipeline.config import ExtractConfig, RunRecord
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore

@@ -14,9 +14,9 @@ import sys
 
 import click
 
-from medfeat.version import __version__
 from medfeat.commands import COMMAND_MODULES
 from medfeat.errors import MedfeatError
+from medfeat.version import __version__
 
 
 @click.group()

@@ -9,9 +9,10 @@ import importlib.util
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 OK, MISSING = "ok", "missing"
 

@@ -9,9 +9,10 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class PeakRSS:
             if self._stop.wait(0.2):  # sample once more at the end: short runs get a figure
                 break
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import yaml
 
-from medfeat.bench.stages import STAGES, StageCase
 from medfeat.bench.harness import environment, machine_limits
+from medfeat.bench.stages import STAGES, StageCase
 from medfeat.errors import InputError, UnknownNameError, one_line
 
 PRESETS: dict[str, list[dict[str, Any]]] = {

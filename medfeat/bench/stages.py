@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,9 +172,9 @@ def stage_fused(case: StageCase, limits: dict[str, float]) -> list[Row]:
 
 def stage_infer(case: StageCase, limits: dict[str, float]) -> list[Row]:
     """Model inference per runtime on one batch; counted FLOPs over the matrix rate."""
-    from medfeat.export.runtimes.factory import make_runtime
     from medfeat.export.backbones.flops import model_flops
     from medfeat.export.backbones.registry import create_backbone, get_spec
+    from medfeat.export.runtimes.factory import make_runtime
 
     spec = get_spec(case.model or "")
     taps = case.extra.get("taps") or [spec.tap_table(**(spec.tiny_config if case.tiny else {}))[-1].name]
@@ -188,7 +189,7 @@ def stage_infer(case: StageCase, limits: dict[str, float]) -> list[Row]:
         except Exception as exc:  # noqa: BLE001 - a missing runtime is a row, not a crash
             rows.append({"stage": case.stage, "impl": runtime, "model": case.model, "error": str(exc)[:200]})
             continue
-        t = time_call(lambda: run(x), warmup=1, repeats=case.repeats, device=case.device)
+        t = time_call(lambda run=run, x=x: run(x), warmup=1, repeats=case.repeats, device=case.device)
         rows.append(_row(case, runtime, t, case.batch, flops=flops, limits=limits, taps=",".join(taps)))
     return _ratios(rows, "eager")
 
@@ -261,8 +262,8 @@ def stage_pipeline(case: StageCase, limits: dict[str, float]) -> list[Row]:
     :mod:`medfeat.bench.pipeline`).
     """
     from medfeat.bench import pipeline as bp
-    from medfeat.engine.pipeline.worker import clear_models
     from medfeat.cohorts.synth import synth_cohort
+    from medfeat.engine.pipeline.worker import clear_models
     from medfeat.export.backbones.registry import get_spec
 
     spec = get_spec(case.model or "unet3d")

@@ -7,8 +7,8 @@ keeps every other column of the original row, digits of transforms included.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import zarr

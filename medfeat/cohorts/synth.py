@@ -67,9 +67,9 @@ import numpy as np
 from scipy import ndimage
 
 from medfeat.cohorts import synth_anatomy as anat
+from medfeat.errors import InputError
 from medfeat.io.manifest import format_transform
 from medfeat.io.nifti import write_volume
-from medfeat.errors import InputError
 
 # Field of view (mm) along the array axes (ML, AP, SI); 64^3 gives 2.0 x 1.6 x 1.6 mm voxels.
 DEFAULT_FOV_MM = (128.0, 102.4, 102.4)
@@ -100,8 +100,8 @@ COLUMN_DOCS = {
 
 
 @dataclass(frozen=True)
-class Grid:
-    """A scan's voxel grid: shape (D, H, W) and spacing (mm)."""
+class ScanLayout:
+    """A synthetic scan's voxel layout: shape (D, H, W) and spacing (mm); its affine comes later."""
 
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
@@ -111,7 +111,7 @@ class Grid:
         return np.asarray(self.shape) * np.asarray(self.spacing)
 
 
-def make_grid(shape=(64, 64, 64), spacing=None) -> Grid:
+def make_layout(shape=(64, 64, 64), spacing=None) -> ScanLayout:
     """Check ``shape`` / ``spacing`` and fill in the default spacing (``DEFAULT_FOV_MM / shape``)."""
     shape = tuple(int(v) for v in shape)
     if len(shape) != 3 or min(shape) < 8:
@@ -121,7 +121,7 @@ def make_grid(shape=(64, 64, 64), spacing=None) -> Grid:
     spacing = tuple(float(v) for v in spacing)
     if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise InputError(f"voxel spacing {spacing}: need three positive sizes in mm")
-    grid = Grid(shape, spacing)
+    grid = ScanLayout(shape, spacing)
     if np.any(grid.fov < np.asarray(MIN_FOV_MM)):
         fov = " x ".join(f"{v:g}" for v in np.round(grid.fov, 1))
         raise InputError(f"field of view {fov} mm (shape x spacing) is "
@@ -150,7 +150,7 @@ def _homogeneous(linear: np.ndarray, translation: np.ndarray) -> np.ndarray:
     return m
 
 
-def header_affine(grid: Grid, rng: np.random.Generator | None, max_oblique_deg: float = 3.0,
+def header_affine(grid: ScanLayout, rng: np.random.Generator | None, max_oblique_deg: float = 3.0,
                   max_offset_mm: float = 2.0) -> np.ndarray:
     """Voxel -> world affine of a scan: oblique rotation @ diag(spacing), grid centre near the origin.
 
@@ -283,7 +283,7 @@ def _write_scan(out: Path, stem: str, image: np.ndarray, labels: np.ndarray,
     return path, mask
 
 
-def synth_subject(out: Path, sid: str, rng: np.random.Generator, label: int, grid: Grid,
+def synth_subject(out: Path, sid: str, rng: np.random.Generator, label: int, grid: ScanLayout,
                   misalign: str, max_rotation_deg: float, max_translation_mm: float) -> list[dict]:
     """Render and write one subject's two scans; return their two manifest rows."""
     base = anat.sample_shape(rng)
@@ -317,7 +317,7 @@ def synth_subject(out: Path, sid: str, rng: np.random.Generator, label: int, gri
     return rows
 
 
-def write_atlas(out: Path, grid: Grid) -> tuple[Path, Path]:
+def write_atlas(out: Path, grid: ScanLayout) -> tuple[Path, Path]:
     """Render the mean anatomy, clean, on an axis-aligned grid whose world is the knee frame."""
     affine = header_affine(grid, None)
     labels, tissue = render_labels(anat.mean_shape(), affine, grid.shape)
@@ -369,7 +369,7 @@ def synth_cohort(
         raise InputError(f"misalign '{misalign}': expected one of {', '.join(MISALIGN_MODES)}")
     if not 0.0 <= progressor_fraction <= 1.0:
         raise InputError(f"progressor fraction {progressor_fraction}: expected a value in [0, 1]")
-    grid = make_grid(shape, spacing)
+    grid = make_layout(shape, spacing)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = _labels(subjects, progressor_fraction, seed)

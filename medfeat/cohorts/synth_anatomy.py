@@ -22,8 +22,8 @@ narrowing, as in osteoarthritis.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable
 
 import numpy as np
 

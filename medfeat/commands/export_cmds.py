@@ -55,8 +55,14 @@ def _export_onnx(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, An
 def _export_tensorrt(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
     from medfeat.export.runtimes.artefacts import PARITY_FILE, onnx_artefact
     from medfeat.export.runtimes.parity import check_parity
-    from medfeat.export.runtimes.tensorrt import (DEFAULT_PROFILE, ENGINE_FILE, TensorRTRunner, engine_artefact,
-                                               gpu_identity, require_tensorrt)
+    from medfeat.export.runtimes.tensorrt import (
+        DEFAULT_PROFILE,
+        ENGINE_FILE,
+        TensorRTRunner,
+        engine_artefact,
+        gpu_identity,
+        require_tensorrt,
+    )
 
     require_tensorrt()  # before the export: say what is missing first
     gpu_identity()
@@ -122,8 +128,8 @@ def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, inpu
     """
     import torch
 
-    from medfeat.export.runtimes.onnx_export import DEFAULT_OPSET
     from medfeat.export.backbones.registry import create_backbone
+    from medfeat.export.runtimes.onnx_export import DEFAULT_OPSET
 
     backbone = create_backbone(model, _split(taps), weights, pooling=pooling, seed=seed, tiny=tiny)
     profile = _ints(batch_profile, "--batch-profile")

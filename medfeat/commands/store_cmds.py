@@ -52,8 +52,8 @@ def verify_cmd(store: str) -> None:
 @click.option("--array", "arrays", multiple=True, help="MODEL:TAP[:VARIANT] (repeatable; default all).")
 def export_cmd(store: str, fmt: str, out: str, arrays: tuple[str, ...]) -> None:
     """Export arrays to Parquet, or to HDF5 bags (features/coords) for MIL tools."""
-    from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
     from medfeat.engine.store.export import export_store
+    from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 
     files = export_store(FeatureStore.open(store), out, fmt, [ArrayKey.parse(a) for a in arrays] or None)
     click.echo(f"wrote {len(files)} file(s) under {out}")

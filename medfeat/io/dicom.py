@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medfeat.io.nifti import Volume, affine_spacing, check_affine
 from medfeat.errors import InputError, one_line
+from medfeat.io.nifti import Volume, affine_spacing, check_affine
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

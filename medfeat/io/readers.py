@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medfeat.io.nifti import Volume, is_nifti, read_volume
 from medfeat.errors import InputError, one_line
+from medfeat.io.nifti import Volume, is_nifti, read_volume
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 

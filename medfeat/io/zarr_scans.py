@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from medfeat.io.nifti import Volume, affine_spacing, check_affine
 from medfeat.errors import InputError, UnknownNameError, one_line
+from medfeat.io.nifti import Volume, affine_spacing, check_affine
 
 CODECS = ("zstd", "blosc")
 SHARD_MIN_CHUNKS = 8

@@ -5,8 +5,9 @@ Only imported when an input is a cupy array, so CuPy stays optional.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def cuda_source() -> str:
     return resources.files("medfeat.kernels").joinpath("cuda/resample.cu").read_text()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(device_id: int, dtype: np.dtype) -> Any:
     cp = _cupy()
     # -DTIN picks the source dtype; float64 math with explicit _rn intrinsics keeps CPU parity.

@@ -23,8 +23,9 @@ centre, initialised from the rigid solution, plus translation).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -12,7 +12,8 @@ is ever sampled.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,8 @@ from medfeat.errors import InputError
 from medfeat.kernels import _checks
 from medfeat.kernels.geometry import Grid, index_map
 from medfeat.kernels.intensity import IntensityRule, rule_params
+
+DEFAULT_RULE = IntensityRule()  # frozen: one shared default instance is safe
 
 
 def out_kind(out: Any) -> tuple[str, str]:
@@ -59,7 +62,7 @@ def resample_normalise(
     *,
     transforms: Sequence[Any | None] | None = None,
     channel: int = 0,
-    rule: IntensityRule = IntensityRule(),
+    rule: IntensityRule = DEFAULT_RULE,
     order: int = 1,
     mode: str = "constant",
     cval: float | None = None,

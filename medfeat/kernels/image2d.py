@@ -12,7 +12,8 @@ downscaling by much more than 2x aliases (pre-shrink such images first).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

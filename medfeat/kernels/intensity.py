@@ -123,7 +123,6 @@ def percentile(x: Any, q: float | list[float]) -> Any:
 
 
 def _min_max(x: Any) -> tuple[float, float]:
-    xp = _checks.array_module(x)
     # NumPy's SIMD reductions beat a scalar Numba loop here.
     return float(x.min()), float(x.max())
 

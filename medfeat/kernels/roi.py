@@ -58,7 +58,7 @@ def crop(volume: Any, lo: Any, hi: Any, fill: float = 0.0) -> Any:
             f"roi: box lo={lo_a.tolist()} hi={hi_a.tolist()} lies wholly outside the volume of shape {tuple(shape)}"
         )
     out = xp.full(tuple(hi_a - lo_a), fill, dtype=volume.dtype)
-    dst = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(src_lo, src_hi, lo_a))
+    dst = tuple(slice(int(a - lo), int(b - lo)) for a, b, lo in zip(src_lo, src_hi, lo_a))
     src = tuple(slice(int(a), int(b)) for a, b in zip(src_lo, src_hi))
     out[dst] = volume[src]
     return out
@@ -80,7 +80,7 @@ def paste(patch: Any, lo: Any, shape: Any, fill: float = 0.0) -> Any:
     if (dst_hi <= dst_lo).any():
         return out
     dst = tuple(slice(int(a), int(b)) for a, b in zip(dst_lo, dst_hi))
-    src = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(dst_lo, dst_hi, lo_a))
+    src = tuple(slice(int(a - lo), int(b - lo)) for a, b, lo in zip(dst_lo, dst_hi, lo_a))
     out[dst] = patch[src]
     return out
 

@@ -16,8 +16,7 @@ import numpy as np
 
 from medfeat.errors import InputError
 from medfeat.probes.linear import make_probe
-from medfeat.probes.metrics import (METRICS_BY_TASK, best_f1_threshold, prepared_auc,
-                                    roc_curve_points)
+from medfeat.probes.metrics import METRICS_BY_TASK, best_f1_threshold, prepared_auc, roc_curve_points
 from medfeat.probes.splits import repeated_grouped_kfold
 from medfeat.probes.stats import CI, PairedResult, bootstrap_ci, delong_test, paired_bootstrap
 

@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from medfeat.errors import InputError
@@ -42,6 +43,22 @@ def _check_xy(X: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, n
         if len(y) != len(X):
             raise InputError(f"{len(X)} feature rows but {len(y)} labels")
     return X, y
+
+
+def _check_predict_x(probe: BaseEstimator, X: np.ndarray) -> np.ndarray:
+    """X for a fitted probe: NotFittedError before ``fit``, a clear error on a feature count
+    other than the one it was fitted on."""
+    check_is_fitted(probe, "n_features_in_")
+    X, _ = _check_xy(X)
+    if X.shape[1] != probe.n_features_in_:
+        raise InputError(f"X has {X.shape[1]} features, but {type(probe).__name__} was fitted with "
+                         f"{probe.n_features_in_} features")
+    return X
+
+
+def _check_param(name: str, value: object, ok: bool, want: str) -> None:
+    if not ok:
+        raise InputError(f"{name}={value!r}: {want}")
 
 
 _PATIENCE = 2  # C values with rising held-out loss before the tuning path stops
@@ -85,15 +102,28 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     # -- fitting ------------------------------------------------------------
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "LinearProbe":
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LinearProbe:
         """Fit on X (n, dim), y (n,) or (n, L); ``groups`` (n,) subjects for the inner CV."""
+        self._check_params()
         X, y = _check_xy(X, y)
         groups = np.arange(len(X)) if groups is None else np.asarray(groups)
+        if len(groups) != len(X):
+            raise InputError(f"{len(X)} feature rows but {len(groups)} groups")
         # Small problems: BLAS threads only spin against each other (10x slower on 2 busy cores).
         with threadpool_limits(limits=1 if X.size < _SMALL else None):
             return self._fit(X, y, groups)
 
-    def _fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> "LinearProbe":
+    def _check_params(self) -> None:
+        Cs = list(np.atleast_1d(np.asarray(self.Cs, dtype=float)))
+        _check_param("Cs", self.Cs, len(Cs) > 0 and all(np.isfinite(Cs)) and min(Cs) > 0,
+                     "need one or more positive, finite values")
+        _check_param("inner_splits", self.inner_splits, int(self.inner_splits) == self.inner_splits
+                     and self.inner_splits >= 2, "the inner cross-validation needs at least 2 folds")
+        _check_param("tune_max_samples", self.tune_max_samples, self.tune_max_samples >= 1, "need at least 1")
+        _check_param("max_iter", self.max_iter, self.max_iter >= 1, "need at least 1")
+        _check_param("tol", self.tol, self.tol > 0, "need a positive tolerance")
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> LinearProbe:
         self.mean_ = X.mean(axis=0, dtype=np.float64).astype(X.dtype)
         std = X.std(axis=0, dtype=np.float64)
         self.scale_ = np.where(std > 1e-12, std, 1.0).astype(X.dtype)
@@ -136,10 +166,11 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             return Cs[0]
         idx = self._tuning_subset(groups)
         Zt, yt, gt = Z[idx], y[idx], groups[idx]
-        try:
-            folds = grouped_kfold(yt, gt, self.inner_splits, self.random_state)
-        except InputError:  # too few subjects to tune: fall back to the grid's middle
-            return Cs[len(Cs) // 2]
+        n_subjects = len(np.unique(gt))
+        if n_subjects < self.inner_splits:
+            raise InputError(f"tuning C needs at least inner_splits={self.inner_splits} subjects, the training "
+                             f"rows hold {n_subjects}: give a single C (Cs=[C]) or fewer inner splits")
+        folds = grouped_kfold(yt, gt, self.inner_splits, self.random_state)
         losses = np.zeros(len(Cs))
         n_classes = int(y.max()) + 1
         for train, val in folds:
@@ -186,7 +217,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     # -- prediction ---------------------------------------------------------
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Probabilities: (n, K) for K classes, or (n, L) P(label present) for multi-label."""
-        X, _ = _check_xy(X)
+        X = _check_predict_x(self, X)
         Z = self._standardise(X.astype(self.mean_.dtype, copy=False))
         if self.multilabel_:
             return np.column_stack([_positive_proba(e, Z) for e in self.estimators_])
@@ -247,13 +278,16 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         X = X.astype(np.float32, copy=False)
         if self.normalize == "standard":
             X = (X - self.mean_) / self.scale_
-        elif self.normalize != "l2":
-            raise InputError(f"unknown normalize={self.normalize!r}: use 'l2' or 'standard'")
         norm = np.linalg.norm(X, axis=1, keepdims=True)
         return X / np.maximum(norm, 1e-12)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "KNNProbe":
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> KNNProbe:
         """Store normalised training features (n, dim) and label vectors."""
+        _check_param("n_neighbors", self.n_neighbors, int(self.n_neighbors) == self.n_neighbors
+                     and self.n_neighbors >= 1, "need at least 1 neighbour")
+        _check_param("temperature", self.temperature, self.temperature > 0, "need a positive temperature")
+        _check_param("normalize", self.normalize, self.normalize in ("l2", "standard"), "use 'l2' or 'standard'")
+        _check_param("batch_size", self.batch_size, self.batch_size >= 1, "need at least 1")
         X, y = _check_xy(X, y)
         X = X.astype(np.float32, copy=False)
         self.mean_ = X.mean(axis=0)
@@ -272,7 +306,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Weighted neighbour label frequencies: (n, K) or (n, L) for multi-label."""
-        X, _ = _check_xy(X)
+        X = _check_predict_x(self, X)
         return self._vote(self._prep(X), exclude_self=False)
 
     def loo_proba(self) -> np.ndarray:
@@ -281,6 +315,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         Used to choose decision thresholds on training data without the
         trivial self-match.
         """
+        check_is_fitted(self, "train_")
         return self._vote(self.train_, exclude_self=True)
 
     def _vote(self, Q: np.ndarray, exclude_self: bool) -> np.ndarray:

@@ -11,7 +11,7 @@ monotone score. The tests check each function against scikit-learn.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

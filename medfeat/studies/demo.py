@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medfeat.studies.experiment import Experiment, ModelEntry, run_experiment
-
+from medfeat.studies.experiment import Experiment, ModelEntry
 
 DEMO_SUBJECTS = 128  # the fewest at which the probe's CIs separate alignment from none
 

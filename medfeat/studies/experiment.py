@@ -30,9 +30,10 @@ cohorts): ``cohort/`` (synthetic or dataset manifests), ``features.zarr``, ``wei
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from medfeat.bench.run import load_grid, run_grid, validate_result, write_outputs
 from medfeat.bench.harness import time_call
+from medfeat.bench.run import load_grid, run_grid, validate_result, write_outputs
 from medfeat.export.backbones.flops import model_flops
 
 

@@ -5,8 +5,8 @@ import json
 import math
 
 from medfeat.cli import main
-from medfeat.studies.demo import DEMO_SUBJECTS, demo_experiment
 from medfeat.engine.store.feature_store import FeatureStore
+from medfeat.studies.demo import DEMO_SUBJECTS, demo_experiment
 
 
 def test_demo_default_grid() -> None:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 import _tiny_backbone  # noqa: E402,F401
+import pytest
 from _cohort import tiny_cohort  # noqa: E402
+
 from medfeat.cli import main  # noqa: E402
 
 

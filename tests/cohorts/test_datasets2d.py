@@ -79,8 +79,10 @@ def test_chexpert_label_rules(tmp_path):
         return [f"CheXpert-v1.0-small/train/patient{patient:05d}/study1/view1_frontal.jpg", "F", 50, "Frontal", "AP",
                 *labels]
 
-    lab1 = blank.copy(); lab1[2] = 1.0; lab1[5] = -1.0   # Cardiomegaly + uncertain Edema
-    lab2 = blank.copy(); lab2[5] = -1.0; lab2[0] = 0.0   # only uncertain -> No Finding
+    lab1 = blank.copy()  # Cardiomegaly + uncertain Edema
+    lab1[2], lab1[5] = 1.0, -1.0
+    lab2 = blank.copy()  # only uncertain -> No Finding
+    lab2[5], lab2[0] = -1.0, 0.0
     train = [row(i, lab1 if i % 2 else lab2) for i in range(1, 21)]
     pd.DataFrame(train, columns=cols).to_csv(tmp_path / "train.csv", index=False)
     valid = [row(99, lab1)]

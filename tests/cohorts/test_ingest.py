@@ -2,24 +2,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+import _tiny_backbone  # noqa: E402,F401
 import numpy as np
 import pytest
 import zarr
-
-import _tiny_backbone  # noqa: E402,F401
 from _cohort import tiny_cohort  # noqa: E402
-from medfeat.io.dicom import read_dicom_series, write_dicom_series  # noqa: E402
+
+from medfeat.cohorts.ingest import ingest_cohort  # noqa: E402
 from medfeat.engine.pipeline.config import ExtractConfig  # noqa: E402
 from medfeat.engine.pipeline.extract import extract  # noqa: E402
-from medfeat.io.manifest import read_manifest  # noqa: E402
-from medfeat.io.readers import read_scan  # noqa: E402
 from medfeat.engine.store.feature_store import FeatureStore  # noqa: E402
-from medfeat.io.nifti import read_volume  # noqa: E402
-from medfeat.cohorts.ingest import ingest_cohort  # noqa: E402
 from medfeat.errors import InputError  # noqa: E402
+from medfeat.io.dicom import read_dicom_series, write_dicom_series  # noqa: E402
+from medfeat.io.manifest import read_manifest  # noqa: E402
+from medfeat.io.nifti import read_volume  # noqa: E402
+from medfeat.io.readers import read_scan  # noqa: E402
 
 
 def _rotation(deg: float) -> np.ndarray:

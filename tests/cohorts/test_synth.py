@@ -12,9 +12,9 @@ from scipy import ndimage
 
 from medfeat.cohorts import synth
 from medfeat.cohorts import synth_anatomy as anat
+from medfeat.errors import InputError
 from medfeat.io.manifest import pairs, parse_transform, read_manifest
 from medfeat.io.nifti import read_volume
-from medfeat.errors import InputError
 
 # Small grid whose field of view (112 x 96 x 96 mm) still holds the knee.
 SHAPE = (40, 48, 48)
@@ -186,7 +186,7 @@ def test_atlas_is_clean_mean_anatomy(cohort):
 def test_grid_renderer_matches_point_reference():
     rng = np.random.default_rng(7)
     shape = anat.sample_shape(rng)
-    grid = synth.make_grid((24, 20, 28), (5.0, 5.0, 4.0))
+    grid = synth.make_layout((24, 20, 28), (5.0, 5.0, 4.0))
     affine = synth.header_affine(grid, rng)
     labels, _ = anat.render_grid(shape, affine, grid.shape, max_block_voxels=1500)
     ijk = np.indices(grid.shape).reshape(3, -1).astype(np.float64)

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medfeat.io.manifest import format_transform, pairs, parse_transform, read_manifest
 from medfeat.errors import ManifestError
+from medfeat.io.manifest import format_transform, pairs, parse_transform, read_manifest
 
 EYE = " ".join(["1", "0", "0", "0", "0", "1", "0", "0", "0", "0", "1", "0", "0", "0", "0", "1"])
 SHIFT = "1 0 0 2.5 0 1 0 -1 0 0 1 0 0 0 0 1"
@@ -24,7 +24,7 @@ def _longitudinal(tmp_path: Path, rows: list[str] | None = None) -> Path:
         f"A,baseline,a0.nii.gz,m/a0.nii.gz,1,{EYE}",
         f"A,followup,a1.nii.gz,m/a1.nii.gz,1,{SHIFT}",
         f"B,baseline,b0.nii.gz,,0,{EYE}",
-        f"B,Follow-Up,b1.nii.gz,,0,",
+        "B,Follow-Up,b1.nii.gz,,0,",
     ]
     return _write(tmp_path, "subject,timepoint,path,mask_path,label,transform\n" + "\n".join(rows) + "\n")
 

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medfeat.io.nifti import Volume, read_volume, write_volume
 from medfeat.errors import InputError
+from medfeat.io.nifti import Volume, read_volume, write_volume
 
 AFFINE = np.array([[0.0, 0.0, 0.36, -30.0],
                    [0.0, -0.36, 0.0, 40.0],
@@ -21,9 +21,9 @@ def _data(shape=(5, 6, 7), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).normal(100.0, 20.0, shape).astype(np.float32)
 
 
-def _raw_nifti(path: Path, data: np.ndarray, affine: np.ndarray = np.eye(4)) -> Path:
+def _raw_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
     """Write with nibabel directly, bypassing write_volume's checks (to make bad files)."""
-    nib.save(nib.Nifti1Image(data, affine), str(path))
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return path
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import zarr
 
-from medfeat.io.readers import read_scan
-from medfeat.io.nifti import Volume
-from medfeat.io.zarr_scans import read_zarr_volume, write_zarr_volume, zarr_dask_array
 from medfeat.errors import InputError
+from medfeat.io.nifti import Volume
+from medfeat.io.readers import read_scan
+from medfeat.io.zarr_scans import read_zarr_volume, write_zarr_volume, zarr_dask_array
 
 
 def _scan(tmp_path, shape=(10, 12, 9), chunk=4, dtype="float32"):

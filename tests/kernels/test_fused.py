@@ -11,7 +11,16 @@ import pytest
 import scipy.ndimage as ndi
 
 from medfeat.errors import InputError
-from medfeat.kernels import Grid, IntensityRule, box_grid, index_map, percentile, resample_normalise, rigid_matrix, rule_params
+from medfeat.kernels import (
+    Grid,
+    IntensityRule,
+    box_grid,
+    index_map,
+    percentile,
+    resample_normalise,
+    rigid_matrix,
+    rule_params,
+)
 from medfeat.kernels.intensity import normalise_reference
 
 

@@ -154,7 +154,7 @@ def test_crop_then_paste_round_trip(lo, size):
     assert patch.shape == tuple(size)
     back = paste(patch, lo, data.shape, fill=-7.0)
     inside = np.zeros(data.shape, bool)
-    inside[tuple(slice(max(l, 0), max(h, 0)) for l, h in zip(lo, hi))] = True
+    inside[tuple(slice(max(a, 0), max(b, 0)) for a, b in zip(lo, hi))] = True
     np.testing.assert_array_equal(back[inside], data[inside])
     assert np.all(back[~inside] == -7.0)
     np.testing.assert_array_equal(crop(back, lo, hi, fill=-1.0)[patch != -1.0], patch[patch != -1.0])

@@ -101,3 +101,44 @@ def test_knn_matches_brute_force_cosine():
         w = np.exp(sim[nn] / 0.1)
         ref = np.bincount(y[nn], weights=w, minlength=3) / w.sum()
         np.testing.assert_allclose(p.predict_proba(q[i:i + 1])[0], ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("probe", [LinearProbe(Cs=CS), KNNProbe()], ids=["linear", "knn"])
+def test_predict_before_fit_raises_not_fitted(probe):
+    from sklearn.exceptions import NotFittedError
+
+    X, _ = _blobs(n=10)
+    for method in (probe.predict, probe.predict_proba):
+        with pytest.raises(NotFittedError):
+            method(X)
+
+
+@pytest.mark.parametrize("probe", [LinearProbe(Cs=CS), KNNProbe(n_neighbors=5)], ids=["linear", "knn"])
+def test_wrong_feature_count_names_the_fitted_count(probe):
+    X, y = _blobs(n=60)
+    probe.fit(X, y)
+    with pytest.raises(InputError, match="X has 5 features, but .* fitted with 12 features"):
+        probe.predict(X[:, :5])
+
+
+@pytest.mark.parametrize("probe, message", [
+    (LinearProbe(inner_splits=1), "inner_splits=1"),
+    (LinearProbe(Cs=()), "Cs=()"),
+    (LinearProbe(Cs=(1.0, -1.0)), "positive"),
+    (LinearProbe(tol=0), "tol=0"),
+    (KNNProbe(n_neighbors=0), "n_neighbors=0"),
+    (KNNProbe(temperature=0.0), "temperature=0.0"),
+    (KNNProbe(normalize="l1"), "normalize='l1'"),
+])
+def test_parameters_are_checked_in_fit(probe, message):
+    X, y = _blobs(n=30)
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        probe.fit(X, y)
+
+
+def test_too_few_subjects_to_tune_is_an_error_not_a_guess():
+    X, y = _blobs(n=40)
+    groups = np.repeat([0, 1], 20)  # two subjects: three inner folds cannot be made
+    with pytest.raises(InputError, match="tuning C needs at least inner_splits=3 subjects"):
+        LinearProbe(Cs=CS).fit(X, y, groups)
+    assert LinearProbe(Cs=(1.0,)).fit(X, y, groups).C_ == 1.0  # a single C needs no tuning

@@ -110,8 +110,8 @@ def test_cli_unknown_array_is_one_line_error(tiny, capsys):
 def test_cli_2d_fixed_split_from_synth2d_manifest(tmp_path):
     """synth2d manifest -> store of (stand-in) image features -> ordinal probe on the given split."""
     from medfeat.cli import cli
-    from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
     from medfeat.cohorts.synth2d import synth2d_cohort
+    from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 
     manifest = pd.read_csv(synth2d_cohort(tmp_path / "fundus", images=60, seed=1, size=32))
     store = FeatureStore.create(tmp_path / "f.zarr", chunk_items=32)

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _cohort import tiny_cohort  # noqa: E402
-from medfeat.studies.experiment import load_experiment, run_experiment  # noqa: E402
+
 from medfeat.engine.store.feature_store import FeatureStore  # noqa: E402
 from medfeat.errors import InputError  # noqa: E402
+from medfeat.studies.experiment import load_experiment, run_experiment  # noqa: E402
 
 
 def _write(path: Path, text: str) -> Path:

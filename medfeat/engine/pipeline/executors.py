@@ -15,7 +15,8 @@ memory stays bounded by the window, not the cohort.
 from __future__ import annotations
 
 import concurrent.futures as cf
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from medfeat.engine.pipeline.config import SCHEDULER_KINDS, ClusterConfig
 from medfeat.engine.pipeline.malloc import apply_malloc_mode

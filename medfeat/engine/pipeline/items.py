@@ -36,6 +36,7 @@ from medfeat.engine.pipeline.config import Variant
 from medfeat.errors import ManifestError, RuntimeUnavailableError, UnknownNameError, one_line
 from medfeat.io.manifest import parse_transform
 
+
 @dataclass(frozen=True)
 class Channel:
     """One input channel of an item.
@@ -84,7 +85,7 @@ class Atlas:
     mask: str | None = None
 
     @classmethod
-    def beside(cls, manifest: str | Path, image: str | None = None, mask: str | None = None) -> "Atlas":
+    def beside(cls, manifest: str | Path, image: str | None = None, mask: str | None = None) -> Atlas:
         """Given paths, else ``atlas.nii.gz`` / ``atlas_mask.nii.gz`` next to the manifest."""
         root = Path(manifest).resolve().parent
         img = image or (str(root / "atlas.nii.gz") if (root / "atlas.nii.gz").exists() else None)

@@ -22,7 +22,8 @@ resize the shorter side to ``size * 256 / 224`` (bilinear, no antialias), centre
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

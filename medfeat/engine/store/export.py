@@ -11,8 +11,8 @@ the bag), the item ids in the attribute ``item_ids``; plus ``bags.csv`` listing
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

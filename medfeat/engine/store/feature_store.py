@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from medfeat.version import __version__
 from medfeat.engine.store.lock import LOCK_NAME
 from medfeat.errors import StoreError, UnknownNameError
+from medfeat.version import __version__
 
 ITEM_COLUMNS = ("item_id", "subject", "timepoint", "kind", "source")
 FORMAT = 1
@@ -52,7 +53,7 @@ class ArrayKey:
         return f"{self.model}:{self.tap}:{self.variant}"
 
     @classmethod
-    def parse(cls, text: str) -> "ArrayKey":
+    def parse(cls, text: str) -> ArrayKey:
         """``MODEL:TAP[:VARIANT]`` -> key."""
         parts = text.split(":")
         if len(parts) not in (2, 3) or not all(parts):
@@ -69,7 +70,7 @@ class FeatureStore:
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, *, exist_ok: bool = True, chunk_items: int = 64) -> "FeatureStore":
+    def create(cls, path: str | Path, *, exist_ok: bool = True, chunk_items: int = 64) -> FeatureStore:
         """Create a store, or open an existing one when ``exist_ok``."""
         path = Path(path)
         if (path / "zarr.json").is_file():
@@ -93,7 +94,7 @@ class FeatureStore:
         return cls(group, path)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
+    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
         """Open an existing store (``mode`` ``"r"`` or ``"a"``)."""
         path = Path(path)
         if not (path / "zarr.json").is_file():

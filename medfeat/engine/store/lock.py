@@ -26,7 +26,7 @@ class StoreLock:
         self.path = Path(store_path) / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self) -> "StoreLock":
+    def acquire(self) -> StoreLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ class StoreLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         return self.acquire()
 
     def __exit__(self, et: type | None, ev: BaseException | None, tb: TracebackType | None) -> None:

@@ -6,7 +6,8 @@ by itself: ``4 * B * H * L * S * E`` (Q K^T and the weighted sum of V).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
@@ -25,10 +26,10 @@ def _register_cpu_attention() -> None:
 
     def formula(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
                 **kwargs: Any) -> int:
-        b, h, l, e = query_shape
+        b, h, n_q, e = query_shape
         s = key_shape[-2]
         ev = value_shape[-1]
-        return 2 * b * h * l * s * e + 2 * b * h * l * s * ev
+        return 2 * b * h * n_q * s * e + 2 * b * h * n_q * s * ev
 
     try:
         register_flop_formula(op, get_raw=False)(formula)

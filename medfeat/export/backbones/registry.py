@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -5,8 +5,8 @@ Nothing is ever downloaded. The sha256 of the file goes into the store's provena
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn

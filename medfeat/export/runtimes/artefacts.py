@@ -22,14 +22,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from medfeat.export.runtimes.onnx_export import DEFAULT_OPSET, export_onnx, resolve_input_size
 from medfeat.export.backbones.registry import Backbone
+from medfeat.export.runtimes.onnx_export import DEFAULT_OPSET, export_onnx, resolve_input_size
 
 META = "meta.json"
 KEY_FILE = "key.json"

@@ -5,7 +5,8 @@ why, so the audit always completes (``medfeat export --audit``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from medfeat.errors import RuntimeUnavailableError
 from medfeat.export.backbones.registry import Backbone

@@ -25,15 +25,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from medfeat.errors import InputError, MedfeatError, RuntimeUnavailableError, UnknownNameError
-from medfeat.export.runtimes.parity import ParityError
 from medfeat.export.backbones.registry import Backbone
+from medfeat.export.runtimes.parity import ParityError
 
 RUNTIMES = ("auto", "eager", "compiled", "onnxruntime", "ort-tensorrt", "tensorrt")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -212,8 +213,13 @@ class TensorRTRuntime:
                  input_size: Sequence[int] | int | None = None, cache_dir: str | Path | None = None,
                  profile: Sequence[int] | None = None) -> None:
         from medfeat.export.runtimes.artefacts import onnx_artefact
-        from medfeat.export.runtimes.tensorrt import (DEFAULT_PROFILE, ENGINE_FILE, TensorRTRunner,
-                                                   engine_artefact, require_tensorrt)
+        from medfeat.export.runtimes.tensorrt import (
+            DEFAULT_PROFILE,
+            ENGINE_FILE,
+            TensorRTRunner,
+            engine_artefact,
+            require_tensorrt,
+        )
 
         _check_precision(precision)
         require_tensorrt()

@@ -7,8 +7,9 @@ binding), so a batch preprocessed on the GPU never goes through the host before 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

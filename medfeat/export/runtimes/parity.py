@@ -12,16 +12,17 @@ A tap passes when ``rel <= tolerance`` and ``cosine >= min_cosine`` for the prec
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from medfeat.errors import MedfeatError
-from medfeat.export.runtimes.onnx_export import random_input
 from medfeat.export.backbones.registry import Backbone
+from medfeat.export.runtimes.onnx_export import random_input
 
 # (rel, min cosine). fp32: the issue's ~1e-4; fp16 has a 11-bit significand (~5e-4 per op),
 # bf16 8 bits (~4e-3 per op); deep nets accumulate a few ulps of each.
@@ -39,7 +40,7 @@ class ParityError(MedfeatError, RuntimeError):
     ``report`` holds the failing :class:`ParityReport` (so a CLI can still write it out).
     """
 
-    def __init__(self, message: str, report: "ParityReport | None" = None) -> None:
+    def __init__(self, message: str, report: ParityReport | None = None) -> None:
         super().__init__(message)
         self.report = report
 

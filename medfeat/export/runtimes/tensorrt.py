@@ -11,8 +11,9 @@ on torch's current CUDA stream, reading and writing torch tensors' device memory
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

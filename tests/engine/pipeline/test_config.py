@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from medfeat.engine.pipeline.config import (ClusterConfig, ExtractConfig, ItemCounts, ModelConfig, RunRecord,
-                                            Variant)
+from medfeat.engine.pipeline.config import ClusterConfig, ExtractConfig, ItemCounts, ModelConfig, RunRecord, Variant
 from medfeat.errors import InputError, UnknownNameError
 
 

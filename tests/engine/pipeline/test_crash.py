@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-
 from _cohort import tiny_cohort  # noqa: E402
 
 HERE = Path(__file__).parents[2] / "helpers"

@@ -1,31 +1,28 @@
 """Extraction: preprocessing geometry, items, resume, failures, retry, run record."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 
-import shutil
-import sys
-from pathlib import Path
-
+import _tiny_backbone  # noqa: F401 - registers the tiny test backbones
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from _cohort import tiny_cohort  # noqa: E402
 from scipy import ndimage
 
-import _tiny_backbone  # noqa: F401 - registers the tiny test backbones
-from _cohort import tiny_cohort  # noqa: E402
 from medfeat.engine.pipeline import preprocess as pp
-from medfeat.kernels import edge_box_grid, fov_grid
 from medfeat.engine.pipeline.config import ExtractConfig, Variant
 from medfeat.engine.pipeline.extract import extract
 from medfeat.engine.pipeline.items import Atlas, plan_items
-from medfeat.io.manifest import read_manifest
 from medfeat.engine.pipeline.worker import clear_models, model_builds
 from medfeat.engine.store.feature_store import FeatureStore
-from medfeat.io.nifti import read_volume
 from medfeat.errors import InputError
 from medfeat.export.backbones.spec import Preprocess
+from medfeat.io.manifest import read_manifest
+from medfeat.io.nifti import read_volume
+from medfeat.kernels import edge_box_grid, fov_grid
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
 """The Dask LocalCluster path: same features as the in-process run, one model per worker."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _tiny_backbone  # noqa: E402,F401
 import numpy as np
 import pytest
-
-import _tiny_backbone  # noqa: E402,F401
 from _cohort import tiny_cohort  # noqa: E402
+
 from medfeat.engine.pipeline.config import ClusterConfig, ExtractConfig  # noqa: E402
 from medfeat.engine.pipeline.executors import SyncExecutor, make_executor  # noqa: E402
 from medfeat.engine.pipeline.extract import extract  # noqa: E402

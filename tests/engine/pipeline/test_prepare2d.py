@@ -7,18 +7,17 @@ float32 sampling against a float64 reference.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import _tiny_backbone  # noqa: E402,F401 - registers tiny2d_test
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import _tiny_backbone  # noqa: E402,F401 - registers tiny2d_test
-from medfeat.engine.pipeline import worker as pl  # noqa: E402
 from medfeat.engine.pipeline import preprocess as pp  # noqa: E402
+from medfeat.engine.pipeline import worker as pl  # noqa: E402
 from medfeat.engine.pipeline.config import ExtractConfig  # noqa: E402
 from medfeat.engine.pipeline.extract import extract  # noqa: E402
 from medfeat.engine.pipeline.items import Channel, Item  # noqa: E402

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medfeat.engine.store.lock import StoreLock
-from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 from medfeat.engine.store.export import export_store
+from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
+from medfeat.engine.store.lock import StoreLock
 from medfeat.errors import StoreError, UnknownNameError
 
 KEY = ArrayKey("m", "t", "none-whole")

@@ -9,7 +9,7 @@ documented errors, and a checkpoint in the model's own layout round-trips.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pytest
@@ -55,7 +55,7 @@ def tiny_input(name: str, trunk: TappedModel, batch: int = 1) -> torch.Tensor:
     return torch.rand(batch, spec.in_channels, *tiny_input_size(name, trunk), generator=gen)
 
 
-@lru_cache(maxsize=None)
+@cache
 def full_run(name: str) -> tuple[TappedModel, torch.Tensor, dict[str, torch.Tensor]]:
     """Untruncated tiny model, its input and every tap's raw output (cached per model)."""
     trunk = build(name)

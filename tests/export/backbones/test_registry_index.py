@@ -12,7 +12,7 @@ import dataclasses
 import json
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
@@ -48,7 +48,7 @@ print(json.dumps({"owner": owner, "names": names, "unavailable": registry._UNAVA
 """
 
 
-@lru_cache(maxsize=None)
+@cache
 def traced() -> dict:
     """Run the probe once: registering module per name, and what each lookup imported."""
     proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)

@@ -29,10 +29,10 @@ from torch import nn
 from medfeat.errors import InputError, UnknownNameError, WeightsError
 from medfeat.export.backbones.models.unigradicon import to_regis_net_layout, upstream_prefixes
 from medfeat.export.backbones.models.unigradicon_net import STAGES, UNet2, identity_grid, warp
-from medfeat.export.runtimes.onnx_export import DTYPES
-from medfeat.export.runtimes.parity import TOLERANCES, compare
 from medfeat.export.backbones.registry import create_backbone, get_spec
 from medfeat.export.backbones.weights import sha256_file
+from medfeat.export.runtimes.onnx_export import DTYPES
+from medfeat.export.runtimes.parity import TOLERANCES, compare
 
 SPEC = get_spec("unigradicon")
 TINY = SPEC.tiny_config

@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from medfeat.export.runtimes.artefacts import (KEY_FILE, META, ONNX_FILE, PARITY_FILE, ArtefactCache, artefact_key,
-                                      cache_root, onnx_artefact, onnx_key_fields)
-from medfeat.export.runtimes.parity import ParityError
 from medfeat.export.backbones.registry import create_backbone
+from medfeat.export.runtimes.artefacts import (
+    KEY_FILE,
+    META,
+    ONNX_FILE,
+    PARITY_FILE,
+    ArtefactCache,
+    artefact_key,
+    cache_root,
+    onnx_artefact,
+    onnx_key_fields,
+)
+from medfeat.export.runtimes.parity import ParityError
 
 
 def test_key_is_canonical_json_sha256():

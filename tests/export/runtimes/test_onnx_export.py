@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from medfeat.errors import RuntimeUnavailableError
+from medfeat.export.backbones.registry import create_backbone, get_spec, list_backbones
 from medfeat.export.runtimes.artefacts import ONNX_FILE, PARITY_FILE, onnx_artefact
 from medfeat.export.runtimes.onnx_export import export_onnx, onnx_ops, random_input, sanitise_names
 from medfeat.export.runtimes.ort_session import OrtRunner, operator_error
 from medfeat.export.runtimes.parity import ParityError, check_parity, compare
-from medfeat.export.backbones.registry import create_backbone, get_spec, list_backbones
-
 
 TINY = {
     "rt_tiny_cnn": ["stem", "layer1", "layer2"],

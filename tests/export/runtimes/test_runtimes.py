@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from medfeat.export.runtimes.factory import CompiledRuntime, choose_auto, make_runtime
 from medfeat.errors import InputError, RuntimeUnavailableError, UnknownNameError
+from medfeat.export.backbones.registry import create_backbone
+from medfeat.export.runtimes.factory import CompiledRuntime, choose_auto, make_runtime
 from medfeat.export.runtimes.onnx_export import random_input
 from medfeat.export.runtimes.ort_session import available_providers
 from medfeat.export.runtimes.parity import check_parity
-from medfeat.export.backbones.registry import create_backbone
 
 
 def _vit():

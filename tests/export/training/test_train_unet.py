@@ -11,8 +11,13 @@ from sklearn.metrics import f1_score
 from medfeat.cli import main
 from medfeat.errors import ManifestError
 from medfeat.export.backbones.registry import create_backbone
-from medfeat.export.training.train_unet import (TrainConfig, dice_per_class, percentile_normalise, split_subjects,
-                                       train_unet)
+from medfeat.export.training.train_unet import (
+    TrainConfig,
+    dice_per_class,
+    percentile_normalise,
+    split_subjects,
+    train_unet,
+)
 
 TINY_NET = dict(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 

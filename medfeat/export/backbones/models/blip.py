@@ -22,9 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfeat.export.backbones.models.vit2d import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    TappedViT,
+    build_vit,
+    strip_keys,
+    vit_taps,
+)
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TapSpec
-from medfeat.export.backbones.models.vit2d import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TappedViT, build_vit, strip_keys, vit_taps
 
 VIT_B16: dict[str, Any] = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2)

@@ -28,9 +28,16 @@ import torch
 from timm.layers import SwiGLUPacked
 from torch import nn
 
+from medfeat.export.backbones.models.vit2d import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TappedViT,
+    build_vit,
+    strip_keys,
+    vit_taps,
+)
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TapSpec
-from medfeat.export.backbones.models.vit2d import IMAGENET_MEAN, IMAGENET_STD, TappedViT, build_vit, strip_keys, vit_taps
 
 PATCH = 14
 NATIVE_IMG = 518  # released checkpoints carry a 37 x 37 position-embedding grid

@@ -24,10 +24,18 @@ from typing import Any
 import torch
 from timm.models.resnet import Bottleneck, ResNet
 
+from medfeat.export.backbones.models.vit2d import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TappedViT,
+    build_vit,
+    enable_gray,
+    tap_positions,
+    vit_taps,
+    with_head_dropped,
+)
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
-from medfeat.export.backbones.models.vit2d import (IMAGENET_MEAN, IMAGENET_STD, TappedViT, build_vit, enable_gray,
-                                         tap_positions, vit_taps, with_head_dropped)
 
 IMAGENET = Preprocess("mean_std", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
 VIT_B16: dict[str, Any] = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)

@@ -21,10 +21,17 @@ import torch
 from open_clip.transformer import LayerNorm, VisionTransformer
 from torch import nn
 
+from medfeat.export.backbones.models.vit2d import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    check_patch_multiple,
+    enable_gray,
+    resample_pos_embed,
+    strip_keys,
+    tap_positions,
+)
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
-from medfeat.export.backbones.models.vit2d import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_patch_multiple, enable_gray,
-                                         resample_pos_embed, strip_keys, tap_positions)
 
 VIT_B16: dict[str, Any] = dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, output_dim=512)
 TINY = dict(image_size=32, width=32, layers=2, heads=2, output_dim=16)

@@ -29,10 +29,16 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import nn
 
+from medfeat.export.backbones.models.vit2d import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_patch_multiple,
+    enable_gray,
+    strip_keys,
+    tap_positions,
+)
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
-from medfeat.export.backbones.models.vit2d import (IMAGENET_MEAN, IMAGENET_STD, check_patch_multiple, enable_gray, strip_keys,
-                                         tap_positions)
 
 PATCH = 16
 VARIANTS: dict[str, dict[str, Any]] = {

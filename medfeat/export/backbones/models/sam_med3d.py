@@ -19,7 +19,8 @@ match the checkpoint's ``image_encoder.*`` keys, so a published checkpoint loads
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ def rel_pos_bias(q: torch.Tensor, tables: Sequence[torch.Tensor], grid: tuple[in
             raise InputError(f"relative position table of {table.shape[0]} rows does not fit a grid of {size}")
         idx = torch.arange(size, device=q.device)
         rel = table[idx[:, None] - idx[None, :] + size - 1]  # (size_q, size_k, c)
-        sub = "bdhwc,{0}kc->bdhwk".format("dhw"[axis])
+        sub = f"bdhwc,{'dhw'[axis]}kc->bdhwk"
         terms.append(torch.einsum(sub, q, rel))
     d, h, w = grid
     bias = (terms[0][..., :, None, None] + terms[1][..., None, :, None] + terms[2][..., None, None, :])

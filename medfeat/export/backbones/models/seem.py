@@ -24,15 +24,16 @@ right/bottom as SEEM does.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfeat.export.backbones.models.vit2d import IMAGENET_MEAN, IMAGENET_STD, enable_gray, strip_keys, tap_positions
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
-from medfeat.export.backbones.models.vit2d import IMAGENET_MEAN, IMAGENET_STD, enable_gray, strip_keys, tap_positions
 
 FOCALT: dict[str, Any] = dict(embed_dim=96, depths=(2, 2, 6, 2), focal_levels=(3, 3, 3, 3), focal_windows=(3, 3, 3, 3))
 TINY = dict(embed_dim=8, depths=(1, 1, 1, 1))

@@ -22,7 +22,8 @@ interchangeable with ``SwinUNETR``'s.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

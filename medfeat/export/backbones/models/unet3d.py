@@ -19,7 +19,8 @@ cohort fits the CPU demo; other widths load with ``config={"channels": ...}``.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

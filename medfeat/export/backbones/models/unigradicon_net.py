@@ -22,7 +22,7 @@ Parameter names inside each UNet are upstream's (``downConvs``, ``upConvs``, ``b
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
