@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/medfeat demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check medfeat tests benchmarks
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -42,6 +42,9 @@ EXTRAS = {
     "test": [
         "pytest>=8",
         "pytest-timeout",
+        "ruff>=0.6",
+        "mypy>=1.10",
+        "types-PyYAML",
         "hypothesis>=6",
         "SimpleITK>=2.3",
         "segment_anything",
