@@ -44,3 +44,14 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     the exception's type name when the message is empty."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:limit]
+
+
+def os_error_reason(exc: OSError) -> str:
+    """A short reason for a failed write or read: a full disk and a read-only file system by
+    name (the usual causes), else the system's message."""
+    import errno
+    import os
+
+    names = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
+    return names.get(exc.errno or 0) or (os.strerror(exc.errno) if exc.errno else one_line(exc, 120))

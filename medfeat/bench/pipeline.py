@@ -81,7 +81,8 @@ class PipelineBenchConfig:
     def extract_config(self, manifest: Path, store: Path, kind: str, workers: int) -> ExtractConfig:
         """The pipeline run: store chunks of two batches, so chunks complete while others run."""
         return ExtractConfig(str(manifest), str(store), self.model_config(), cluster=self.cluster(kind, workers),
-                             batch_size=self.batch, chunk_items=self.batch * 2, progress=False)
+                             batch_size=self.batch, chunk_items=self.batch * 2, progress=False,
+                             random_init=True)
 
 
 def parse_kinds(text: str | Sequence[str]) -> list[tuple[str, int]]:
@@ -130,7 +131,7 @@ class PeakRSS:
 
 # -- sequential loop -----------------------------------------------------------------------
 def _items(manifest: Path, model: Any) -> list[Item]:
-    df, _ = read_manifest_rows(manifest)
+    df = read_manifest_rows(manifest).frame
     items, _ = plan_items(df, model.backbone.spec.input_kind, Variant(), Atlas.beside(manifest))
     return items
 

@@ -267,7 +267,7 @@ def plan_cohort(manifest: str, model: str, taps: list[str], *, sample: int = 4, 
         rss0 = proc.memory_info().rss
         cfg = ExtractConfig.from_settings(str(sample_manifest), str(Path(tmp) / "s.zarr"), model, taps,
                                           tiny=tiny, runtime=runtime, batch_size=batch_size,
-                                          scheduler_kind="sync", progress=False)
+                                          scheduler_kind="sync", progress=False, random_init=True)
         start = time.perf_counter()
         summary = extract(cfg)
         seconds = time.perf_counter() - start

@@ -29,7 +29,8 @@ def ingest_cohort(manifest: str | Path, out: str | Path, *, chunk: int = 64, cod
     per scan (progress).
     """
     check_codec(codec)
-    df, failures = read_manifest_rows(manifest)
+    rows = read_manifest_rows(manifest)
+    df, failures = rows.frame, rows.bad
     out = Path(out)
     root = zarr.open_group(str(out), mode="a", zarr_format=3)
     root.attrs["medfeat_cohort"] = {"format": 1, "source": str(Path(manifest).resolve()),

@@ -47,7 +47,9 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--model", required=True, help="Registered backbone name (medfeat models list).")
 @click.option("--taps", required=True, help="Comma-separated tap names or indices.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Local checkpoint; seeded random weights when absent.")
+              help="Local checkpoint (required unless --random-init).")
+@click.option("--random-init", is_flag=True,
+              help="Extract with seeded random weights (--seed); arrays are marked as random-weight features.")
 @click.option("--align", type=click.Choice(ALIGNMENTS), default=None,
               help="Alignment: none (default), rigid/affine (to the baseline), oracle (recorded transform), atlas.")
 @click.option("--variant", "variant_alias", type=click.Choice(ALIGNMENTS), default=None, hidden=True,
@@ -70,18 +72,22 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
                    "memory stays at its peak); system: the C allocator's defaults. Existing clusters are left alone.")
 @click.option("--scheduler-kind", type=click.Choice(SCHEDULER_KINDS), default="local", show_default=True)
 @click.option("--retry-failed", is_flag=True, help="Take items recorded as failed again.")
+@click.option("--refresh-changed", is_flag=True,
+              help="Extract again the items whose source files changed since extraction (else such a rerun is refused).")
+@click.option("--overwrite", default=None, metavar="all|ID,ID",
+              help="Extract these items again (comma-separated item ids, or all), although done.")
 @click.option("--tiny", is_flag=True, help="The model's tiny config (tests, demos).")
 @click.option("--input-size", default=None, help="Override the model input size, e.g. 64,64,64.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--atlas", type=click.Path(exists=True), default=None, help="Atlas scan (default: atlas.nii.gz beside the manifest).")
 @click.option("--atlas-mask", type=click.Path(exists=True), default=None, help="Atlas mask for --roi crop.")
 @click.option("--quiet", is_flag=True, help="No progress line.")
-def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, align: str | None,
-                variant_alias: str | None, roi: str,
+def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, random_init: bool,
+                align: str | None, variant_alias: str | None, roi: str,
                 roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None, batch_size: int,
                 chunk_items: int | None, workers: int | None, threads_per_worker: int,
                 memory_limit: str | None, scheduler: str | None, malloc: str, scheduler_kind: str,
-                retry_failed: bool, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
+                retry_failed: bool, refresh_changed: bool, overwrite: str | None, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
                 quiet: bool) -> None:
     """Extract pooled features of MODEL at TAPS for every item of a manifest into a store."""
     from medfeat.engine.pipeline.config import ExtractConfig
@@ -100,10 +106,12 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
         seed=seed, tiny=tiny, input_size=_size(input_size), batch_size=batch_size, chunk_items=chunk_items,
         scheduler_kind=scheduler_kind, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,
-        retry_failed=retry_failed, atlas=atlas, atlas_mask=atlas_mask, progress=not quiet)
+        retry_failed=retry_failed, random_init=random_init, refresh_changed=refresh_changed,
+        overwrite=tuple(v.strip() for v in (overwrite or "").split(",") if v.strip()), atlas=atlas,
+        atlas_mask=atlas_mask, progress=not quiet)
     record = extract(cfg)
     _summary(record)
-    if record.items.failed:
+    if record.items.remain_failed:
         sys.exit(EXIT_ITEMS_FAILED)
 
 
@@ -111,6 +119,11 @@ def _summary(record: RunRecord) -> None:
     from medfeat.engine.pipeline.progress import StageTimes
 
     n = record.items
+    for note in record.notes:
+        click.echo(f"note: {note}")
+    if record.refreshed:
+        click.echo(f"extracted again: {len(record.refreshed)} item(s) ({', '.join(record.refreshed[:5])}"
+                   f"{', ...' if len(record.refreshed) > 5 else ''})")
     click.echo(f"store: {record.store}  arrays: {', '.join(record.arrays)}")
     click.echo(f"items: {n.total} total, {n.done} done now, {n.skipped} skipped (done or failed "
                f"before), {n.failed} failed  |  {record.scheduler}")
@@ -122,6 +135,10 @@ def _summary(record: RunRecord) -> None:
         click.echo(f"{len(record.failures)} item(s) failed (kept in the store; --retry-failed takes them again):")
         for f in record.failures[:50]:
             click.echo(f"  {f['item_id']}: {f['reason']}")
+    earlier = n.remain_failed - n.failed
+    if earlier > 0:
+        click.echo(f"{earlier} item(s) failed in an earlier run and remain failed (--retry-failed takes them "
+                   "again; `medfeat store info --failures` lists them)")
 
 
 def register(groups: dict[str, click.Group]) -> None:

@@ -49,6 +49,13 @@ def _cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced=False
                 n_boot=n_boot, ci_method=ci_method, probe_params=params)
 
 
+def _echo_features(fs) -> None:
+    if fs.random_weights:
+        click.echo("note: these features come from a backbone with RANDOM weights (extracted with --random-init)")
+    if fs.describe_dropped():
+        click.echo(f"note: items left out: {fs.describe_dropped()}")
+
+
 def _echo_result(res, label: str = "") -> None:
     head = f"{label}: " if label else ""
     protocol = ("fixed split, test items" if res.n_splits == 0
@@ -79,11 +86,12 @@ def train(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci
     from medfeat.probes.sweep import config_record, evaluate_features, write_results
 
     fs = load_features(store_path, spec, labels, target, pair_mode)
+    _echo_features(fs)
     res = evaluate_features(fs, labels=labels, split_column=split_column,
                             **_cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced))
     _echo_result(res, f"{spec}{' / ' + pair_mode if pair_mode else ''}")
     if out is not None:
-        write_results([config_record(spec, res, pair_mode=pair_mode)], out)
+        write_results([config_record(spec, res, pair_mode=pair_mode, fs=fs)], out)
         click.echo(f"wrote {out}")
 
 
@@ -114,9 +122,11 @@ def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, 
     kw = _cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced)
     results = []
     for spec, fs in zip(specs, (a, b)):
+        if fs.random_weights:
+            click.echo(f"note: {spec} comes from a backbone with RANDOM weights")
         pos = {i: k for k, i in enumerate(fs.item_ids)}
         idx = np.array([pos[i] for i in common])
-        sub = FeatureSet(fs.X[idx], fs.y[idx], fs.groups[idx], common)
+        sub = FeatureSet(fs.X[idx], fs.y[idx], fs.groups[idx], common, fs.dropped, fs.random_weights)
         res = evaluate_features(sub, labels=labels, split_column=split_column, **kw)
         _echo_result(res, spec)
         results.append(res)

@@ -1,4 +1,4 @@
-"""``medfeat store info | verify | export``."""
+"""``medfeat store info | verify | repair | export``."""
 from __future__ import annotations
 
 import json
@@ -21,28 +21,59 @@ def info_cmd(store: str, as_json: bool, show_failures: bool) -> None:
         click.echo(json.dumps({**info, "failure_list": fs.failures() if show_failures else None}, indent=2))
         return
     click.echo(f"{info['path']}: {info['items']} items, chunk {info['chunk_items']}, "
-               f"{len(info['arrays'])} arrays, {info['failures']} failures, {info['runs']} runs "
+               f"{len(info['arrays'])} arrays, {info['failed_items']} failed items, {info['runs']} runs "
                f"(last {info['last_run']})")
     for a in info["arrays"]:
-        click.echo(f"  {a['array']:<48} dim {a['dim']:>5}  done {a['done']:>6}  pooling {a['pooling']}")
+        weights = "RANDOM WEIGHTS" if a["random_weights"] else f"weights {str(a['weights_sha256'])[:12]}"
+        click.echo(f"  {a['array']:<48} dim {a['dim']:>5}  done {a['done']:>6}  pooling {a['pooling']}  "
+                   f"{_size(a['bytes'])}  {weights}")
     if show_failures:
         for f in fs.failures():
             click.echo(f"  failed {f['array']} {f['item_id']}: {f['reason']}")
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
 @click.command("verify")
 @click.argument("store", type=click.Path(file_okay=False))
-def verify_cmd(store: str) -> None:
-    """Check every done item has finite features of the right shape and matching provenance."""
+@click.option("--no-sources", is_flag=True, help="Do not compare the source files with their recorded signatures.")
+def verify_cmd(store: str, no_sources: bool) -> None:
+    """Read every chunk (checksums), check done items have finite features, provenance, the
+    weights file, and the source files against their signatures. Exit 1 on any problem."""
     from medfeat.engine.store.feature_store import FeatureStore
+    from medfeat.engine.store.verify import verify_store
 
-    problems = FeatureStore.open(store).verify()
-    for p in problems:
+    report = verify_store(FeatureStore.open(store), check_sources=not no_sources)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    for p in report.problems:
         click.echo(p)
-    if problems:
-        click.echo(f"{store}: {len(problems)} problem(s)", err=True)
+    if report.problems:
+        click.echo(f"{store}: {len(report.problems)} problem(s)", err=True)
         sys.exit(1)
     click.echo(f"{store}: ok")
+
+
+@click.command("repair")
+@click.argument("store", type=click.Path(file_okay=False))
+def repair_cmd(store: str) -> None:
+    """Remove what interrupted creations left, and un-mark items whose chunks are damaged
+    (the next extract run redoes them)."""
+    from medfeat.engine.store.feature_store import FeatureStore
+    from medfeat.engine.store.lock import StoreLock
+    from medfeat.engine.store.verify import repair_store
+
+    with StoreLock(store):
+        actions = repair_store(FeatureStore.open(store, mode="a"))
+    for a in actions:
+        click.echo(a)
+    click.echo(f"{store}: {'repaired' if actions else 'nothing to repair'}")
 
 
 @click.command("export")
@@ -60,5 +91,5 @@ def export_cmd(store: str, fmt: str, out: str, arrays: tuple[str, ...]) -> None:
 
 
 def register(groups: dict[str, click.Group]) -> None:
-    for cmd in (info_cmd, verify_cmd, export_cmd):
+    for cmd in (info_cmd, verify_cmd, repair_cmd, export_cmd):
         groups["store"].add_command(cmd)

@@ -27,10 +27,15 @@ Any other columns are kept as strings. Relative paths are resolved against
 the manifest's folder. Errors are :class:`medfeat.errors.ManifestError` with a
 one-line message naming the file, the data row (1-based, header excluded), the
 CSV line and the column.
+
+Rows that repeat an earlier row exactly are dropped (with a note); two different rows for
+one scan (the same ``item_id``, or the same ``subject`` and ``timepoint``) are refused with
+both line numbers, since either could be the one meant.
 """
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +81,16 @@ def parse_transform(text: str, where: str = "transform") -> np.ndarray:
     return m
 
 
+@dataclass
+class ManifestRows:
+    """A manifest read for a bulk run: the valid rows (``frame``), ``(row id, reason)`` for
+    each bad row, and notes (e.g. exact duplicate rows dropped)."""
+
+    frame: pd.DataFrame
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
 def read_manifest(path: str | Path, *, check_files: bool = False) -> pd.DataFrame:
     """Read and validate a manifest CSV.
 
@@ -88,6 +103,37 @@ def read_manifest(path: str | Path, *, check_files: bool = False) -> pd.DataFram
     run to record as failed items.
     """
     p = Path(path)
+    raw, _ = _unique_rows(_read_raw(p), p)
+    return _validate(raw, p, p.resolve().parent, check_files).reset_index(drop=True)
+
+
+def read_manifest_rows(path: str | Path) -> ManifestRows:
+    """The manifest's valid rows, the bad rows with their reasons, and notes.
+
+    File-level problems (missing file, missing columns, two different rows for one scan)
+    raise :class:`ManifestError`; a bad row is reported and the others go on.
+    """
+    p = Path(path)
+    raw, notes = _unique_rows(_read_raw(p), p)
+    root = p.resolve().parent
+    try:
+        return ManifestRows(_validate(raw, p, root, False).reset_index(drop=True), [], notes)
+    except ManifestError as exc:
+        if ": row " not in str(exc):
+            raise
+    good, bad = [], []
+    for i in raw.index:
+        try:  # validate one row at a time (validation stops at the first bad row)
+            good.append(_validate(raw.loc[[i]], p, root, False))
+        except ManifestError as exc:
+            bad.append((f"row {i + 1}", str(exc)))
+    if not good:
+        raise ManifestError(f"{p}: no valid rows ({bad[0][1]})")
+    return ManifestRows(pd.concat(good).reset_index(drop=True), bad, notes)
+
+
+def _read_raw(p: Path) -> pd.DataFrame:
+    """The CSV's cells as stripped strings, its index the 0-based data row."""
     if not p.is_file():
         raise ManifestError(f"{p}: manifest not found")
     try:
@@ -99,47 +145,46 @@ def read_manifest(path: str | Path, *, check_files: bool = False) -> pd.DataFram
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     if missing:
-        raise ManifestError(f"{p}: missing required column(s) {', '.join(missing)}")
+        raise ManifestError(f"{p}: missing required column(s) {', '.join(missing)}{_delimiter_hint(raw)}")
     dupes = sorted({c for c in raw.columns if list(raw.columns).count(c) > 1})
     if dupes:
         raise ManifestError(f"{p}: duplicated column(s) {', '.join(dupes)}")
     if len(raw) == 0:
         raise ManifestError(f"{p}: manifest has no rows")
-    df = raw.apply(lambda col: col.str.strip())
-    root = p.resolve().parent
-    return _validate(df, p, root, check_files)
+    return raw.apply(lambda col: col.str.strip())
 
 
-def read_manifest_rows(path: str | Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """The manifest's valid rows, and ``(row id, reason)`` for each bad row.
+def _delimiter_hint(raw: pd.DataFrame) -> str:
+    header = ",".join(raw.columns)
+    for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
+        if sep in header:
+            return (f" (the header {header[:60]!r} looks separated by {name}: medfeat reads comma-separated "
+                    "CSV; save the file with commas)")
+    return ""
 
-    File-level problems (missing file, missing columns) raise :class:`ManifestError`.
-    """
-    try:
-        return read_manifest(path), []
-    except ManifestError as exc:
-        if ": row " not in str(exc):
-            raise
-    p = Path(path)
-    raw = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
-    raw.columns = [str(c).strip() for c in raw.columns]
-    raw = raw.apply(lambda col: col.str.strip())
-    good, bad = [], []
-    for i in range(len(raw)):
-        try:  # validate one row at a time (read_manifest stops at the first bad row)
-            good.append(_validate(raw.iloc[[i]].reset_index(drop=True), p, p.resolve().parent, False))
-        except ManifestError as exc:
-            msg = str(exc).replace("row 1 (line 2)", f"row {i + 1} (line {i + 2})")
-            bad.append((f"row {i + 1}", msg))
-    if not good:
-        raise ManifestError(f"{p}: no valid rows ({bad[0][1]})")
-    df = pd.concat(good, ignore_index=True)
-    if "timepoint" in df.columns:
-        dup = df.duplicated(subset=["subject", "timepoint"], keep="first")
-        for s, tp in df.loc[dup, ["subject", "timepoint"]].itertuples(index=False):
-            bad.append((f"{s}/{tp}", f"{p}: duplicated (subject, timepoint) ({s}, {tp})"))
-        df = df.loc[~dup].reset_index(drop=True)
-    return df, bad
+
+def _unique_rows(raw: pd.DataFrame, p: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Drop rows that repeat an earlier row exactly (noted); refuse two different rows for
+    one scan (same item_id, or same subject and timepoint) with both line numbers."""
+    notes = []
+    exact = raw.duplicated(keep="first")
+    for i in raw.index[exact]:
+        first = raw.index[(raw == raw.loc[i]).all(axis=1)][0]
+        notes.append(f"{p}: line {i + 2} repeats line {first + 2} exactly; dropped")
+    raw = raw.loc[~exact]
+    for keys in (["item_id"], ["subject", "timepoint"]):
+        if not all(k in raw.columns for k in keys) or (keys == ["item_id"] and not (raw["item_id"] != "").all()):
+            continue
+        ident = raw[keys].apply(lambda r: tuple(_TIMEPOINT_ALIASES.get(v.lower(), v.lower()) if k == "timepoint"
+                                                else v for k, v in r.items()), axis=1)
+        clash = ident.duplicated(keep="first")
+        if clash.any():
+            i = raw.index[clash][0]
+            first = raw.index[ident == ident.loc[i]][0]
+            what = ", ".join(f"{k} {raw.loc[i, k]!r}" for k in keys)
+            raise ManifestError(f"{p}: lines {first + 2} and {i + 2} are different rows for one scan ({what}); "
+                                "keep one")
+    return raw, notes
 
 
 def _where(p: Path, row: int, column: str) -> str:
@@ -148,31 +193,31 @@ def _where(p: Path, row: int, column: str) -> str:
 
 
 def _validate(df: pd.DataFrame, p: Path, root: Path, check_files: bool) -> pd.DataFrame:
+    """Parse and check ``df``'s rows; messages name rows by ``df``'s index (0-based data row)."""
     out = df.copy()
-    for i, value in enumerate(df["subject"]):
+    for i, value in zip(df.index, df["subject"]):
         if not value:
             raise ManifestError(f"{_where(p, i, 'subject')}: empty subject")
     for column in PATH_COLUMNS:
         if column in df.columns:
             # object dtype, so an empty mask_path stays None rather than becoming NaN
             out[column] = pd.Series([_resolve(v, root, p, i, column, column == "path", check_files)
-                                     for i, v in enumerate(df[column])], dtype=object, index=out.index)
+                                     for i, v in zip(df.index, df[column])], dtype=object, index=out.index)
     if "timepoint" in df.columns:
-        out["timepoint"] = [_timepoint(v, p, i) for i, v in enumerate(df["timepoint"])]
-        _check_unique(out, p)
+        out["timepoint"] = [_timepoint(v, p, i) for i, v in zip(df.index, df["timepoint"])]
     if "label" in df.columns:
-        out["label"] = pd.array([_label(v, p, i) for i, v in enumerate(df["label"])], dtype="Int64")
+        out["label"] = pd.array([_label(v, p, i) for i, v in zip(df.index, df["label"])], dtype="Int64")
     if "transform" in df.columns:
         out["transform"] = pd.Series(
             [parse_transform(v, _where(p, i, "transform")) if v else None
-             for i, v in enumerate(df["transform"])], dtype=object, index=out.index)
+             for i, v in zip(df.index, df["transform"])], dtype=object, index=out.index)
     if "atlas_transform" in df.columns:  # checked, but kept as text (engine.items parses it)
-        for i, v in enumerate(df["atlas_transform"]):
+        for i, v in zip(df.index, df["atlas_transform"]):
             if v:
                 parse_transform(v, _where(p, i, "atlas_transform"))
     for column in NUMBER_COLUMNS:
         if column in df.columns:
-            out[column] = [_number(v, p, i, column) for i, v in enumerate(df[column])]
+            out[column] = [_number(v, p, i, column) for i, v in zip(df.index, df[column])]
     return out
 
 
@@ -194,17 +239,6 @@ def _timepoint(value: str, p: Path, row: int) -> str:
         raise ManifestError(
             f"{_where(p, row, 'timepoint')}: '{value}' is not one of {', '.join(TIMEPOINTS)}")
     return tp
-
-
-def _check_unique(df: pd.DataFrame, p: Path) -> None:
-    dup = df.duplicated(subset=["subject", "timepoint"], keep="first")
-    if dup.any():
-        i = int(np.flatnonzero(dup.to_numpy())[0])
-        first = int(np.flatnonzero(((df["subject"] == df["subject"].iloc[i])
-                                    & (df["timepoint"] == df["timepoint"].iloc[i])).to_numpy())[0])
-        raise ManifestError(
-            f"{_where(p, i, 'timepoint')}: duplicated (subject, timepoint) "
-            f"({df['subject'].iloc[i]}, {df['timepoint'].iloc[i]}), first at row {first + 1}")
 
 
 def _label(value: str, p: Path, row: int) -> int | None:

@@ -13,10 +13,15 @@ in their own modules.
 """
 from __future__ import annotations
 
+import errno
 import gzip
+import os
+import stat
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,6 +81,49 @@ def affine_spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
 
 
+def check_readable_file(p: Path) -> None:
+    """Raise InputError naming ``p`` when it is missing, a symlink loop, or not a regular file."""
+    try:
+        st = p.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{p}: symlink loop (the link points back to itself)") from exc
+        if exc.errno == errno.ENOENT:
+            raise InputError(f"{p}: file not found" + (" (dangling symlink)" if p.is_symlink() else "")) from exc
+        raise InputError(f"{p}: cannot read ({os.strerror(exc.errno or 0)})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{p}: not a regular file")
+
+
+def to_float32(raw: np.ndarray, where: str | Path) -> np.ndarray:
+    """``raw`` voxels as float32; NaN/Inf voxels, or finite values beyond float32's range, are
+    one InputError naming ``where``."""
+    values = np.asarray(raw)
+    if values.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise InputError(f"{where}: {bad} voxel(s) are NaN or Inf")
+    with np.errstate(over="ignore"):
+        data = values.astype(np.float32)
+    if values.dtype.itemsize > 4 and not np.isfinite(data).all():
+        top = float(np.max(np.abs(values)))
+        raise InputError(f"{where}: values up to {top:.3g} overflow when cast to float32 "
+                         f"(largest {float(np.finfo(np.float32).max):.3g})")
+    return data
+
+
+def _check_spacing(p: Path, header_class: Any) -> None:
+    """Refuse zero or non-finite voxel spacing in the header, read as written: nibabel's
+    loader would quietly set it to 1 mm."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(p)) as fh:
+        header = header_class.from_fileobj(fh, check=False)
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+        raise InputError(f"{p}: zero or non-finite voxel spacing in the header (pixdim {pixdim.tolist()})")
+
+
 def _squeeze_to_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     """Drop trailing singleton dimensions (a (D, H, W, 1) file is 3D); anything else not 3D is an error."""
     dims = list(shape)
@@ -104,15 +152,15 @@ def read_volume(path: str | Path) -> Volume:
     import nibabel as nib  # heavy import kept local: the CLI starts faster
 
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: file not found")
-    if not p.is_file():
-        raise InputError(f"{p}: not a regular file")
+    check_readable_file(p)
     if not is_nifti(p):
         raise InputError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
     try:
-        img = nib.load(str(p))
+        with warnings.catch_warnings():  # nibabel warns about odd headers without naming the file
+            warnings.simplefilter("ignore")
+            img = nib.load(str(p))
         shape = _squeeze_to_3d(tuple(img.shape), p)
+        _check_spacing(p, type(img.header))
         raw = np.asanyarray(img.dataobj)
     except InputError:
         raise
@@ -122,10 +170,7 @@ def read_volume(path: str | Path) -> Volume:
         raise InputError(f"{p}: unreadable NIfTI ({one_line(exc, 200)})") from exc
     if np.iscomplexobj(raw) or raw.dtype.fields is not None:
         raise InputError(f"{p}: unsupported voxel type {raw.dtype} (expected real scalars)")
-    data = np.asarray(raw, dtype=np.float32).reshape(shape)
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise InputError(f"{p}: {bad} voxel(s) are NaN or Inf")
+    data = to_float32(raw, p).reshape(shape)
     affine = check_affine(img.affine, p)
     return Volume(data=data, affine=affine, spacing=affine_spacing(affine), path=p)
 

@@ -84,12 +84,43 @@ def _py(v: object) -> object:
     return v.item() if isinstance(v, np.generic) else v
 
 
+MAX_INFERRED_CLASSES = 20  # more distinct values than this looks like a measurement, not a class
+
+
 def infer_task(y: np.ndarray) -> str:
-    """``multilabel`` for a 2D y, ``binary`` for two classes, else ``multiclass``."""
+    """The task a target column asks for, strictly: ``multilabel`` for a 2D y, ``binary`` for
+    exactly two values, ``multiclass`` for a few classes each seen more than once. A column
+    that looks continuous, mixes numbers with text, or has a class seen once (a typo?) is an
+    InputError with a hint: pass the task (``--task``) to override, or fix or bin the column."""
     y = np.asarray(y)
     if y.ndim == 2:
         return "multilabel"
-    return "binary" if len(np.unique(y)) == 2 else "multiclass"
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) == 2:
+        return "binary"
+    if len(classes) < 2:
+        raise InputError(f"the target has a single class ({classes.tolist()}): nothing to probe")
+    numeric = np.array([_is_number(v) for v in classes])
+    if numeric.any() and not numeric.all():
+        odd = [str(v) for v in classes[~numeric]][:3]
+        raise InputError(f"the target mixes numbers with text {odd}: a typo? fix the labels, or pass --task "
+                         "multiclass to treat every value as a class")
+    if numeric.all() and (not all(float(v).is_integer() for v in classes) or len(classes) > MAX_INFERRED_CLASSES):
+        raise InputError(f"the target has {len(classes)} distinct numeric values: it looks continuous; bin it "
+                         "into classes, or pass --task multiclass (or ordinal) to treat each value as a class")
+    once = [str(v) for v, c in zip(classes, counts) if c == 1]
+    if once:
+        raise InputError(f"the target's class(es) {once[:3]} occur once among {len(y)} items: a typo? fix the "
+                         "labels, or pass --task multiclass to keep them")
+    return "multiclass"
+
+
+def _is_number(v: object) -> bool:
+    try:
+        float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _encode(y: np.ndarray, task: str) -> tuple[np.ndarray, list]:

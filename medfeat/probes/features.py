@@ -31,12 +31,20 @@ _TIMEPOINT_ALIASES = {"baseline": "baseline", "followup": "followup", "follow-up
 
 
 class FeatureSet(NamedTuple):
-    """X (n, d) float32, y (n,) or (n, L), groups (n,) subjects, item ids (n,)."""
+    """X (n, d) float32, y (n,) or (n, L), groups (n,) subjects, item ids (n,); ``dropped``:
+    rows left out and why (reason -> count); ``random_weights``: the features come from a
+    backbone with random weights."""
 
     X: np.ndarray
     y: np.ndarray
     groups: np.ndarray
     item_ids: list[str]
+    dropped: dict[str, int] = {}
+    random_weights: bool = False
+
+    def describe_dropped(self) -> str:
+        """e.g. ``"3 without a label, 2 without features (failed or not extracted)"``; "" if none."""
+        return ", ".join(f"{n} {why}" for why, n in self.dropped.items() if n)
 
 
 def parse_spec(spec: str) -> tuple[str, str, str | None]:
@@ -94,13 +102,15 @@ def _per_subject(labels: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
 
 
 def _label_values(values: pd.DataFrame, cols: list[str]) -> np.ndarray:
-    """(n,) labels (ints when integral) or an (n, L) 0/1 matrix for several columns."""
+    """(n,) labels (ints when integral, floats when numeric, else text) or an (n, L) 0/1
+    matrix for several columns. Numbers stay numbers so the task inference can see a
+    continuous column for what it is."""
     if len(cols) > 1:
         return (values[cols].astype(float).to_numpy() > 0).astype(np.int64)
     v = values[cols[0]]
     num = pd.to_numeric(v, errors="coerce")
-    if num.notna().all() and np.all(np.mod(num, 1) == 0):
-        return num.to_numpy().astype(np.int64)
+    if num.notna().all():
+        return num.to_numpy().astype(np.int64) if np.all(np.mod(num, 1) == 0) else num.to_numpy(dtype=np.float64)
     return v.astype(str).to_numpy()
 
 
@@ -129,7 +139,10 @@ def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.nda
     y = _label_values(joined.loc[have], cols)
     groups = joined.loc[have, "subject"].astype(str).to_numpy()
     ids = [i for i, h in zip(item_ids, have) if h]
-    return FeatureSet(np.asarray(X, dtype=np.float32)[have], y, groups, ids)
+    same_kind = items["kind"].astype(str).isin(kinds) if "kind" in items else np.ones(len(items), bool)
+    dropped = {"without a label": int((~have).sum()),
+               "without features (failed or not extracted)": int(same_kind.sum()) - len(meta)}
+    return FeatureSet(np.asarray(X, dtype=np.float32)[have], y, groups, ids, dropped)
 
 
 def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path, target: str,
@@ -151,7 +164,8 @@ def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path
     item_ids, X = store.read(key)
     if len(item_ids) == 0:
         raise InputError(f"feature array {key} has no finished items")
-    return features_from_arrays(store.items(), item_ids, X, read_labels(labels_manifest), target, pair_mode)
+    fs = features_from_arrays(store.items(), item_ids, X, read_labels(labels_manifest), target, pair_mode)
+    return fs._replace(random_weights=store.provenance(key).get("weights_sha256") is None)
 
 
 def column_for_items(labels_manifest: str | Path | pd.DataFrame, item_ids: Sequence[str], column: str) -> np.ndarray:

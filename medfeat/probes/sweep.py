@@ -59,11 +59,15 @@ def _registry_order(model: str) -> list[str] | None:
 
 
 def config_record(spec: str, result: ProbeResult, *, pair_mode: str | None = None, depth: int | None = None,
-                  variant: str | None = None) -> dict:
-    """One config of a results document."""
+                  variant: str | None = None, fs: FeatureSet | None = None) -> dict:
+    """One config of a results document (``fs``: the features it was fitted on, for the
+    dropped-rows counts and the random-weights mark)."""
     model, tap, v = parse_spec(spec)
-    return {"spec": spec, "model": model, "tap": tap, "variant": variant or v or "default",
-            "pair_mode": pair_mode or "", "tap_depth": depth, "result": result.to_dict()}
+    out = {"spec": spec, "model": model, "tap": tap, "variant": variant or v or "default",
+           "pair_mode": pair_mode or "", "tap_depth": depth, "result": result.to_dict()}
+    if fs is not None:
+        out.update(random_weights=fs.random_weights, dropped=dict(fs.dropped))
+    return out
 
 
 def tidy_rows(configs: Sequence[dict]) -> pd.DataFrame:
@@ -72,7 +76,8 @@ def tidy_rows(configs: Sequence[dict]) -> pd.DataFrame:
     for c in configs:
         r = c["result"]
         for name, m in r["metrics"].items():
-            rows.append({"spec": c["spec"], "model": c["model"], "tap": c["tap"], "variant": c["variant"],
+            model = f"{c['model']} (random weights)" if c.get("random_weights") else c["model"]
+            rows.append({"spec": c["spec"], "model": model, "tap": c["tap"], "variant": c["variant"],
                          "pair_mode": c.get("pair_mode", ""), "tap_depth": c.get("tap_depth"),
                          "task": r["task"], "probe": r["probe"], "metric": name,
                          "headline": name == r["headline"], "value": m["value"], "ci_low": m["ci_low"],
@@ -123,7 +128,7 @@ def sweep_store(store_path: str | Path, labels: str | Path, target: str, *, spec
         for mode in pair_modes:
             fs: FeatureSet = load_features(store_path, spec, labels, target, mode)
             res = evaluate_features(fs, labels=labels, split_column=split_column, **cv_kwargs)
-            configs.append(config_record(spec, res, pair_mode=mode, depth=depths[(key.model, key.tap)]))
+            configs.append(config_record(spec, res, pair_mode=mode, depth=depths[(key.model, key.tap)], fs=fs))
             if log is not None:
                 m = res.metrics[res.headline]
                 log(f"{spec} {mode or ''} {res.headline}={m['value']:.3f} "

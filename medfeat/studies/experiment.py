@@ -248,10 +248,11 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
             cfg = ExtractConfig.from_settings(
                 str(manifest), str(store), entry.name, tuple(entry.taps), weights=weights, align=align,
                 roi=roi, tiny=entry.tiny, input_size=tuple(entry.input_size) if entry.input_size else None,
-                **settings)
+                random_init=weights is None, **settings)
             record = extract(cfg)
-            failed += record.items.failed
-            log(f"{entry.name} {align}-{roi}: {_summary_line(record)}")
+            failed += record.items.remain_failed
+            log(f"{entry.name} {align}-{roi}{' (RANDOM weights)' if weights is None else ''}: "
+                f"{_summary_line(record)}")
         pair_modes = [None] if spec.input_kind != "volume3d" else exp.pair_modes
         specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a, r in exp.variants]
         found = sweep_store(store, manifest, target, specs=specs, pair_modes=pair_modes, log=log, **probe)

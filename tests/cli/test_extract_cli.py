@@ -28,7 +28,7 @@ def manifest(tmp_path_factory):
 
 def test_extract_then_store_commands(manifest, tmp_path, capsys):
     store = str(tmp_path / "s.zarr")
-    code, out, err = _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", store,
+    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", store,
                               "--model", "tiny3d_test", "--taps", "conv1,conv2", "--scheduler-kind", "sync",
                               "--variant", "oracle", "--roi", "crop", "--quiet")
     assert code == 0, err
@@ -37,7 +37,7 @@ def test_extract_then_store_commands(manifest, tmp_path, capsys):
     code, out, _ = _medfeat(capsys, "store", "info", store)
     assert code == 0 and "tiny3d_test:conv2:oracle-crop" in out and "done      6" in out
     # the crop around labels 3,4 only is another preprocessing: the store refuses to mix them
-    code, out, err = _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", store,
+    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", store,
                               "--model", "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync",
                               "--align", "oracle", "--roi", "crop", "--roi-labels", "3,4", "--quiet")
     assert code == 2 and "provenance differs" in err and "'roi_labels': [3, 4]" in err, err
@@ -50,7 +50,7 @@ def test_extract_then_store_commands(manifest, tmp_path, capsys):
 def test_failed_items_exit_code(manifest, tmp_path, capsys):
     bad = tmp_path / "m.csv"
     bad.write_text(manifest.read_text().splitlines()[0] + "\nX,baseline,nowhere.nii.gz" + "," * 8 + "\n")
-    code, out, err = _medfeat(capsys, "extract", "--manifest", str(bad), "--store", str(tmp_path / "s"),
+    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(bad), "--store", str(tmp_path / "s"),
                               "--model", "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync", "--quiet")
     assert code == 3 and "X/baseline" in out and "file not found" in out
 
@@ -61,13 +61,13 @@ def test_failed_items_exit_code(manifest, tmp_path, capsys):
     (["--model", "tiny3d_test", "--taps", "conv1", "--roi", "crop", "--roi-labels", "3,x"], "--roi-labels '3,x'"),
 ])
 def test_user_errors_are_one_line(manifest, tmp_path, capsys, args, message):
-    code, out, err = _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", str(tmp_path / "s"),
+    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(tmp_path / "s"),
                               "--scheduler-kind", "sync", *args)
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_manifest_one_line_in_a_real_process(tmp_path):
-    r = subprocess.run([sys.executable, "-c", "from medfeat.cli import main; main()", "extract", "--manifest", str(tmp_path / "no.csv"),
+    r = subprocess.run([sys.executable, "-c", "from medfeat.cli import main; main()", "extract", "--random-init", "--manifest", str(tmp_path / "no.csv"),
                         "--store", str(tmp_path / "s"), "--model", "x", "--taps", "a"],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "manifest not found" in r.stderr and "Traceback" not in r.stderr

@@ -43,7 +43,8 @@ def test_ingest_round_trip_and_extract_equal(tmp_path_factory, tmp_path):
     arr = zarr.open_array(str(Path(df["path"][0]) / "0"), mode="r")
     assert arr.chunks == (4, 4, 4) and arr.shards == (16, 16, 16)  # 64 chunks: one shard per scan
     # features from the Zarr cohort equal those from the NIfTI files
-    cfg = dict(model="tiny3d_test", taps=("conv2",), scheduler_kind="sync", progress=False, align="oracle", roi="crop")
+    cfg = dict(model="tiny3d_test", taps=("conv2",), scheduler_kind="sync", progress=False, align="oracle", roi="crop",
+               random_init=True)
     extract(ExtractConfig.from_settings(str(manifest), str(tmp_path / "a"), **cfg))
     extract(ExtractConfig.from_settings(str(new), str(tmp_path / "b"), **cfg))
     _, xa = FeatureStore.open(tmp_path / "a").read("tiny3d_test:conv2:oracle-crop")

@@ -77,3 +77,16 @@ class SlowConvNet(TinyConvNet):
 _register(BackboneSpec("tinyslow_test", "volume3d", (16, 16, 16), 1,
                        Preprocess("percentile_clamp", {"upper": 99.0}), TAPS,
                        build=lambda **cfg: SlowConvNet(1, 3)))
+
+
+class NaNConvNet(TinyConvNet):
+    """TinyConvNet whose outputs are NaN: a model that blows up on its input."""
+
+    def forward_taps(self, x: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
+        return {k: v * float("nan") for k, v in super().forward_taps(x, taps).items()}
+
+
+# Not registered on import (the registry's own tests check every backbone is finite): tests
+# that need it register it for their duration.
+NAN_SPEC = BackboneSpec("tinynan_test", "volume3d", (16, 16, 16), 1, Preprocess("percentile_clamp", {"upper": 99.0}),
+                        TAPS, build=lambda **cfg: NaNConvNet(1, 3))

@@ -106,7 +106,6 @@ def test_missing_empty_and_columnless_manifests(tmp_path):
     (f"B,week12,b.nii,,0,{EYE}", "timepoint", "not one of baseline, followup"),
     (f"B,baseline,b.nii,,0.5,{EYE}", "label", "not an integer"),
     ("B,followup,b.nii,,0,1 0 0 1 0 1 0 0 0 0 1", "transform", "expected 16 numbers"),
-    (f"A,baseline,b.nii,,0,{EYE}", "timepoint", r"duplicated \(subject, timepoint\) \(A, baseline\)"),
 ])
 def test_bad_row_names_row_and_column(tmp_path, row, column, match):
     path = _longitudinal(tmp_path, [f"A,baseline,a0.nii.gz,,1,{EYE}", row])
@@ -115,6 +114,31 @@ def test_bad_row_names_row_and_column(tmp_path, row, column, match):
     message = str(info.value)
     assert f"row 2 (line 3), column '{column}'" in message and str(path) in message
     assert "\n" not in message
+
+
+def test_exact_duplicates_are_dropped_with_a_note_and_conflicts_refused(tmp_path):
+    from medfeat.io.manifest import read_manifest_rows
+
+    rows = [f"A,baseline,a0.nii.gz,,1,{EYE}", f"A,followup,a1.nii.gz,,1,{EYE}", f"A,baseline,a0.nii.gz,,1,{EYE}"]
+    got = read_manifest_rows(_longitudinal(tmp_path, rows))
+    assert got.frame["timepoint"].tolist() == ["baseline", "followup"] and got.bad == []
+    assert len(got.notes) == 1 and "line 4 repeats line 2 exactly; dropped" in got.notes[0]
+    conflict = _longitudinal(tmp_path, [*rows[:2], f"A,Baseline,other.nii.gz,,1,{EYE}"])
+    with pytest.raises(ManifestError, match="lines 2 and 4 are different rows for one scan"):
+        read_manifest_rows(conflict)
+
+
+def test_bad_rows_keep_their_line_numbers_after_dropped_duplicates(tmp_path):
+    from medfeat.io.manifest import read_manifest_rows
+
+    rows = [f"A,baseline,a0.nii.gz,,1,{EYE}", f"A,baseline,a0.nii.gz,,1,{EYE}", f"B,baseline,b.nii,,0.5,{EYE}"]
+    got = read_manifest_rows(_longitudinal(tmp_path, rows))
+    assert len(got.frame) == 1 and got.bad[0][0] == "row 3" and "row 3 (line 4)" in got.bad[0][1]
+
+
+def test_semicolon_manifest_gets_a_delimiter_hint(tmp_path):
+    with pytest.raises(ManifestError, match="separated by semicolons"):
+        read_manifest(_write(tmp_path, "subject;path\nA;a.nii\n"))
 
 
 def test_check_files(tmp_path):

@@ -141,3 +141,35 @@ def test_write_refuses_bad_input(tmp_path):
         write_volume(tmp_path / "b.nii.gz", np.full((2, 2, 2), np.nan), np.eye(4))
     with pytest.raises(InputError, match="singular"):
         write_volume(tmp_path / "c.nii.gz", np.zeros((2, 2, 2)), np.zeros((4, 4)))
+
+
+def test_zero_voxel_spacing_is_refused_with_the_file_named(tmp_path, recwarn):
+    import struct
+
+    path = tmp_path / "flat.nii"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), None), str(path))  # no sform: pixdim is the grid
+    raw = bytearray(path.read_bytes())
+    raw[76 + 4 * 2: 76 + 4 * 3] = struct.pack("<f", 0.0)  # NIfTI-1 header: pixdim[2] (nibabel would fix it)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=f"{path}: zero or non-finite voxel spacing"):
+        read_volume(path)
+    assert not [w for w in recwarn if "pixdim" in str(w.message)]  # no anonymous nibabel warning
+
+
+def test_a_symlink_loop_says_so(tmp_path):
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop)
+    with pytest.raises(InputError, match="symlink loop"):
+        read_volume(loop)
+    dangling = tmp_path / "gone.nii.gz"
+    dangling.symlink_to(tmp_path / "nowhere.nii.gz")
+    with pytest.raises(InputError, match="file not found \\(dangling symlink\\)"):
+        read_volume(dangling)
+
+
+def test_float64_beyond_float32_range_is_an_overflow_not_nan(tmp_path):
+    data = np.ones((4, 4, 4), np.float64)
+    data[1, 2, 3] = 1e300
+    path = _raw_nifti(tmp_path / "big.nii", data)
+    with pytest.raises(InputError, match="overflow when cast to float32"):
+        read_volume(path)

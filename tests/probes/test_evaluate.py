@@ -157,3 +157,24 @@ def test_read_labels_normalises_timepoints(tmp_path):
     assert read_labels(tmp_path / "l.csv")["timepoint"].tolist() == ["baseline", "followup", "m12"]
     with pytest.raises(ManifestError, match="not found"):
         read_labels(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize("y, message", [
+    (np.array([0, 1] * 20 + [2]), "occur once"),  # a typo in a 0/1 column
+    (np.array(["0", "1"] * 20 + ["O"]), "mixes numbers with text"),
+    (np.linspace(0.0, 3.0, 41), "looks continuous"),
+    (np.arange(41) % 30, "looks continuous"),
+])
+def test_task_inference_is_strict(y, message):
+    from medfeat.probes.evaluate import infer_task
+
+    with pytest.raises(InputError, match=message):
+        infer_task(y)
+
+
+def test_task_inference_accepts_real_tasks():
+    from medfeat.probes.evaluate import infer_task
+
+    assert infer_task(np.array([0, 1, 1, 0])) == "binary"
+    assert infer_task(np.array([0, 1, 2, 3, 4] * 4)) == "multiclass"
+    assert infer_task(np.zeros((4, 3))) == "multilabel"

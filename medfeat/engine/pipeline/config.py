@@ -95,6 +95,34 @@ class ClusterConfig:
                                    f"kinds: {', '.join(SCHEDULER_KINDS)}")
         if self.malloc not in MALLOC_MODES:
             raise UnknownNameError(f"unknown malloc mode {self.malloc!r}; modes: {', '.join(MALLOC_MODES)}")
+        if self.memory_limit is not None:
+            parse_memory_limit(self.memory_limit)
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"workers={self.workers}: need at least 1")
+        if self.threads_per_worker < 1:
+            raise InputError(f"threads_per_worker={self.threads_per_worker}: need at least 1")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_limit(text: str) -> float | None:
+    """Bytes of a Dask memory limit (``"2GB"``, ``"1.5 GiB"``, ``"4e9"``), a fraction of the
+    machine (``"0.5"``), or None for ``"auto"``; InputError for anything else."""
+    s = str(text).strip().lower()
+    if s == "auto":
+        return None
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz ").strip()
+    unit = s[len(number):].strip()
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in _UNITS or not value > 0:
+        raise InputError(f"memory limit {text!r}: give bytes with a unit (e.g. 2GB, 1.5GiB), a fraction "
+                         "of the machine (0.5) or auto")
+    return value * _UNITS[unit]
 
 
 @dataclass(frozen=True)
@@ -112,9 +140,21 @@ class ExtractConfig:
     chunk_items: int | None = None
     window: int | None = None
     retry_failed: bool = False
+    # Weights: ``model.weights`` must name a file unless the run asks for random weights.
+    random_init: bool = False
+    # Items whose source files changed since extraction: refused unless refreshed.
+    refresh_changed: bool = False
+    # Items to extract again although done: their ids, or ("all",).
+    overwrite: tuple[str, ...] = ()
     atlas: str | None = None
     atlas_mask: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InputError(f"batch_size={self.batch_size}: need at least 1")
+        if self.chunk_items is not None and self.chunk_items < 1:
+            raise InputError(f"chunk_items={self.chunk_items}: need at least 1")
 
     @classmethod
     def settings(cls) -> set[str]:
@@ -143,6 +183,8 @@ class ExtractConfig:
             vpick["roi_labels"] = tuple(int(v) for v in vpick["roi_labels"])
         cpick = {k: settings[k] for k in _CLUSTER_KEYS if k in settings}
         own = {k: v for k, v in settings.items() if k not in _MODEL_KEYS | _VARIANT_KEYS | _CLUSTER_KEYS}
+        if "overwrite" in own:
+            own["overwrite"] = tuple(own["overwrite"])
         return cls(str(manifest), str(store), mcfg, Variant(**vpick), ClusterConfig(**cpick), **own)
 
     def with_model(self, **changes: Any) -> ExtractConfig:
@@ -175,6 +217,8 @@ class ItemCounts:
     skipped: int = 0
     done: int = 0
     failed: int = 0
+    # failed items of this run's arrays after it: failed now, or before and not retried
+    remain_failed: int = 0
 
 
 @dataclass
@@ -198,6 +242,8 @@ class RunRecord:
     finished: str = ""
     wall_s: float = 0.0
     command: str = "extract"
+    notes: list[str] = field(default_factory=list)  # e.g. duplicate manifest rows dropped
+    refreshed: list[str] = field(default_factory=list)  # items re-extracted: changed sources, overwrite
 
     @property
     def store(self) -> str:

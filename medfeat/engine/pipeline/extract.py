@@ -27,10 +27,11 @@ from medfeat.engine.pipeline.config import ExtractConfig, ItemCounts, ModelConfi
 from medfeat.engine.pipeline.executors import Executor, make_executor, run_bounded
 from medfeat.engine.pipeline.items import Atlas, Item, plan_items
 from medfeat.engine.pipeline.progress import Progress, StageTimes
+from medfeat.engine.pipeline.sources import check_sources, describe_changes
 from medfeat.engine.pipeline.worker import BatchResult, get_model, run_batch
-from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
+from medfeat.engine.store.feature_store import ArrayKey, FeatureStore, check_store_location
 from medfeat.engine.store.lock import StoreLock
-from medfeat.errors import StoreError, one_line
+from medfeat.errors import InputError, ManifestError, StoreError, one_line
 from medfeat.export.backbones.registry import Backbone
 from medfeat.io.manifest import read_manifest_rows
 from medfeat.timeutil import utc_now
@@ -88,47 +89,106 @@ def _chunks(indices: np.ndarray, items: list[Item], chunk: int, batch: int) -> d
 
 
 def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecord:
-    """Run one extraction; return its run record (also appended to the store)."""
+    """Run one extraction; return its run record (also appended to the store).
+
+    Everything that can be refused is checked before the store is touched: weights,
+    manifest, model, taps, pooling, device, items, the store's location, the cluster, the
+    arrays' provenance and the items' source files.
+    """
     t_start = time.perf_counter()
     started = utc_now()
-    df, row_failures = read_manifest_rows(cfg.manifest)
-    model = get_model(cfg.model)  # fails fast on unknown model / tap / bad weights
-    spec, size = model.backbone.spec, model.size
+    if cfg.model.weights is None and not cfg.random_init:
+        raise InputError(f"{cfg.model.name}: no weights given: pass --weights FILE (a local checkpoint), "
+                         "or --random-init to extract with seeded random weights")
+    manifest = read_manifest_rows(cfg.manifest)
+    model = get_model(cfg.model)  # fails fast on unknown model / tap / pooling / device / bad weights
     atlas = Atlas.beside(cfg.manifest, cfg.atlas, cfg.atlas_mask)
-    items, plan_failures = plan_items(df, spec.input_kind, cfg.variant, atlas)
-    items, dup_failures = _dedupe(items)
+    items, plan_failures = plan_items(manifest.frame, model.backbone.spec.input_kind, cfg.variant, atlas)
+    _check_unique_ids(items)
     dims = model.backbone.output_dims()
     keys = {tap: ArrayKey(cfg.model.name, tap, cfg.variant.name) for tap in model.backbone.tap_names}
+    provenances = {tap: _provenance(cfg, model.backbone, tap, dims[tap], model.size) for tap in keys}
     store_path = Path(cfg.store)
-    chunk = cfg.chunk_items or max(DEFAULT_CHUNK_ITEMS, cfg.batch_size)
-    if store_path.exists() and not (store_path / "zarr.json").is_file():
-        raise StoreError(f"{store_path}: exists and is not a feature store")
-    with StoreLock(store_path):
-        store = FeatureStore.create(store_path, chunk_items=chunk)
-        indices = store.add_items(i.record() for i in items)
-        for tap, key in keys.items():
-            store.ensure_array(key, dims[tap], _provenance(cfg, model.backbone, tap, dims[tap], size))
-        early = [{"item_id": i, "reason": r} for i, r in row_failures + plan_failures + dup_failures]
-        store.record_failures({"array": str(k), **f} for k in keys.values() for f in early)
-        pending = _pending(store, keys, items, indices, cfg.retry_failed)
-        record = _run(cfg, store, keys, items, indices, pending, executor)
-        record.started, record.wall_s = started, time.perf_counter() - t_start
-        record.failures = early + record.failures
-        record.items.failed = len(record.failures)
-        store.add_run_record(record.to_dict())
+    check_store_location(store_path)
+    own = executor is None
+    executor = executor or make_executor(cfg.cluster, device=cfg.model.device)  # an unreachable cluster stops here
+    try:
+        with StoreLock(store_path):
+            store = FeatureStore.create(store_path, chunk_items=cfg.chunk_items or max(DEFAULT_CHUNK_ITEMS,
+                                                                                          cfg.batch_size))
+            for tap, key in keys.items():  # a refused run adds nothing
+                store.check_array(key, dims[tap], provenances[tap])
+            indices, redo = _register(cfg, store, items, keys)
+            for tap, key in keys.items():
+                store.ensure_array(key, dims[tap], provenances[tap])
+            early = [{"item_id": i, "reason": r} for i, r in manifest.bad + plan_failures]
+            store.record_failures({"array": str(k), **f} for k in keys.values() for f in early)
+            pending = _pending(store, keys, items, indices, cfg.retry_failed)
+            record = _run(cfg, store, keys, items, indices, pending, executor)
+            record.started, record.wall_s = started, time.perf_counter() - t_start
+            record.failures = early + record.failures
+            record.items.failed = len(record.failures)
+            record.items.remain_failed = len(store.failed_items(str(k) for k in keys.values())
+                                             & {i.item_id for i in items} | {f["item_id"] for f in early})
+            record.notes, record.refreshed = manifest.notes, redo
+            store.add_run_record(record.to_dict())
+    finally:
+        if own:
+            executor.close()
     return record
 
 
-def _dedupe(items: list[Item]) -> tuple[list[Item], list[tuple[str, str]]]:
+def _check_unique_ids(items: list[Item]) -> None:
+    """Two manifest rows that make one item id would write one row twice: refuse before work."""
     seen: set[str] = set()
-    out, bad = [], []
     for item in items:
         if item.item_id in seen:
-            bad.append((item.item_id, f"item {item.item_id} appears twice in the manifest"))
-        else:
-            seen.add(item.item_id)
-            out.append(item)
-    return out, bad
+            raise ManifestError(f"item {item.item_id} is made by two manifest rows; give the rows "
+                                "distinct timepoints or an item_id column")
+        seen.add(item.item_id)
+
+
+def _register(cfg: ExtractConfig, store: FeatureStore, items: list[Item],
+              keys: dict[str, ArrayKey]) -> tuple[np.ndarray, list[str]]:
+    """Add the items to the store with their source signatures; refuse items whose sources
+    changed unless ``refresh_changed``, and un-mark what is to be redone (changed items in
+    every array, ``overwrite`` items in this run's arrays). Returns the store indices and
+    the ids redone."""
+    sources = check_sources(store, items)
+    if sources.changed and not cfg.refresh_changed:
+        raise StoreError(f"{store.path}: {describe_changes(sources.changed)}. Rerun with --refresh-changed to "
+                         "extract them again, or use a new store")
+    before = set(store.items()["item_id"])
+    indices = store.add_items({**i.record(), "source_sig": sources.record.get(i.item_id, "")} for i in items)
+    pos = {item.item_id: int(idx) for item, idx in zip(items, indices)}
+    by_id = {item.item_id: item for item in items}
+    resign = [i for i in sources.record if i in before]  # new items got theirs when added
+    if resign:
+        store.set_item_fields([pos[i] for i in resign], "source_sig", [sources.record[i] for i in resign])
+        store.set_item_fields([pos[i] for i in resign], "source", [by_id[i].source for i in resign])
+    existing = store.arrays()
+    if sources.changed:
+        for key in existing:  # stale everywhere: other models' features came from the old files too
+            store.unmark_done(key, [pos[i] for i in sources.changed])
+        store.clear_failures([str(k) for k in existing], list(sources.changed))
+    over = _overwrite_ids(cfg.overwrite, items)
+    if over:
+        for key in set(keys.values()) & set(existing):
+            store.unmark_done(key, [pos[i] for i in over])
+        store.clear_failures([str(k) for k in keys.values()], over)
+    return indices, sorted(set(sources.changed) | set(over))
+
+
+def _overwrite_ids(overwrite: tuple[str, ...], items: list[Item]) -> list[str]:
+    if not overwrite:
+        return []
+    if overwrite == ("all",):
+        return [i.item_id for i in items]
+    known = {i.item_id for i in items}
+    unknown = [i for i in overwrite if i not in known]
+    if unknown:
+        raise InputError(f"--overwrite: no item {unknown[0]!r} in this run's manifest")
+    return list(overwrite)
 
 
 def _pending(store: FeatureStore, keys: dict[str, ArrayKey], items: list[Item], indices: np.ndarray,
@@ -145,10 +205,7 @@ def _pending(store: FeatureStore, keys: dict[str, ArrayKey], items: list[Item], 
 
 
 def _run(cfg: ExtractConfig, store: FeatureStore, keys: dict[str, ArrayKey], items: list[Item],
-         indices: np.ndarray, pending: np.ndarray, executor: Executor | None) -> RunRecord:
-    own = executor is None
-    if executor is None:
-        executor = make_executor(cfg.cluster, device=cfg.model.device)
+         indices: np.ndarray, pending: np.ndarray, executor: Executor) -> RunRecord:
     mcfg = cfg.model
     if cfg.cluster.scheduler_kind == "local" and not cfg.cluster.scheduler:
         mcfg = cfg.with_model(torch_threads=torch_threads_per_worker(cfg.cluster.workers or 1)).model
@@ -170,8 +227,6 @@ def _run(cfg: ExtractConfig, store: FeatureStore, keys: dict[str, ArrayKey], ite
             progress.update(n_done, len(failures))
     finally:
         progress.close(n_done, len(failures))
-        if own:
-            executor.close()
     wall = time.perf_counter() - t0
     return RunRecord(
         config=cfg.to_dict(), variant=cfg.variant.name, arrays=[str(k) for k in keys.values()],

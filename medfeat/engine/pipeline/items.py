@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from medfeat.engine.pipeline.config import Variant
-from medfeat.errors import ManifestError, RuntimeUnavailableError, UnknownNameError, one_line
+from medfeat.errors import InputError, ManifestError, RuntimeUnavailableError, UnknownNameError, one_line
 from medfeat.io.manifest import parse_transform
 
 
@@ -125,17 +125,27 @@ def plan_items(df: pd.DataFrame, input_kind: str, variant: Variant,
     non-zero).
     """
     items, bad = _plan(df, input_kind, variant.align, variant.roi, atlas)
-    if variant.roi_labels is not None and variant.roi == "crop":
+    if variant.roi != "crop":
+        return items, bad
+    croppable = [it for it in items if all(c.mask for c in it.channels)]
+    no_mask = [it for it in items if not all(c.mask for c in it.channels)]
+    if no_mask and not croppable:
+        raise InputError(f"--roi crop: no item can be cropped: no mask_path in the manifest rows "
+                         f"(e.g. {no_mask[0].item_id}) and no atlas mask (atlas_mask.nii.gz or --atlas-mask)")
+    bad += [(it.item_id, "--roi crop: no mask for this item (empty mask_path and no atlas mask)") for it in no_mask]
+    if variant.roi_labels is not None:
         labels = tuple(int(v) for v in variant.roi_labels)
-        items = [replace(it, channels=tuple(replace(c, mask_labels=labels) if c.mask else c
-                                            for c in it.channels)) for it in items]
-    return items, bad
+        croppable = [replace(it, channels=tuple(replace(c, mask_labels=labels) for c in it.channels))
+                     for it in croppable]
+    return croppable, bad
 
 
 def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
           atlas: Atlas) -> tuple[list[Item], list[tuple[str, str]]]:
     if input_kind == "image2d" and align != "none":
         raise UnknownNameError(f"alignment {align!r} is for 3D cohorts; 2D models take 'none'")
+    if input_kind == "image2d" and roi != "whole":
+        raise UnknownNameError(f"ROI {roi!r} is for 3D cohorts; 2D models take the whole image")
     if align in ("atlas", "oracle_atlas") and atlas.image is None:
         raise ManifestError("the atlas alignment needs an atlas (atlas.nii.gz beside the manifest, or --atlas)")
     if input_kind == "pair3d" and align == "oracle_atlas":

@@ -37,18 +37,28 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_MODELS: dict[ModelConfig, LoadedModel] = {}
+_MODELS: dict[tuple[ModelConfig, tuple[int, int] | None], LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
 _BUILDS = {"count": 0}
 
 
 def get_model(cfg: ModelConfig) -> LoadedModel:
-    """The model for ``cfg``, built on first use in this process and cached."""
+    """The model for ``cfg``, built on first use in this process and cached (keyed also by
+    the weights file's size and mtime, so a file rewritten in place is loaded again)."""
+    key = (cfg, _stamp(cfg.weights))
     with _MODELS_LOCK:
-        if cfg not in _MODELS:
-            _MODELS[cfg] = build_model(cfg)
+        if key not in _MODELS:
+            _MODELS[key] = build_model(cfg)
             _BUILDS["count"] += 1
-        return _MODELS[cfg]
+        return _MODELS[key]
+
+
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_size, st.st_mtime_ns)
 
 
 def clear_models() -> None:
@@ -144,6 +154,6 @@ def _infer(model: LoadedModel, x: np.ndarray, ids: list[str], failures: list[tup
     finite = np.ones(len(ids), dtype=bool)
     for v in out.values():
         finite &= np.isfinite(v.reshape(len(ids), -1)).all(1)
-    failures = failures + [(i, "model output is NaN or Inf") for i, f in zip(ids, finite) if not f]
+    failures = failures + [(i, f"model output for item {i} is NaN or Inf") for i, f in zip(ids, finite) if not f]
     rows = {k: np.ascontiguousarray(v.reshape(len(ids), -1)[finite], dtype=np.float32) for k, v in out.items()}
     return rows, [i for i, f in zip(ids, finite) if f], failures, t_infer

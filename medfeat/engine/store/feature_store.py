@@ -3,7 +3,8 @@
 Layout::
 
     store.zarr/                     group; attrs["medfeat"] = format, version, created
-      items/<column>                1-D string arrays: item_id, subject, timepoint, kind, source
+      items/<column>                1-D string arrays: item_id, subject, timepoint, kind, source,
+                                    source_sig (JSON: each source file's path, size, mtime, hash)
       features/<model>/<tap>/<variant>/
           data                      (items, dim) float32, chunked along items; NaN = not written
           done                      (items,) uint8, same item chunks; 1 once ``data`` rows are written
@@ -15,26 +16,68 @@ An item is marked done only after its feature rows are written, so a run killed 
 point leaves every item either done with its features, or not done (and redone on resume).
 Writers must write whole item chunks (see :meth:`FeatureStore.chunk_of`) so no two tasks
 touch one chunk.
+
+Creation is atomic. A new store is built aside in ``.staging-*`` inside its folder and
+published by renaming ``items/`` and then the root ``zarr.json`` into place; a new feature
+array is built aside as a whole group (data, done, provenance) and renamed into place. An
+interruption at any point (SIGKILL, a full disk) leaves either nothing or a complete empty
+store or array; leftovers of an unpublished store are recognised and cleared by the next
+``create``. Every chunk is zstd-compressed with zstd's content checksum, so a flipped bit
+fails the read (and ``verify``) instead of becoming a number.
 """
 from __future__ import annotations
 
-import datetime as _dt
+import functools
 import json
-from collections.abc import Iterable, Sequence
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.codecs import ZstdCodec
 
 from medfeat.engine.store.lock import LOCK_NAME
-from medfeat.errors import StoreError, UnknownNameError
+from medfeat.errors import StoreError, UnknownNameError, one_line, os_error_reason
+from medfeat.timeutil import utc_now
 from medfeat.version import __version__
 
-ITEM_COLUMNS = ("item_id", "subject", "timepoint", "kind", "source")
+ITEM_COLUMNS = ("item_id", "subject", "timepoint", "kind", "source", "source_sig")
 FORMAT = 1
+STAGING_PREFIX = ".staging-"
+# What the folder of a store that was never published may hold: its leftovers are cleared.
+_UNPUBLISHED = {LOCK_NAME, "items", "features"}
+# zstd level 0 (its default) with the frame's content checksum: bit flips fail the read.
+COMPRESSORS = (ZstdCodec(level=0, checksum=True),)
+
+#: Called with the name of each step of store and array creation (tests inject faults here).
+fault_hook: Callable[[str], None] | None = None
+
+
+def _step(name: str) -> None:
+    if fault_hook is not None:
+        fault_hook(name)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _writes(method: F) -> F:
+    """Turn an OSError of a store write (full disk, read-only file system) into one line."""
+
+    @functools.wraps(method)
+    def wrapper(self: FeatureStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+
+    return cast(F, wrapper)
 
 
 @dataclass(frozen=True)
@@ -71,27 +114,32 @@ class FeatureStore:
     # -- opening ---------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, *, exist_ok: bool = True, chunk_items: int = 64) -> FeatureStore:
-        """Create a store, or open an existing one when ``exist_ok``."""
+        """Create a store (atomically: see the module docstring), or open an existing one
+        when ``exist_ok``."""
         path = Path(path)
         if (path / "zarr.json").is_file():
             if not exist_ok:
                 raise StoreError(f"{path}: store already exists")
             return cls.open(path, mode="a")
-        if path.exists() and (not path.is_dir() or any(p.name != LOCK_NAME for p in path.iterdir())):
-            raise StoreError(f"{path}: exists and is not a feature store")
-        # mode "a", not "w": "w" would wipe the directory, lock file included.
-        group = zarr.open_group(str(path), mode="a", zarr_format=3)
-        group.attrs["medfeat"] = {
-            "format": FORMAT,
-            "version": __version__,
-            "created": _now(),
-            "chunk_items": chunk_items,
-        }
-        group.attrs["failures"] = []
-        group.attrs["runs"] = []
-        for column in ITEM_COLUMNS:
-            group.create_array(f"items/{column}", shape=(0,), dtype=str, chunks=(4096,))
-        return cls(group, path)
+        _clear_unpublished(path)
+        staging = path / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        try:
+            meta = {"format": FORMAT, "version": __version__, "created": utc_now(), "chunk_items": chunk_items}
+            group = zarr.open_group(str(staging), mode="w", zarr_format=3,
+                                    attributes={"medfeat": meta, "failures": [], "runs": []})
+            _step("group")
+            for column in ITEM_COLUMNS:
+                _new_item_column(group, column, 0)
+                _step(f"items/{column}")
+            os.rename(staging / "items", path / "items")
+            _step("publish items")
+            os.rename(staging / "zarr.json", path / "zarr.json")  # the store exists from here on
+            _step("publish")
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return cls.open(path, mode="a")
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
@@ -99,7 +147,10 @@ class FeatureStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a feature store (no zarr.json)")
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path}: unreadable store metadata ({one_line(exc, 160)})") from exc
         meta = group.attrs.get("medfeat")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise StoreError(f"{path}: not a medfeat feature store (format {meta!r})")
@@ -111,10 +162,21 @@ class FeatureStore:
 
     # -- items -----------------------------------------------------------------------
     def items(self) -> pd.DataFrame:
-        """The items table, one row per item, in store order."""
-        cols = {c: np.asarray(self.group[f"items/{c}"][:]).astype(object) for c in ITEM_COLUMNS}
-        return pd.DataFrame(cols, columns=list(ITEM_COLUMNS))
+        """The items table, one row per item, in store order.
 
+        A run killed while registering items may leave columns of different lengths; the
+        shortest is the table (the rest is rewritten by the next registration).
+        """
+        cols = {c: np.asarray(self.group[f"items/{c}"][:]).astype(object)
+                for c in ITEM_COLUMNS if f"items/{c}" in self.group}
+        n = min(len(v) for v in cols.values())
+        table = pd.DataFrame({c: v[:n] for c, v in cols.items()})
+        for c in ITEM_COLUMNS:  # stores made before a column existed
+            if c not in table:
+                table[c] = ""
+        return table[list(ITEM_COLUMNS)]
+
+    @_writes
     def add_items(self, records: Iterable[dict[str, Any]]) -> np.ndarray:
         """Register items (dicts with ``item_id`` and optional other columns).
 
@@ -128,12 +190,42 @@ class FeatureStore:
         if new:
             start = len(existing)
             for column in ITEM_COLUMNS:
-                arr = self.group[f"items/{column}"]
+                arr = self._item_column(column, start)
                 arr.resize((start + len(new),))
                 arr[start:] = np.array([str(by_id[i].get(column, "") or "") for i in new], dtype=str)
             existing.update({iid: start + k for k, iid in enumerate(new)})
             self._grow_arrays(len(existing))
         return np.array([existing[r["item_id"]] for r in records], dtype=np.int64)
+
+    @_writes
+    def set_item_fields(self, indices: Sequence[int], column: str, values: Sequence[str]) -> None:
+        """Rewrite ``column`` of the items at ``indices`` (e.g. a refreshed source)."""
+        if column not in ITEM_COLUMNS or column == "item_id":
+            raise UnknownNameError(f"items column {column!r} cannot be rewritten")
+        n = len(self.items())
+        arr = self._item_column(column, n)
+        current = np.asarray(arr[:n]).astype(object)
+        current[np.asarray(indices, dtype=np.int64)] = [str(v) for v in values]
+        arr[:n] = np.asarray(current, dtype=str)
+
+    def even_item_columns(self) -> list[str]:
+        """Trim item columns that an interrupted registration left longer than the table;
+        one line per column trimmed."""
+        n = len(self.items())
+        actions = []
+        for column in ITEM_COLUMNS:
+            arr = self._item_column(column, n)
+            if arr.shape[0] != n:
+                arr.resize((n,))
+                actions.append(f"items/{column}: trimmed to {n} rows")
+        return actions
+
+    def _item_column(self, column: str, n: int) -> zarr.Array:
+        """The items array of ``column``, created (n empty strings) in stores made before it."""
+        if f"items/{column}" not in self.group:
+            _new_item_column(self.group, column, n)
+        arr = self.group[f"items/{column}"]
+        return arr
 
     def _grow_arrays(self, n: int) -> None:
         for key in self.arrays():
@@ -155,30 +247,67 @@ class FeatureStore:
                     keys.append(ArrayKey(model, tap, variant))
         return sorted(keys, key=str)
 
+    def check_array(self, key: ArrayKey, dim: int, provenance: dict[str, Any]) -> None:
+        """Raise StoreError when an existing array ``key`` holds other features (another dim,
+        weights, pooling, preprocessing); nothing when it matches or does not exist yet.
+
+        Runs call this for every array before registering items, so a refused run changes
+        nothing."""
+        if not self._complete(key):
+            return
+        group = self.group[key.path]
+        old_dim = group["data"].shape[1]
+        if old_dim != dim:
+            raise StoreError(f"{key}: store holds dim {old_dim}, this run makes {dim}")
+        diff = _provenance_diff(group.attrs.get("provenance", {}), _json(provenance))
+        if diff:
+            raise StoreError(f"{key}: provenance differs from the stored array ({diff})")
+
     def ensure_array(self, key: ArrayKey, dim: int, provenance: dict[str, Any]) -> None:
         """Create the array for ``key`` with rows of length ``dim``, or check it matches.
 
         An existing array with another dim or other provenance (other weights, pooling,
-        preprocessing) is refused: its rows would mix two different features.
+        preprocessing) is refused: its rows would mix two different features. The array is
+        built aside and renamed into place, so it appears whole or not at all.
         """
-        # Compare and store the JSON form: tuples come back from attrs as lists.
-        provenance = json.loads(json.dumps(provenance, default=str))
-        n = self.group["items/item_id"].shape[0]
-        if key.path in self.group:
-            group = self.group[key.path]
-            old_dim = group["data"].shape[1]
-            if old_dim != dim:
-                raise StoreError(f"{key}: store holds dim {old_dim}, this run makes {dim}")
-            old = group.attrs.get("provenance", {})
-            diff = _provenance_diff(old, provenance)
-            if diff:
-                raise StoreError(f"{key}: provenance differs from the stored array ({diff})")
+        self.check_array(key, dim, provenance)
+        if self._complete(key):
             return
-        group = self.group.require_group(key.path)
-        chunk = self.chunk_items
-        group.create_array("data", shape=(n, dim), chunks=(chunk, dim), dtype="float32", fill_value=np.nan)
-        group.create_array("done", shape=(n,), chunks=(chunk,), dtype="uint8", fill_value=0)
-        group.attrs["provenance"] = provenance
+        self._drop_half_made(key)
+        n = self.group["items/item_id"].shape[0]
+        staging = self.path / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        try:
+            group = zarr.open_group(str(staging), mode="w", zarr_format=3,
+                                    attributes={"provenance": _json(provenance)})
+            _step("array group")
+            chunk = self.chunk_items
+            group.create_array("data", shape=(n, dim), chunks=(chunk, dim), dtype="float32", fill_value=np.nan,
+                               compressors=COMPRESSORS)
+            _step("array data")
+            group.create_array("done", shape=(n,), chunks=(chunk,), dtype="uint8", fill_value=0,
+                               compressors=COMPRESSORS)
+            _step("array done")
+            self.group.require_group(str(Path(key.path).parent))
+            os.rename(staging, self.path / key.path)
+            _step("publish array")
+        except OSError as exc:
+            raise _write_error(self.path, exc) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _complete(self, key: ArrayKey) -> bool:
+        """Whether array ``key`` exists whole: data, done and provenance."""
+        if key.path not in self.group:
+            return False
+        group = self.group[key.path]
+        return "data" in group and "done" in group and "provenance" in group.attrs
+
+    def _drop_half_made(self, key: ArrayKey) -> None:
+        """Remove an array left half-made by an older medfeat (no done item can be lost: an
+        array without its ``done`` marks or provenance never served a read)."""
+        folder = self.path / key.path
+        if folder.exists():
+            shutil.rmtree(folder)
 
     def provenance(self, key: ArrayKey) -> dict[str, Any]:
         return dict(self._array_group(key).attrs.get("provenance", {}))
@@ -195,6 +324,7 @@ class FeatureStore:
         self.write_rows(key, indices, rows)
         self.mark_done(key, indices)
 
+    @_writes
     def write_rows(self, key: ArrayKey, indices: Sequence[int], rows: np.ndarray) -> None:
         """Write feature rows (len(indices), dim) without marking them done.
 
@@ -213,6 +343,7 @@ class FeatureStore:
         else:
             group["data"].set_orthogonal_selection((indices, slice(None)), rows)
 
+    @_writes
     def mark_done(self, key: ArrayKey, indices: Sequence[int]) -> None:
         """Mark items done; call only after their rows are written in every array of the run."""
         done = self._array_group(key)["done"]
@@ -224,6 +355,15 @@ class FeatureStore:
         else:
             done.set_coordinate_selection(indices, np.ones(len(indices), np.uint8))
 
+    @_writes
+    def unmark_done(self, key: ArrayKey, indices: Sequence[int]) -> None:
+        """Mark items not done (their features are redone by the next run)."""
+        done = self._array_group(key)["done"]
+        idx = np.asarray(indices, dtype=np.int64)
+        idx = np.unique(idx[idx < done.shape[0]])
+        if len(idx):
+            done.set_coordinate_selection(idx, np.zeros(len(idx), np.uint8))
+
     def done_mask(self, key: ArrayKey) -> np.ndarray:
         """(items,) bool: which items have features in ``key``."""
         done = self._array_group(key)["done"][:]
@@ -233,13 +373,29 @@ class FeatureStore:
         return out
 
     def read(self, key: ArrayKey | str) -> tuple[list[str], np.ndarray]:
-        """Item ids and (n_done, dim) float32 features of the done items of ``key``."""
+        """Item ids and (n_done, dim) float32 features of the done items of ``key``.
+
+        A corrupt or truncated chunk, or done items without features (a missing chunk),
+        raise one-line StoreErrors that point to ``medfeat store verify``.
+        """
         key = ArrayKey.parse(key) if isinstance(key, str) else key
         group = self._array_group(key)
-        mask = self.done_mask(key)
+        try:
+            mask = self.done_mask(key)
+            data = np.asarray(group["data"][:], dtype=np.float32)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise StoreError(f"{self.path}: {key}: unreadable chunk ({one_line(exc, 120)}); "
+                             "run `medfeat store verify`") from exc
         ids = self.items()["item_id"].to_numpy()
-        data = group["data"][:]
-        return [str(i) for i in ids[mask]], np.asarray(data[mask], dtype=np.float32)
+        if data.shape[0] < len(mask):
+            raise StoreError(f"{self.path}: {key}: data has {data.shape[0]} rows for {len(mask)} items; "
+                             "run `medfeat store verify`")
+        x = data[: len(mask)][mask]
+        bad = int((~np.isfinite(x).all(axis=1)).sum()) if x.size else 0
+        if bad:
+            raise StoreError(f"{self.path}: {key}: {bad} done item(s) have no finite features (a missing or "
+                             "damaged chunk?); run `medfeat store verify`")
+        return [str(i) for i in ids[mask]], x
 
     def _array_group(self, key: ArrayKey) -> zarr.Group:
         if key.path not in self.group:
@@ -251,16 +407,18 @@ class FeatureStore:
     def failures(self) -> list[dict[str, Any]]:
         return list(self.group.attrs.get("failures", []))
 
+    @_writes
     def record_failures(self, failures: Iterable[dict[str, Any]]) -> None:
         """Append failure records (``array``, ``item_id``, ``reason``), replacing older ones
         of the same (array, item). Driver process only."""
-        new = [{**f, "time": f.get("time", _now())} for f in failures]
+        new = [{**f, "time": f.get("time", utc_now())} for f in failures]
         if not new:
             return
         replaced = {(f["array"], f["item_id"]) for f in new}
         kept = [f for f in self.failures() if (f["array"], f["item_id"]) not in replaced]
         self.group.attrs["failures"] = kept + new
 
+    @_writes
     def clear_failures(self, array: str | Sequence[str], item_ids: Iterable[str]) -> None:
         """Forget failures of ``item_ids`` in ``array`` (one name or several): they succeeded."""
         arrays = {array} if isinstance(array, str) else set(array)
@@ -270,6 +428,7 @@ class FeatureStore:
         if len(kept) != len(old):  # skip the attribute rewrite when nothing changes
             self.group.attrs["failures"] = kept
 
+    @_writes
     def add_run_record(self, record: dict[str, Any]) -> None:
         self.group.attrs["runs"] = list(self.group.attrs.get("runs", [])) + [record]
 
@@ -277,70 +436,34 @@ class FeatureStore:
         return list(self.group.attrs.get("runs", []))
 
 
-    # -- summaries and checks --------------------------------------------------------
+    # -- summaries ---------------------------------------------------------------------
+    def failed_items(self, arrays: Iterable[str] | None = None) -> set[str]:
+        """Item ids with a failure record (in any of ``arrays``, or in any array)."""
+        wanted = None if arrays is None else set(arrays)
+        return {f["item_id"] for f in self.failures() if wanted is None or f["array"] in wanted}
+
     def info(self) -> dict[str, Any]:
-        """Summary: items, arrays (dim, done count, model/tap/pooling/variant), failures, runs."""
-        n = int(self.group["items/item_id"].shape[0])
+        """Summary: items, arrays (dim, done count, model/tap/pooling/variant, size on disk,
+        random weights or not), failed items, runs."""
+        n = len(self.items())
         arrays = []
         for key in self.arrays():
             group = self.group[key.path]
             prov = dict(group.attrs.get("provenance", {}))
             arrays.append({"array": str(key), "dim": int(group["data"].shape[1]),
                            "done": int(self.done_mask(key).sum()), "pooling": prov.get("pooling"),
-                           "weights_sha256": prov.get("weights_sha256"), "runtime": prov.get("runtime")})
+                           "weights_sha256": prov.get("weights_sha256"), "runtime": prov.get("runtime"),
+                           "random_weights": prov.get("weights_sha256") is None,
+                           "bytes": _disk_bytes(self.path / key.path)})
         runs = self.runs()
         return {"path": str(self.path), "format": FORMAT, "items": n, "chunk_items": self.chunk_items,
-                "arrays": arrays, "failures": len(self.failures()), "runs": len(runs),
+                "arrays": arrays, "failed_items": len(self.failed_items()), "runs": len(runs),
                 "last_run": runs[-1].get("finished") if runs else None}
 
-    def verify(self, *, check_weights: bool = True) -> list[str]:
-        """Problems found, one line each (empty when the store is sound).
 
-        Checks every done item has finite features of the array's dim, that the provenance
-        names this array's model, tap, variant and dim, that the items table has no
-        duplicate ids, and (``check_weights``) that a weights file still present has the
-        recorded sha256.
-        """
-        problems: list[str] = []
-        ids = self.items()["item_id"]
-        if ids.duplicated().any():
-            problems.append(f"items table: duplicated item ids {sorted(set(ids[ids.duplicated()]))[:5]}")
-        for key in self.arrays():
-            problems += self._verify_array(key, check_weights)
-        return problems
-
-    def _verify_array(self, key: ArrayKey, check_weights: bool) -> list[str]:
-        group = self.group[key.path]
-        prov = dict(group.attrs.get("provenance", {}))
-        dim = int(group["data"].shape[1])
-        out = []
-        expected = {"model": key.model, "tap": key.tap, "dim": dim}
-        for name, want in expected.items():
-            if prov.get(name) != want:
-                out.append(f"{key}: provenance {name} is {prov.get(name)!r}, expected {want!r}")
-        variant = (prov.get("preprocessing") or {}).get("variant")
-        if variant != key.variant:
-            out.append(f"{key}: provenance variant is {variant!r}, expected {key.variant!r}")
-        mask = self.done_mask(key)
-        data = np.asarray(group["data"][:])
-        if data.shape[0] < len(mask):
-            out.append(f"{key}: data has {data.shape[0]} rows for {len(mask)} items")
-            return out
-        bad = np.flatnonzero(mask & ~np.isfinite(data[: len(mask)]).all(1))
-        if len(bad):
-            names = [str(self.group["items/item_id"][int(i)]) for i in bad[:5]]
-            out.append(f"{key}: {len(bad)} done item(s) with non-finite features, e.g. {names}")
-        weights = prov.get("weights")
-        if check_weights and weights and Path(weights).is_file():
-            from medfeat.export.backbones.weights import sha256_file
-
-            if sha256_file(weights) != prov.get("weights_sha256"):
-                out.append(f"{key}: weights file {weights} no longer matches the recorded sha256")
-        return out
-
-
-# Keys that describe how a run was executed, not what the features are.
-_EXECUTION_KEYS = {"runtime", "precision_runtime", "created", "versions", "batch_size", "device"}
+# Keys that describe how a run was executed, not what the features are. The weights file is
+# compared by its sha256 (``weights_sha256``), not by the path it was given as.
+_EXECUTION_KEYS = {"runtime", "precision_runtime", "created", "versions", "batch_size", "device", "weights"}
 
 
 def _provenance_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -349,5 +472,54 @@ def _provenance_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in diffs[:3])
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+def _json(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` as it reads back from attrs (tuples become lists)."""
+    return json.loads(json.dumps(doc, default=str))
+
+
+def _new_item_column(group: zarr.Group, column: str, n: int) -> None:
+    arr = group.create_array(f"items/{column}", shape=(n,), dtype=str, chunks=(4096,), compressors=COMPRESSORS)
+    if n:
+        arr[:] = np.full(n, "", dtype=str)
+
+
+def check_store_location(path: str | Path) -> None:
+    """Raise StoreError, before anything is written, when ``path`` cannot hold a store: it
+    lies inside another feature store, or it exists and holds something else."""
+    path = Path(path)
+    for parent in path.resolve().parents:
+        if (parent / "zarr.json").is_file() and (parent / "items").is_dir():
+            raise StoreError(f"{path}: lies inside the feature store {parent}; give a path outside it")
+    if path.exists() and not (path / "zarr.json").is_file():
+        if not path.is_dir():
+            raise StoreError(f"{path}: exists and is not a feature store")
+        foreign = [e.name for e in path.iterdir() if e.name not in _UNPUBLISHED and not e.name.startswith(STAGING_PREFIX)]
+        if foreign:
+            raise StoreError(f"{path}: exists and is not a feature store (holds {', '.join(sorted(foreign)[:3])})")
+
+
+def _clear_unpublished(path: Path) -> None:
+    """Make ``path`` ready for a new store: absent or empty, or holding only what an
+    unpublished (interrupted) creation leaves, which is removed. Anything else is refused."""
+    if not path.exists():
+        path.mkdir(parents=True)
+        return
+    if not path.is_dir():
+        raise StoreError(f"{path}: exists and is not a feature store")
+    entries = list(path.iterdir())
+    foreign = [e.name for e in entries if e.name not in _UNPUBLISHED and not e.name.startswith(STAGING_PREFIX)]
+    if foreign:
+        raise StoreError(f"{path}: exists and is not a feature store (holds {', '.join(sorted(foreign)[:3])})")
+    for e in entries:
+        if e.name != LOCK_NAME:
+            shutil.rmtree(e) if e.is_dir() else e.unlink()
+
+
+def _write_error(path: Path, exc: OSError) -> StoreError:
+    """One line for a failed store write: a full disk and a read-only file system by name."""
+    return StoreError(f"{path}: cannot write the store ({os_error_reason(exc)})")
+
+
+def _disk_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from medfeat.errors import StoreError
+from medfeat.errors import StoreError, os_error_reason
 
 LOCK_NAME = ".medfeat.lock"
 
@@ -29,8 +29,12 @@ class StoreLock:
     def acquire(self) -> StoreLock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only file system, no permission, a full disk
+            raise StoreError(f"{self.path.parent}: cannot take the store's write lock "
+                             f"({os_error_reason(exc)})") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

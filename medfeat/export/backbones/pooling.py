@@ -17,6 +17,18 @@ MAP_POOLINGS = ("avg", "max", "avgmax", "grid2")
 TOKEN_POOLINGS = ("cls", "mean", "cls+mean", "token1")
 
 
+POOLINGS_BY_KIND = {"map": MAP_POOLINGS + ("none",), "tokens": TOKEN_POOLINGS + ("none",), "vector": ("none",)}
+
+
+def check_pooling(kind: str, method: str, where: str = "") -> None:
+    """Raise UnknownNameError (before any work) for a pooling a tap of ``kind`` cannot do."""
+    allowed = POOLINGS_BY_KIND.get(kind)
+    if allowed is None:
+        raise UnknownNameError(f"tap kind {kind!r} is not one of {', '.join(POOLINGS_BY_KIND)}")
+    if method not in allowed:
+        raise UnknownNameError(f"{where}pooling {method!r} is not one of {', '.join(allowed)} for a {kind} tap")
+
+
 def pooled_dim(channels: int, method: str, ndim: int = 3) -> int:
     """Length of the pooled vector for a tap of ``channels`` channels over ``ndim`` spatial axes."""
     if method == "grid2":

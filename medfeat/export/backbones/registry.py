@@ -10,6 +10,7 @@ that one family (so building ``dinov2_vitb14`` does not import open_clip or mona
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import threading
 from collections.abc import Callable, Sequence
@@ -18,11 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfeat.errors import UnknownNameError, WeightsError
+from medfeat.errors import UnknownNameError, WeightsError, one_line
 from medfeat.export.backbones.models import BACKBONE_MODULES
-from medfeat.export.backbones.pooling import pool, pooled_dim
+from medfeat.export.backbones.pooling import check_pooling, pool, pooled_dim
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
-from medfeat.export.backbones.weights import checkpoint_config, load_strict, read_checkpoint, sha256_file
+from medfeat.export.backbones.weights import (
+    checkpoint_config,
+    checkpoint_model,
+    load_strict,
+    read_checkpoint,
+    sha256_file,
+)
 
 _FAMILY_PACKAGE = "medfeat.export.backbones.models"
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -177,13 +184,21 @@ def create_backbone(
     """
     spec = get_spec(name)
     stored = checkpoint_config(weights) if weights is not None else {}
+    if weights is not None:
+        _check_checkpoint_config(name, spec, weights, stored)
     cfg = {**(spec.tiny_config if tiny else {}), **stored, **(config or {})}
     table = spec.tap_table(**cfg)
     chosen = resolve_taps(spec, taps, table)
     if not chosen:
         raise UnknownNameError(f"{name}: no taps given")
     torch.manual_seed(seed)
-    trunk = spec.build(**cfg)
+    try:
+        trunk = spec.build(**cfg)
+    except TypeError as exc:  # a build that takes **kwargs finds a foreign checkpoint config here
+        if not stored:
+            raise
+        raise WeightsError(f"{weights}: checkpoint's build config ({', '.join(sorted(stored))}) does not fit "
+                           f"model {name!r}: it was made for another architecture ({one_line(exc, 80)})") from exc
     provenance: dict[str, Any] = {"model": name, "config": cfg, "seed": seed, "weights": None, "weights_sha256": None}
     if weights is not None:
         state = read_checkpoint(weights)
@@ -200,10 +215,30 @@ def create_backbone(
 
 def _poolings(taps: list[TapSpec], pooling: str | dict[str, str] | None) -> dict[str, str]:
     if pooling is None:
-        return {t.name: t.pooling for t in taps}
-    if isinstance(pooling, str):
-        return {t.name: pooling for t in taps}
-    return {t.name: pooling.get(t.name, t.pooling) for t in taps}
+        out = {t.name: t.pooling for t in taps}
+    elif isinstance(pooling, str):
+        out = {t.name: pooling for t in taps}
+    else:
+        out = {t.name: pooling.get(t.name, t.pooling) for t in taps}
+    for t in taps:
+        check_pooling(t.kind, out[t.name], where=f"tap {t.name}: ")
+    return out
+
+
+def _check_checkpoint_config(name: str, spec: BackboneSpec, weights: str, stored: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose stored build config was written for another model: its keys
+    must be parameters of this model's build (a unet3d checkpoint names in_channels and
+    channels, which uniGradICON's build does not take)."""
+    made_for = checkpoint_model(weights)
+    if made_for and made_for != name:
+        raise WeightsError(f"{weights}: checkpoint was made for model {made_for!r}, not {name!r}")
+    params = inspect.signature(spec.build).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    foreign = sorted(set(stored) - set(params))
+    if foreign:
+        raise WeightsError(f"{weights}: checkpoint's build config ({', '.join(foreign)}) does not fit model "
+                           f"{name!r}: it was made for another architecture")
 
 
 def converter_for(formats: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]],

@@ -49,6 +49,24 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 CONFIG_METADATA_KEY = "medfeat_config"
+MODEL_METADATA_KEY = "medfeat_model"  # the registry name a medfeat-made checkpoint was built for
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_checkpoint
+        return {}
+
+
+def checkpoint_model(path: str | Path) -> str | None:
+    """The registry name a medfeat-made safetensors checkpoint was built for (its metadata), or None."""
+    return _safetensors_metadata(Path(path)).get(MODEL_METADATA_KEY) or None
 
 
 def checkpoint_config(path: str | Path) -> dict:
@@ -56,16 +74,7 @@ def checkpoint_config(path: str | Path) -> dict:
     UNet's channels), so a checkpoint of a non-default architecture loads without flags.
     Empty for other files."""
     path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception:  # noqa: BLE001 - unreadable files are reported by read_checkpoint
-        return {}
-    raw = meta.get(CONFIG_METADATA_KEY)
+    raw = _safetensors_metadata(path).get(CONFIG_METADATA_KEY)
     if not raw:
         return {}
     import json

@@ -49,6 +49,22 @@ class Runtime(Protocol):
     def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]: ...
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, or one line saying why this machine cannot use it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device {device!r}: not a device name (cpu, cuda, cuda:1)") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: medfeat runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailableError(f"device {device!r}: no CUDA GPU is available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeUnavailableError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def _check_precision(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise UnknownNameError(f"unknown precision {precision!r}; precisions: {', '.join(PRECISIONS)}")
@@ -71,7 +87,7 @@ class EagerRuntime:
 
     def __init__(self, backbone: Backbone, device: str = "cpu", precision: str = "fp32") -> None:
         self.dtype = _check_precision(precision)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.precision = precision
         self.backbone = backbone.to(self.device).eval()
         self.memory_format = torch.contiguous_format
@@ -179,7 +195,7 @@ class OnnxRuntime:
         from medfeat.export.runtimes.ort_session import OrtRunner, available_providers
 
         _check_precision(precision)
-        dev = torch.device(device)
+        dev = check_device(device)
         self.ep = ep or ("cuda" if dev.type == "cuda" else "cpu")
         self.name = "onnxruntime" if self.ep != "tensorrt" else "ort-tensorrt"
         if self.ep != "cpu" and dev.type != "cuda":
@@ -223,7 +239,7 @@ class TensorRTRuntime:
 
         _check_precision(precision)
         require_tensorrt()
-        dev = torch.device(device)
+        dev = check_device(device)
         if dev.type != "cuda":
             raise InputError(f"runtime tensorrt needs a CUDA device, got {device!r}")
         profile = tuple(profile or DEFAULT_PROFILE)
@@ -258,7 +274,7 @@ def choose_auto(device: str, precision: str = "fp32", input_kind: str | None = N
 
     order: list[str] = []
     providers = available_providers()
-    if torch.device(device).type == "cuda":
+    if check_device(device).type == "cuda":
         if importlib.util.find_spec("tensorrt") is not None:
             order.append("tensorrt")
         if "CUDAExecutionProvider" in providers:

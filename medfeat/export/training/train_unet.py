@@ -255,8 +255,9 @@ def _save(model: torch.nn.Module, out: Path, config: dict[str, Any]) -> None:
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        from medfeat.export.backbones.weights import CONFIG_METADATA_KEY
+        from medfeat.export.backbones.weights import CONFIG_METADATA_KEY, MODEL_METADATA_KEY
 
-        save_file(state, str(out), metadata={CONFIG_METADATA_KEY: json.dumps(config)})
+        save_file(state, str(out), metadata={CONFIG_METADATA_KEY: json.dumps(config),
+                                                  MODEL_METADATA_KEY: "unet3d"})
     else:
         torch.save(state, out)

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import _tiny_backbone
     from medfeat.engine.pipeline.config import ExtractConfig
     from medfeat.engine.pipeline.extract import extract
-    extract(ExtractConfig.from_settings({manifest!r}, {store!r}, "tinyslow_test", ("conv1", "conv2"),
+    extract(ExtractConfig.from_settings({manifest!r}, {store!r}, "tinyslow_test", ("conv1", "conv2"), random_init=True,
                           scheduler_kind="sync", batch_size=2, chunk_items=2, progress=False))
 """)
 
@@ -56,7 +56,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path_factory, tmp_path):
     from medfeat.engine.pipeline.extract import extract
 
     for store in (killed, clean):
-        extract(ExtractConfig.from_settings(str(manifest), str(store), "tinyslow_test", ("conv1", "conv2"),
+        extract(ExtractConfig.from_settings(str(manifest), str(store), "tinyslow_test", ("conv1", "conv2"), random_init=True,
                               scheduler_kind="sync", batch_size=2, chunk_items=2, progress=False))
     a, b = zarr.open_group(str(killed), mode="r"), zarr.open_group(str(clean), mode="r")
     for col in ("item_id", "subject", "source"):

@@ -14,7 +14,7 @@ from medfeat.engine.store.feature_store import FeatureStore  # noqa: E402
 
 
 def _cfg(manifest, store, **kw):
-    base = dict(batch_size=2, chunk_items=2, progress=False, modules=("_tiny_backbone",))
+    base = dict(batch_size=2, chunk_items=2, progress=False, modules=("_tiny_backbone",), random_init=True)
     return ExtractConfig.from_settings(str(manifest), str(store), "tiny3d_test", ("conv2",), **{**base, **kw})
 
 

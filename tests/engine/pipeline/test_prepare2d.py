@@ -142,7 +142,8 @@ def test_resnet50_tiny_on_synthetic_2d_set(tmp_path):
 
     manifest = synth2d_cohort(tmp_path / "c2d", images=6, size=64)
     cfg = ExtractConfig.from_settings(str(manifest), str(tmp_path / "s"), "resnet50", ("layer1",), tiny=True,
-                        input_size=(32, 32), scheduler_kind="sync", batch_size=4, progress=False)
+                        input_size=(32, 32), scheduler_kind="sync", batch_size=4, progress=False,
+                                      random_init=True)
     rec = extract(cfg)
     assert rec.items.done == 6 and rec.items.failed == 0
     ids, feats = FeatureStore.open(tmp_path / "s").read("resnet50:layer1:none-whole")

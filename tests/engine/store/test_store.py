@@ -8,6 +8,7 @@ import pytest
 from medfeat.engine.store.export import export_store
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 from medfeat.engine.store.lock import StoreLock
+from medfeat.engine.store.verify import verify_store
 from medfeat.errors import StoreError, UnknownNameError
 
 KEY = ArrayKey("m", "t", "none-whole")
@@ -85,10 +86,10 @@ def test_lock_excludes_second_writer(tmp_path):
 def test_verify_finds_nan_and_bad_provenance(tmp_path):
     s = _store(tmp_path)
     s.write(KEY, [0, 1], np.ones((2, 3), np.float32))
-    assert s.verify() == []
+    assert verify_store(s).problems == []
     s.write(KEY, [2], np.full((1, 3), np.nan, np.float32))
     s.group[KEY.path].attrs["provenance"] = _prov(tap="other")
-    problems = s.verify()
+    problems = verify_store(s).problems
     assert any("non-finite" in p and "S2/baseline" in p for p in problems)
     assert any("provenance tap" in p for p in problems)
 
