@@ -78,3 +78,25 @@ def test_cohort_ingest_cli(manifest, tmp_path, capsys):
     code, stdout, err = _medfeat(capsys, "cohort", "ingest", str(manifest), "--out", str(out), "--codec", "blosc")
     assert code == 0, err
     assert (out / "manifest.csv").is_file() and (out / "scans" / "S0000" / "baseline" / "0" / "zarr.json").is_file()
+
+
+def test_verify_finds_a_flipped_bit_and_repair_plus_rerun_restore_the_store(manifest, tmp_path, capsys):
+    store = tmp_path / "s.zarr"
+    args = ("extract", "--random-init", "--manifest", str(manifest), "--store", str(store), "--model",
+            "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync", "--chunk-items", "2", "--quiet")
+    assert _medfeat(capsys, *args)[0] == 0
+    chunk = store / "features" / "tiny3d_test" / "conv1" / "none-whole" / "data" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    code, out, _ = _medfeat(capsys, "store", "verify", str(store))
+    assert code == 1 and "chunk 1 (items 2..3): unreadable" in out
+    code, _, err = _medfeat(capsys, "probe", "train", "--store", str(store), "--labels", str(manifest), "--target",
+                            "label", "--features", "tiny3d_test:conv1")
+    assert code == 2 and "unreadable chunk" in err and "store verify" in err and "Traceback" not in err
+    code, out, _ = _medfeat(capsys, "store", "repair", str(store))
+    assert code == 0 and "2 item(s) with damaged features un-marked" in out
+    code, out, _ = _medfeat(capsys, *args)
+    assert code == 0 and "2 done now" in out
+    code, out, _ = _medfeat(capsys, "store", "verify", str(store))
+    assert code == 0 and out.strip().endswith("ok")
