@@ -58,7 +58,7 @@ def _reference_attention(attn: sam_med3d.Attention, x: torch.Tensor) -> torch.Te
     for head in range(heads):
         logits = (q[:, head] @ k[:, head].T) * hd ** -0.5
         bias = torch.empty(len(coords), len(coords))
-        for i, (qd, qh, qw) in enumerate(coords):
+        for i, (qd, qh, _qw) in enumerate(coords):
             for j, (kd, kh, kw) in enumerate(coords):
                 bias[i, j] = (q[i, head] @ attn.rel_pos_d[qd - kw + s - 1]
                               + q[position[(qd, qh, kd)], head] @ attn.rel_pos_h[qh - kw + s - 1]
