@@ -8,6 +8,7 @@ family at the end of the run.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,18 @@ from torch import nn
 TOL = 1e-5
 FIXTURES = Path(__file__).resolve().parents[1] / "parity" / "fixtures"
 ERRORS: dict[str, float] = {}  # family -> largest relative error seen in this run
+
+
+def upstream(module: str) -> Any:
+    """Import an upstream package of the ``parity`` extra, or fail saying how to install it
+    (they all install from PyPI, so a missing one is a setup error, not a reason to skip)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        import pytest
+
+        pytest.fail(f"{module}: {exc}; install the parity extra (make parity, or pip install -e '.[parity]')",
+                    pytrace=False)
 
 
 @torch.no_grad()

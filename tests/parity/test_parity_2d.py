@@ -21,7 +21,7 @@ from functools import partial
 
 import pytest
 import torch
-from parity_common import all_taps, check_taps, load_trunk, randomize, save_checkpoint, seeded_input
+from parity_common import all_taps, check_taps, load_trunk, randomize, save_checkpoint, seeded_input, upstream
 from torch import nn
 
 from medfeat.export.backbones.registry import get_spec
@@ -32,22 +32,23 @@ from medfeat.export.backbones.registry import get_spec
 def _tiny_sam(name: str) -> tuple[nn.Module, dict]:
     """A whole segment-anything ``Sam`` whose image encoder has the variant's heads and
     global-attention pattern, at tiny width and depth."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
+    sam_modeling = upstream("segment_anything.modeling")
     heads = {"sam_vit_b": 12, "sam_vit_l": 16, "sam_vit_h": 16}[name]
     config = dict(embed_dim=2 * heads, num_heads=heads, depth=3, global_attn_indexes=(1,))
     cfg = {**get_spec(name).tiny_config, **config}
     torch.manual_seed(0)
-    encoder = ImageEncoderViT(img_size=cfg["img_size"], patch_size=16, embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+    encoder = sam_modeling.ImageEncoderViT(img_size=cfg["img_size"], patch_size=16, embed_dim=cfg["embed_dim"], depth=cfg["depth"],
                               num_heads=cfg["num_heads"], mlp_ratio=4, out_chans=8, qkv_bias=True,
                               norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
                               window_size=cfg["window_size"], global_attn_indexes=cfg["global_attn_indexes"])
     grid = cfg["img_size"] // 16
-    sam = Sam(image_encoder=encoder,
-              prompt_encoder=PromptEncoder(embed_dim=8, image_embedding_size=(grid, grid),
-                                           input_image_size=(cfg["img_size"],) * 2, mask_in_chans=4),
-              mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=8, iou_head_hidden_dim=8,
-                                       transformer=TwoWayTransformer(depth=1, embedding_dim=8, mlp_dim=16, num_heads=2)))
+    two_way = sam_modeling.TwoWayTransformer(depth=1, embedding_dim=8, mlp_dim=16, num_heads=2)
+    sam = sam_modeling.Sam(
+        image_encoder=encoder,
+        prompt_encoder=sam_modeling.PromptEncoder(embed_dim=8, image_embedding_size=(grid, grid),
+                                                  input_image_size=(cfg["img_size"],) * 2, mask_in_chans=4),
+        mask_decoder=sam_modeling.MaskDecoder(num_multimask_outputs=3, transformer_dim=8, iou_head_hidden_dim=8,
+                                              transformer=two_way))
     return randomize(sam, seed=1), config
 
 
@@ -72,14 +73,13 @@ def test_sam_every_tap_equals_segment_anything(tmp_path, name):
 
 
 def _hf_dinov2(name: str) -> tuple[nn.Module, dict]:
-    from transformers import Dinov2Config, Dinov2Model
-
+    transformers = upstream("transformers")
     tiny = get_spec(name).tiny_config
-    config = Dinov2Config(hidden_size=tiny["embed_dim"], num_hidden_layers=tiny["depth"],
+    config = transformers.Dinov2Config(hidden_size=tiny["embed_dim"], num_hidden_layers=tiny["depth"],
                           num_attention_heads=tiny["num_heads"], mlp_ratio=4, image_size=tiny["img_size"],
                           patch_size=14, use_swiglu_ffn=name == "dinov2_vitg14", layerscale_value=1.0)
     torch.manual_seed(0)
-    return randomize(Dinov2Model(config), seed=3), tiny
+    return randomize(transformers.Dinov2Model(config), seed=3), tiny
 
 
 def _hub_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

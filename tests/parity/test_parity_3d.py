@@ -19,7 +19,7 @@ from functools import partial
 
 import pytest
 import torch
-from parity_common import all_taps, check_taps, load_trunk, randomize, save_checkpoint, seeded_input
+from parity_common import all_taps, check_taps, load_trunk, randomize, save_checkpoint, seeded_input, upstream
 from torch import nn
 
 from medfeat.export.backbones.models import sam_med3d, swin_unetr, unet3d
@@ -49,8 +49,7 @@ def _capture_unigradicon(regis_net: nn.Module, monkeypatch: pytest.MonkeyPatch,
     ``downConvs[d]``). ``S.phi`` is the transform returned by the wrapper around stages A..S,
     evaluated on the full-size identity map.
     """
-    from icon_registration import networks
-
+    networks = upstream("icon_registration.networks")
     current: list[str] = []
     operands: dict[str, list[torch.Tensor]] = {s: [] for s in STAGES}
     convs: dict[str, torch.Tensor] = {}
@@ -96,8 +95,7 @@ def _capture_unigradicon(regis_net: nn.Module, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_unigradicon_every_tap_equals_make_network(tmp_path, monkeypatch):
-    import unigradicon
-
+    unigradicon = upstream("unigradicon")
     torch.manual_seed(0)
     regis_net = randomize(unigradicon.make_network([1, 1, *UNIGRADICON_SIZE], include_last_step=True).regis_net,
                           seed=1)
@@ -126,9 +124,7 @@ SAM_MED3D_CONFIGS = {
 
 
 def _medim_encoder(cfg: dict) -> nn.Module:
-    from medim.models.sam_med3d import ImageEncoderViT3D
-
-    return ImageEncoderViT3D(
+    return upstream("medim.models.sam_med3d").ImageEncoderViT3D(
         img_size=cfg["input_size"][0], patch_size=cfg["patch_size"], in_chans=1, embed_dim=cfg["embed_dim"],
         depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], out_chans=cfg["out_chans"],
         qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
@@ -140,22 +136,22 @@ def test_sam_med3d_every_tap_equals_upstream_encoder(tmp_path, variant):
     overrides = SAM_MED3D_CONFIGS[variant]
     cfg = {**sam_med3d.DEFAULT_CONFIG, **sam_med3d.TINY_CONFIG, **overrides}
     torch.manual_seed(0)
-    upstream = randomize(_medim_encoder(cfg), seed=3, scale=0.2)
+    encoder = randomize(_medim_encoder(cfg), seed=3, scale=0.2)
     # sam_med3d_turbo.pth: the whole SAM-Med3D under model_state_dict, beside the training state.
     others = {"prompt_encoder.point_embeddings.0.weight": torch.randn(1, 384),
               "mask_decoder.iou_token.weight": torch.randn(1, 384)}
-    state = {f"image_encoder.{k}": v for k, v in upstream.state_dict().items()} | others
+    state = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()} | others
     # the tiny model as the released file; the other as saved from DDP (``module.`` keys)
     prefix = "" if variant == "tiny" else "module."
     path = save_checkpoint(tmp_path / "sam_med3d_turbo.pth", state, prefix=prefix, wrap="model_state_dict",
                            extra={"epoch": 200, "best_dice": 0.5})
     trunk = load_trunk("sam_med3d", path, config=overrides)
     expected: dict[str, torch.Tensor] = {}
-    for i, block in enumerate(upstream.blocks):
+    for i, block in enumerate(encoder.blocks):
         block.register_forward_hook(lambda m, a, o, i=i: expected.__setitem__(f"blocks.{i}", o.permute(0, 4, 1, 2, 3)))
     x = seeded_input(2, 1, *cfg["input_size"], seed=4)
     with torch.no_grad():
-        expected["neck"] = upstream(x)
+        expected["neck"] = encoder(x)
         ours = trunk.forward_taps(x, trunk.tap_names())
     assert sorted(expected) == sorted(all_taps("sam_med3d", overrides))
     check_taps("sam_med3d", ours, expected)
@@ -164,22 +160,21 @@ def test_sam_med3d_every_tap_equals_upstream_encoder(tmp_path, variant):
 def test_sam_med3d_textbook_bias_would_not_pass():
     """The comparison above can fail: the textbook decomposed bias (what medfeat computed
     before) differs from upstream's form by far more than the tolerance."""
-    from medim.models.sam_med3d import add_decomposed_rel_pos
-
+    add_decomposed_rel_pos = upstream("medim.models.sam_med3d").add_decomposed_rel_pos
     gen = torch.Generator().manual_seed(0)
     s, c = 3, 4
     q = torch.randn(2, s ** 3, c, generator=gen)
     tables = [torch.randn(2 * s - 1, c, generator=gen) for _ in range(3)]
-    upstream = add_decomposed_rel_pos(torch.zeros(2, s ** 3, s ** 3), q, *tables, (s,) * 3, (s,) * 3)
+    reference = add_decomposed_rel_pos(torch.zeros(2, s ** 3, s ** 3), q, *tables, (s,) * 3, (s,) * 3)
     ours = sam_med3d.rel_pos_bias(q, tables, (s,) * 3)
-    torch.testing.assert_close(ours, upstream, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
     idx = torch.arange(s)
     rel = [t[idx[:, None] - idx[None, :] + s - 1] for t in tables]
     grid = q.reshape(2, s, s, s, c)
     textbook = (torch.einsum("bdhwc,dkc->bdhwk", grid, rel[0])[..., :, None, None]
                 + torch.einsum("bdhwc,hkc->bdhwk", grid, rel[1])[..., None, :, None]
                 + torch.einsum("bdhwc,wkc->bdhwk", grid, rel[2])[..., None, None, :]).reshape(2, s ** 3, s ** 3)
-    assert (textbook - upstream).abs().max() > 0.1
+    assert (textbook - reference).abs().max() > 0.1
 
 
 # --------------------------------------------------------------------------- SwinUNETR (MONAI)

@@ -111,7 +111,7 @@ def rel_pos_bias(q: torch.Tensor, tables: Sequence[torch.Tensor], grid: tuple[in
     0.986 at ``blocks.11``). It is defined for cubic grids only (broadcasting needs s_d = s_h = s_w).
     """
     b, _, c = q.shape
-    if len(set(grid)) != 1:
+    if grid[1] != grid[0] or grid[2] != grid[0]:  # not set(): sizes are symbolic while exporting
         raise InputError(f"sam_med3d: the relative-position bias needs a cubic token grid, got {tuple(grid)}")
     q = q.reshape(b, *grid, c)
     terms = []
