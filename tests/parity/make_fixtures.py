@@ -7,7 +7,7 @@ Run once per upstream repository, with a local clone (or bare mirror) of it::
     python tests/parity/make_fixtures.py dinov2 --repo PATH/facebookresearch/dinov2
     python tests/parity/make_fixtures.py dino   --repo PATH/facebookresearch/dino
 
-Each command extracts the upstream file(s) at the repository's HEAD (or ``--commit``) into a
+BLIP's file imports ``fairscale`` (pip install it first). Each command extracts the upstream file(s) at the repository's HEAD (or ``--commit``) into a
 temporary folder outside this repository, imports them from there, builds the upstream module
 with seeded random weights (every parameter perturbed, so zero-initialised layer scales and
 the like matter), runs it on small seeded inputs and writes ``tests/parity/fixtures/<name>.safetensors``:
