@@ -50,8 +50,11 @@ EXTRAS = {
         "segment_anything",
         "transformers>=4.40",
     ],
-    # Upstream uniGradICON for the parity test only: it pulls ITK (~1.5 GB).
-    "parity": ["unigradicon"],
+    # Upstream implementations, imported only by the parity suite (tests/parity), never by
+    # medfeat: uniGradICON (pulls ITK, ~1.5 GB), SAM-Med3D's encoder (medim), SAM, DINOv2
+    # (transformers). timm, open_clip and MONAI are runtime dependencies already. BLIP, SEEM
+    # and the original DINO / DINOv2 code install from no index: fixtures (tests/parity/fixtures).
+    "parity": ["unigradicon", "medim", "segment_anything", "transformers>=4.40"],
 }
 
 setup(

@@ -29,6 +29,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "tensorrt: needs the tensorrt package and a GPU (skipped without)")
     config.addinivalue_line("markers", "slow: longer tests (still run in CI)")
+    config.addinivalue_line("markers", "parity: features equal to the upstream implementation's (tests/parity; "
+                                       "`make parity` installs the parity extra and runs them)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

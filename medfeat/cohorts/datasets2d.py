@@ -2,15 +2,20 @@
 
 Every loader returns a DataFrame with ``item_id, subject, path, split`` and
 either ``label`` (int) or one 0/1 column per label (multi-label), plus
-``attrs`` ``{"dataset", "task", "metric", "classes"}``. Nothing is
-downloaded: point ``root`` at the unpacked public release.
+``attrs`` ``{"dataset", "task", "metric", "classes"}`` (and ``"mean_std"``, the transfer
+study's normalisation of that dataset, where it has one). Nothing is downloaded: point
+``root`` at the unpacked public release.
 
-| dataset   | layout read                                             | task / metric                 | split |
+| dataset   | layout read                                             | task / metric                 | split (default: the study's) |
 |-----------|---------------------------------------------------------|-------------------------------|-------|
-| APTOS2019 | ``train.csv`` (id_code, diagnosis), ``train_images/*.png`` | ordinal 5 grades / quadratic kappa | random 70/15/15 |
-| ISIC2019  | ``ISIC_2019_Training_GroundTruth.csv`` (one-hot MEL..UNK), ``ISIC_2019_Training_Input/*.jpg`` | 8 classes / macro recall | random 80/10/10 by lesion |
+| APTOS2019 | ``train.csv`` (id_code, diagnosis), ``train_images/*.png`` | ordinal 5 grades / quadratic kappa | 70/15/15, ``random.Random(42)`` or ``val_ids.json`` |
+| ISIC2019  | ``ISIC_2019_Training_GroundTruth.csv`` (one-hot MEL..UNK), ``ISIC_2019_Training_Input/*.jpg`` | 8 classes / macro recall | 80/10/10, likewise |
+| DDSM      | ``ddsm_raw_image_lists/{train,val,test}.txt``, ``ddsm_raw/*`` (the original DDSM, with normal cases) | normal 0 vs benign-or-cancer 1 / AUC | the given lists |
 | CBIS-DDSM | ``{mass,calc}_case_description_{train,test}_set.csv`` + DICOMs | normal 0 vs benign-or-cancer 1 / AUC | the given train/test lists |
-| CheXpert  | ``train.csv`` / ``valid.csv`` (Path + 14 labels)         | 14-label / mean AUC           | train.csv (val by patient) / valid.csv as test |
+| CheXpert  | ``train.csv`` / ``valid.csv`` (Path + 14 labels)         | 14-label / mean AUC           | train.csv sorted by Path, first int(0.2 N) + 15 rows halved into val and test; or valid.csv as test |
+
+The study's random splits (:mod:`medfeat.cohorts.study_splits`) are by image: its subject is
+the image. ``split="grouped"`` keeps images of one patient or lesion together instead.
 """
 from __future__ import annotations
 
@@ -20,10 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medfeat.cohorts.study_splits import STUDY_MEAN_STD, chexpert_study_split, study_split_ids
 from medfeat.errors import InputError, ManifestError
 
-__all__ = ["CHEXPERT_LABELS", "ISIC_CLASSES", "DATASETS", "grouped_random_split", "load_aptos2019",
-           "load_isic2019", "load_cbis_ddsm", "load_chexpert", "load_image_csv", "read_image"]
+__all__ = ["CHEXPERT_LABELS", "ISIC_CLASSES", "DATASETS", "STUDY_MEAN_STD", "grouped_random_split",
+           "load_aptos2019", "load_isic2019", "load_ddsm", "load_cbis_ddsm", "load_chexpert", "load_image_csv",
+           "read_image"]
+SPLITS = ("study", "grouped")
 
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")  # UNK has no training images
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
@@ -40,7 +48,22 @@ def _csv(path: Path) -> pd.DataFrame:
 def _finish(df: pd.DataFrame, dataset: str, task: str, metric: str, classes: Sequence[str]) -> pd.DataFrame:
     df = df.reset_index(drop=True)
     df.attrs.update({"dataset": dataset, "task": task, "metric": metric, "classes": list(classes)})
+    if dataset in STUDY_MEAN_STD:
+        df.attrs["mean_std"] = [list(v) for v in STUDY_MEAN_STD[dataset]]
     return df
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise InputError(f"split={split!r}: use one of {', '.join(SPLITS)}")
+
+
+def _study_splits(total: int, held_out: float, json_path: Path) -> np.ndarray:
+    """Split names per row of the study's random split (``val_ids.json`` when present)."""
+    train, val, test = study_split_ids(total, held_out, json_path)
+    names = np.empty(total, dtype=object)
+    names[train], names[val], names[test] = "train", "val", "test"
+    return names
 
 
 def grouped_random_split(subjects: Sequence[str], fractions: Sequence[float], seed: int,
@@ -55,8 +78,12 @@ def grouped_random_split(subjects: Sequence[str], fractions: Sequence[float], se
     return np.array([split_of[s] for s in subjects], dtype=object)
 
 
-def load_aptos2019(root: str | Path, *, seed: int = 0, fractions: Sequence[float] = (0.70, 0.15, 0.15)) -> pd.DataFrame:
-    """APTOS 2019 blindness detection: grades 0..4 from ``train.csv``; random 70/15/15 split."""
+def load_aptos2019(root: str | Path, *, split: str = "study", seed: int = 0,
+                   fractions: Sequence[float] = (0.70, 0.15, 0.15)) -> pd.DataFrame:
+    """APTOS 2019 blindness detection: grades 0..4 from ``train.csv``; random 70/15/15 split,
+    the study's (``random.Random(42)``, or ``root/val_ids.json``) or, with ``split="grouped"``,
+    medfeat's seeded one."""
+    _check_split(split)
     root = Path(root)
     df = _csv(root / "train.csv")
     if not {"id_code", "diagnosis"} <= set(df.columns):
@@ -67,15 +94,23 @@ def load_aptos2019(root: str | Path, *, seed: int = 0, fractions: Sequence[float
     out = pd.DataFrame({"item_id": df["id_code"].astype(str), "subject": df["id_code"].astype(str),
                         "path": [str(root / "train_images" / f"{i}.png") for i in df["id_code"]],
                         "label": df["diagnosis"].astype(int)})
-    out["split"] = grouped_random_split(out["subject"], fractions, seed)
+    if split == "study":
+        out["split"] = _study_splits(len(out), 0.3, root / "val_ids.json")
+    else:
+        out["split"] = grouped_random_split(out["subject"], fractions, seed)
     return _finish(out, "aptos2019", "ordinal", "kappa", [str(g) for g in range(5)])
 
 
-def load_isic2019(root: str | Path, *, seed: int = 0, fractions: Sequence[float] = (0.80, 0.10, 0.10)) -> pd.DataFrame:
+def load_isic2019(root: str | Path, *, split: str = "study", seed: int = 0,
+                  fractions: Sequence[float] = (0.80, 0.10, 0.10)) -> pd.DataFrame:
     """ISIC 2019: 8 lesion classes from the one-hot ground truth; random 80/10/10 split.
 
-    Images of one lesion (``lesion_id`` in the metadata CSV, when present) stay in one split.
+    ``split="study"``: the study's split of the CSV's rows (``random.Random(42)``, or
+    ``root/val_ids.json``), by image. ``"grouped"``: images of one lesion (``lesion_id`` in
+    the metadata CSV, when present) stay in one part of a seeded split. Images are read from
+    ``ISIC_2019_Training_Input/`` (the release) or ``train/`` (the study's folder).
     """
+    _check_split(split)
     root = Path(root)
     gt_path = root / "ISIC_2019_Training_GroundTruth.csv"
     gt = _csv(gt_path)
@@ -90,16 +125,58 @@ def load_isic2019(root: str | Path, *, seed: int = 0, fractions: Sequence[float]
     images = gt["image"].astype(str)
     subject = images.copy()
     meta_path = root / "ISIC_2019_Training_Metadata.csv"
-    if meta_path.is_file():
+    if meta_path.is_file() and split == "grouped":
         meta = pd.read_csv(meta_path).set_index("image")
         if "lesion_id" in meta:
             lesion = meta["lesion_id"].reindex(images).to_numpy()
             subject = pd.Series(np.where(pd.isna(lesion), images, lesion), dtype=str)
+    folder = "train" if (root / "train").is_dir() and not (root / "ISIC_2019_Training_Input").is_dir() \
+        else "ISIC_2019_Training_Input"
     out = pd.DataFrame({"item_id": images, "subject": subject.to_numpy(),
-                        "path": [str(root / "ISIC_2019_Training_Input" / f"{i}.jpg") for i in images],
+                        "path": [str(root / folder / f"{i}.jpg") for i in images],
                         "label": onehot.argmax(axis=1)})
-    out["split"] = grouped_random_split(out["subject"], fractions, seed)
+    if split == "study":
+        out["split"] = _study_splits(len(out), 0.2, root / "val_ids.json")
+    else:
+        out["split"] = grouped_random_split(out["subject"], fractions, seed)
     return _finish(out, "isic2019", "multiclass", "balanced_accuracy", ISIC_CLASSES)
+
+
+_DDSM_LABELS = {"normal": 0, "benign": 1, "cancer": 2}
+
+
+def load_ddsm(root: str | Path, *, n_classes: int = 2) -> pd.DataFrame:
+    """The original DDSM with normal cases, as the study used it (its ``DDSM`` dataset).
+
+    ``root/ddsm_raw_image_lists/{train,val,test}.txt`` list image paths relative to
+    ``root/ddsm_raw`` (one per line, the split); the label is the file name's prefix before
+    the first ``_``: ``normal`` 0, ``benign`` 1, ``cancer`` 2, with benign and cancer merged
+    into 1 for ``n_classes=2`` (the study's task: normal vs benign-or-cancer). Each image is
+    its own subject (the lists are the split).
+    """
+    if n_classes not in (2, 3):
+        raise InputError(f"n_classes={n_classes}: DDSM has 2 (normal, benign or cancer) or 3 classes")
+    root = Path(root)
+    lists = root / "ddsm_raw_image_lists"
+    rows = []
+    for split in ("train", "val", "test"):
+        path = lists / f"{split}.txt"
+        if not path.is_file():
+            raise ManifestError(f"{path}: not found (the original DDSM's image lists; CBIS-DDSM is cbis_ddsm)")
+        for line in path.read_text().splitlines():
+            rel = line.split(" ")[0].strip()
+            if not rel:
+                continue
+            prefix = Path(rel).name.split("_")[0]
+            if prefix not in _DDSM_LABELS:
+                raise ManifestError(f"{path}: image {rel} is not named normal_*, benign_* or cancer_*")
+            label = min(_DDSM_LABELS[prefix], n_classes - 1)
+            rows.append({"item_id": rel, "subject": rel, "path": str(root / "ddsm_raw" / rel), "label": label,
+                         "split": split})
+    out = pd.DataFrame(rows, columns=["item_id", "subject", "path", "label", "split"])
+    classes = ["normal", "benign_or_cancer"] if n_classes == 2 else ["normal", "benign", "cancer"]
+    return _finish(out, "ddsm", "binary" if n_classes == 2 else "multiclass",
+                   "auc" if n_classes == 2 else "balanced_accuracy", classes)
 
 
 _CBIS_FILES = {("mass", "train"): "mass_case_description_train_set.csv",
@@ -153,33 +230,57 @@ def _cbis_path(root: Path, rel: str) -> str:
     return str(found[0]) if len(found) == 1 else str(direct)
 
 
-def load_chexpert(root: str | Path, *, seed: int = 0, val_fraction: float = 0.1,
+def load_chexpert(root: str | Path, *, split: str = "study", seed: int = 0, val_fraction: float = 0.1,
                   frontal_only: bool = False) -> pd.DataFrame:
     """CheXpert: 14 labels; uncertain (-1) and missing count as 0, and rows left with
-    no positive label get ``No Finding`` = 1. ``train.csv`` gives train and a
-    validation part (``val_fraction`` of patients); ``valid.csv`` is the test set."""
+    no positive label get ``No Finding`` = 1 (the study's U-zeros).
+
+    ``split="study"``: ``train.csv`` alone, split as the study's code does
+    (:func:`~medfeat.cohorts.study_splits.chexpert_study_split`: sorted by Path, the first
+    int(0.2 N) + 15 rows halved into val and test by ``.loc`` labels; the at most two rows
+    that code lists twice are kept in test, named in ``attrs["listed_twice"]``); each image
+    is its own subject. ``split="official"``: ``valid.csv`` is the test set and
+    ``val_fraction`` of ``train.csv``'s patients the validation set (by patient).
+    """
+    if split not in ("study", "official"):
+        raise InputError(f"split={split!r}: use study or official")
     root = Path(root)
-    parts = [_csv(root / "train.csv").assign(split="train"), _csv(root / "valid.csv").assign(split="test")]
-    df = pd.concat(parts, ignore_index=True)
-    missing = [c for c in ("Path", *CHEXPERT_LABELS) if c not in df.columns]
-    if missing:
-        raise ManifestError(f"{root}: CheXpert CSVs lack columns {', '.join(missing)}")
+    train_csv = _csv(root / "train.csv")
+    twice: list[str] = []
+    if split == "study":
+        _require_chexpert_columns(root, train_csv)
+        train_csv, names, twice = chexpert_study_split(train_csv)
+        df = train_csv.assign(split=names).reset_index(drop=True)
+    else:
+        parts = [train_csv.assign(split="train"), _csv(root / "valid.csv").assign(split="test")]
+        df = pd.concat(parts, ignore_index=True)
+        _require_chexpert_columns(root, df)
     if frontal_only and "Frontal/Lateral" in df:
         df = df[df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)
     labels = df[list(CHEXPERT_LABELS)].fillna(0.0).to_numpy()
     labels = (labels == 1.0).astype(np.int64)  # -1 (uncertain) and blank -> 0
     labels[labels.sum(axis=1) == 0, 0] = 1
     paths = df["Path"].astype(str)
-    subject = paths.str.extract(r"(patient\d+)", expand=False).fillna(paths)
-    out = pd.DataFrame({"item_id": paths.str.replace(r"^[^/]*/", "", regex=True), "subject": subject,
+    patient = paths.str.extract(r"(patient\d+)", expand=False).fillna(paths)
+    item_id = paths.str.replace(r"^[^/]*/", "", regex=True)
+    out = pd.DataFrame({"item_id": item_id, "subject": item_id if split == "study" else patient,
                         "path": [_chexpert_path(root, p) for p in paths]})
     out[list(CHEXPERT_LABELS)] = labels
-    split = df["split"].to_numpy(dtype=object)
-    train = split == "train"
-    split[train] = grouped_random_split(out.loc[train, "subject"], (1 - val_fraction, val_fraction), seed,
-                                        names=("train", "val"))
-    out["split"] = split
-    return _finish(out, "chexpert", "multilabel", "auc", CHEXPERT_LABELS)
+    names = df["split"].to_numpy(dtype=object)
+    if split == "official":
+        train = names == "train"
+        names[train] = grouped_random_split(out.loc[train, "subject"], (1 - val_fraction, val_fraction), seed,
+                                            names=("train", "val"))
+    out["split"] = names
+    result = _finish(out, "chexpert", "multilabel", "auc", CHEXPERT_LABELS)
+    result.attrs["listed_twice"] = [p.split("/", 1)[-1] for p in twice]
+    return result
+
+
+def _require_chexpert_columns(root: Path, df: pd.DataFrame) -> None:
+    missing = [c for c in ("Path", *CHEXPERT_LABELS) if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{root}: CheXpert CSVs lack columns {', '.join(missing)}")
 
 
 def _chexpert_path(root: Path, rel: str) -> str:
@@ -216,7 +317,7 @@ def load_image_csv(csv_path: str | Path, *, path_column: str = "path", label_col
     return _finish(out, csv_path.stem, task, metric, [str(c) for c in classes])
 
 
-DATASETS = {"aptos2019": load_aptos2019, "isic2019": load_isic2019, "cbis_ddsm": load_cbis_ddsm,
+DATASETS = {"aptos2019": load_aptos2019, "isic2019": load_isic2019, "ddsm": load_ddsm, "cbis_ddsm": load_cbis_ddsm,
             "chexpert": load_chexpert}
 
 

@@ -22,22 +22,31 @@ def synth2d(out: Path, images: int, seed: int, size: int) -> None:
 
 
 @click.command("dataset2d")
-@click.argument("name", type=click.Choice(["aptos2019", "isic2019", "cbis_ddsm", "chexpert"]))
+@click.argument("name", type=click.Choice(["aptos2019", "isic2019", "ddsm", "cbis_ddsm", "chexpert"]))
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Manifest CSV to write (item_id, subject, path, label(s), split).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random splits.")
-def dataset2d(name: str, root: Path, out: Path, seed: int) -> None:
+@click.option("--split", "split", default=None,
+              help="aptos2019, isic2019: study (default; random.Random(42) or ROOT/val_ids.json) or grouped "
+                   "(seeded, by patient/lesion); chexpert: study (default; train.csv as the study cuts it) "
+                   "or official (valid.csv as test).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the grouped random splits.")
+def dataset2d(name: str, root: Path, out: Path, split: str | None, seed: int) -> None:
     """Make a manifest for a local copy of a public 2D dataset, with the study's split and labels."""
     from medfeat.cohorts.datasets2d import DATASETS
 
-    loader = DATASETS[name]
-    df = loader(root) if name == "cbis_ddsm" else loader(root, seed=seed)
+    kwargs: dict = {} if name in ("ddsm", "cbis_ddsm") else {"seed": seed}
+    if split is not None:
+        kwargs["split"] = split
+    df = DATASETS[name](root, **kwargs)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     counts = df["split"].value_counts().to_dict()
     click.echo(f"wrote {len(df)} images of {name} to {out} ({df.attrs['task']}, metric {df.attrs['metric']}; "
                + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+    if "mean_std" in df.attrs:
+        mean, std = (",".join(f"{v:g}" for v in part) for part in df.attrs["mean_std"])
+        click.echo(f"the transfer study normalises {name} with its own statistics: --mean-std {mean}/{std}")
 
 
 def register(groups: dict[str, click.Group]) -> None:

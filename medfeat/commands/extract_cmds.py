@@ -10,7 +10,15 @@ import sys
 import click
 
 # config holds only dataclasses and choice lists (no torch, no pandas): light enough for --help
-from medfeat.engine.pipeline.config import ALIGNMENTS, MALLOC_MODES, ROIS, SCHEDULER_KINDS, RunRecord
+from medfeat.engine.pipeline.config import (
+    ALIGNMENTS,
+    GRAY_MODES,
+    MALLOC_MODES,
+    RESIZE_MODES,
+    ROIS,
+    SCHEDULER_KINDS,
+    RunRecord,
+)
 from medfeat.errors import InputError, UnknownNameError
 
 EXIT_ITEMS_FAILED = 3
@@ -61,6 +69,16 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", default="fp32", show_default=True)
 @click.option("--pooling", default=None, help="Pooling for every tap (default: each tap's own).")
+@click.option("--gray", type=click.Choice(GRAY_MODES), default=None,
+              help="2D models: grey images repeated to every channel, or through the first channel's "
+                   "weights only (the transfer study's choice). Default: the model's.")
+@click.option("--resize", type=click.Choice(RESIZE_MODES), default="shorter", show_default=True,
+              help="2D models: shorter side to 256/224 of the input size, or both sides (the transfer study's "
+                   "Resize((256, 256))), then the centre crop.")
+@click.option("--mean-std", default=None,
+              help="2D models: a dataset's own per-channel MEAN/STD on [0, 1] pixels instead of the model's "
+                   "(e.g. 0.503/0.292 for CheXpert, 0.415,0.221,0.073/0.275,0.150,0.081 for APTOS2019); "
+                   "recorded in the provenance.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--chunk-items", type=click.IntRange(1), default=None, help="Store chunk along items (new stores; default 64).")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Dask workers (local cluster) or threads x this.")
@@ -84,7 +102,8 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--quiet", is_flag=True, help="No progress line.")
 def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, random_init: bool,
                 align: str | None, variant_alias: str | None, roi: str,
-                roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None, batch_size: int,
+                roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None,
+                gray: str | None, resize: str, mean_std: str | None, batch_size: int,
                 chunk_items: int | None, workers: int | None, threads_per_worker: int,
                 memory_limit: str | None, scheduler: str | None, malloc: str, scheduler_kind: str,
                 retry_failed: bool, refresh_changed: bool, overwrite: str | None, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
@@ -103,6 +122,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
     cfg = ExtractConfig.from_settings(
         manifest, store, model, tap_list, weights=weights, align=align or variant_alias or "none", roi=roi,
         roi_labels=_labels(roi_labels), runtime=runtime, device=device, precision=precision, pooling=pooling,
+        gray=gray, resize=resize, mean_std=mean_std,
         seed=seed, tiny=tiny, input_size=_size(input_size), batch_size=batch_size, chunk_items=chunk_items,
         scheduler_kind=scheduler_kind, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,

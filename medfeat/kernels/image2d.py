@@ -71,10 +71,14 @@ def gray_to_rgb(images: Any) -> Any:
     return xp.repeat(images, 3, axis=1)
 
 
-def _resize_crop_map(hw: tuple[int, int], resize_to: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index map (output y, x) -> source (y, x) of 'shorter side to resize_to, then centre crop'."""
+def _resize_crop_map(hw: tuple[int, int], resize_to: int, crop: int,
+                     keep_aspect: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Index map (output y, x) -> source (y, x) of 'shorter side to resize_to, then centre crop'
+    (``keep_aspect``), or of 'both sides to resize_to, then centre crop'."""
     h, w = hw
-    if h <= w:
+    if not keep_aspect:
+        nh = nw = resize_to
+    elif h <= w:
         nh, nw = resize_to, int(resize_to * w / h)
     else:
         nh, nw = int(resize_to * h / w), resize_to
@@ -92,12 +96,14 @@ def prepare_images(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     pixel_scale: float = 1.0 / 255.0,
+    keep_aspect: bool = True,
 ) -> Any:
     """Fused eval transform of a batch of images into ``out`` (B, 3, crop, crop).
 
     Each image is (H, W) grayscale or (H, W, C) with C in {1, 3}, any supported
     dtype (uint8 typically), its own size. Shorter side resized to
-    ``resize_to`` (torchvision ``Resize(256)`` geometry), centre crop
+    ``resize_to`` (torchvision ``Resize(256)`` geometry), or with ``keep_aspect=False``
+    both sides (``Resize((256, 256))``, the aspect ratio not kept), centre crop
     ``crop``, pixel values times ``pixel_scale``, then (x - mean[c]) / std[c];
     a grayscale image feeds all three channels. ``out`` is numpy/cupy float32,
     float16 or bfloat16 (numpy via ml_dtypes), or a torch tensor.
@@ -118,7 +124,7 @@ def prepare_images(
         mats = np.zeros((len(srcs), 12))
         params = np.zeros((len(srcs), 5))
         for i, src in enumerate(srcs):
-            s, off = _resize_crop_map(src.shape[:2], resize_to, crop)
+            s, off = _resize_crop_map(src.shape[:2], resize_to, crop, keep_aspect)
             ch = float(min(c, src.shape[2] - 1))
             # rows: src y from out y (axis 1), src x from out x (axis 2), channel fixed.
             mats[i] = [0, s[0], 0, off[0], 0, 0, s[1], off[1], 0, 0, 0, ch]

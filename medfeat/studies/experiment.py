@@ -23,6 +23,11 @@ An experiment file::
     probe: {n_splits: 5, seeds: [0, 1, 2], probe: linear}
     extract: {batch_size: 4, scheduler_kind: threads}
 
+A model may set ``pooling`` (one pooling for its taps, e.g. ``token1``). A 2D cohort may set
+``normalize``: ``model`` (the default: each model's own intensity rule), ``dataset`` (the
+dataset's own mean/std, as the transfer study does; :data:`~medfeat.cohorts.study_splits.STUDY_MEAN_STD`)
+or ``{mean: [...], std: [...]}``; it is recorded in each array's provenance.
+
 Relative paths in the file are relative to the file; a dataset whose local copy is absent
 is skipped with a note. Outputs go to ``OUT/`` (``OUT/<cohort name>/`` with several
 cohorts): ``cohort/`` (synthetic or dataset manifests), ``features.zarr``, ``weights/``
@@ -55,6 +60,7 @@ class ModelEntry:
     train: bool = False
     tiny: bool = False
     input_size: list[int] | None = None
+    pooling: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,9 +101,9 @@ def load_experiment(path: str | Path) -> Experiment:
     for i, m in enumerate(doc["models"]):
         if not isinstance(m, dict) or "name" not in m or "taps" not in m:
             raise InputError(f"{path}: models[{i}] needs a name and taps")
-        known = {"name", "taps", "weights", "train", "tiny", "input_size"}
+        known = {"name", "taps", "weights", "train", "tiny", "input_size", "pooling"}
         models.append(ModelEntry(m["name"], [str(t) for t in m["taps"]], m.get("weights"), bool(m.get("train")),
-                                 bool(m.get("tiny")), m.get("input_size"),
+                                 bool(m.get("tiny")), m.get("input_size"), m.get("pooling"),
                                  {k: v for k, v in m.items() if k not in known}))
     variants = doc.get("variants", {})
     unknown = set(doc.get("extract", {})) - ExtractConfig.settings()
@@ -174,6 +180,25 @@ def _dataset_manifest(exp: Experiment, dataset: dict[str, Any], manifest: Path, 
     return manifest
 
 
+def cohort_mean_std(exp: Experiment, cohort: dict[str, Any]) -> Any:
+    """The cohort's ``normalize`` setting as a ``mean_std`` extract setting (None: the models' rules)."""
+    choice = cohort.get("normalize", "model")
+    if choice == "model":
+        return None
+    if choice == "dataset":
+        from medfeat.cohorts.study_splits import STUDY_MEAN_STD
+
+        name = dict(cohort.get("dataset") or {}).get("name")
+        if name not in STUDY_MEAN_STD:
+            raise InputError(f"{exp.source}: cohort {cohort.get('name')!r}: normalize: dataset needs a dataset with "
+                             f"statistics of its own ({', '.join(STUDY_MEAN_STD)}); give {{mean, std}} or model")
+        return STUDY_MEAN_STD[name]
+    if isinstance(choice, dict):
+        return choice
+    raise InputError(f"{exp.source}: cohort {cohort.get('name')!r}: normalize is model, dataset or {{mean, std}}, "
+                     f"not {choice!r}")
+
+
 def resolve_weights(entry: ModelEntry, weights_dir: Path | None, manifest: Path, out: Path,
                     log: Log) -> str | None:
     """A local weights file for ``entry``: found in ``weights_dir``, trained, or None (random)."""
@@ -241,6 +266,9 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
     configs: list[dict] = []
     failed = 0
     settings = {"progress": progress, **exp.extract}
+    mean_std = cohort_mean_std(exp, cohort)
+    if mean_std is not None:
+        settings["mean_std"] = mean_std
     for entry in exp.models:
         spec = get_spec(entry.name)
         weights = resolve_weights(entry, wdir, manifest, folder, log)
@@ -248,7 +276,7 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
             cfg = ExtractConfig.from_settings(
                 str(manifest), str(store), entry.name, tuple(entry.taps), weights=weights, align=align,
                 roi=roi, tiny=entry.tiny, input_size=tuple(entry.input_size) if entry.input_size else None,
-                random_init=weights is None, **settings)
+                random_init=weights is None, **{**settings, **({"pooling": entry.pooling} if entry.pooling else {})})
             record = extract(cfg)
             failed += record.items.remain_failed
             log(f"{entry.name} {align}-{roi}{' (RANDOM weights)' if weights is None else ''}: "

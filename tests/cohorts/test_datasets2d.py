@@ -20,11 +20,12 @@ def test_aptos(tmp_path):
     ids = [f"a{i:03d}" for i in range(40)]
     pd.DataFrame({"id_code": ids, "diagnosis": np.arange(40) % 5}).to_csv(tmp_path / "train.csv", index=False)
     _png(tmp_path / "train_images" / "a000.png")
-    df = d2.load_aptos2019(tmp_path, seed=1)
+    df = d2.load_aptos2019(tmp_path, split="grouped", seed=1)
     assert df.attrs["metric"] == "kappa" and df.attrs["task"] == "ordinal"
+    assert df.attrs["mean_std"] == [[0.415, 0.221, 0.073], [0.275, 0.150, 0.081]]  # the study's statistics
     assert df["split"].value_counts().to_dict() == {"train": 28, "val": 6, "test": 6}
     assert df["path"][0].endswith("train_images/a000.png") and df["label"].tolist()[:6] == [0, 1, 2, 3, 4, 0]
-    assert not df["split"].equals(d2.load_aptos2019(tmp_path, seed=2)["split"])
+    assert not df["split"].equals(d2.load_aptos2019(tmp_path, split="grouped", seed=2)["split"])
     pd.DataFrame({"id_code": ["x"], "diagnosis": [7]}).to_csv(tmp_path / "train.csv", index=False)
     with pytest.raises(ManifestError, match="x"):
         d2.load_aptos2019(tmp_path)
@@ -40,7 +41,7 @@ def test_isic2019_one_hot_and_lesion_groups(tmp_path):
     gt.to_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", index=False)
     pd.DataFrame({"image": images, "lesion_id": [f"L{i // 3}" for i in range(n)]}).to_csv(
         tmp_path / "ISIC_2019_Training_Metadata.csv", index=False)
-    df = d2.load_isic2019(tmp_path)
+    df = d2.load_isic2019(tmp_path, split="grouped")
     assert df["label"].tolist() == (np.arange(n) % 8).tolist()
     assert df.attrs["metric"] == "balanced_accuracy" and len(df.attrs["classes"]) == 8
     assert df.groupby("subject")["split"].nunique().max() == 1  # a lesion's images share a split
@@ -89,7 +90,7 @@ def test_chexpert_label_rules(tmp_path):
     valid[0][0] = valid[0][0].replace("train", "valid")
     pd.DataFrame(valid, columns=cols).to_csv(tmp_path / "valid.csv", index=False)
     _png(tmp_path / "train" / "patient00001" / "study1" / "view1_frontal.jpg")
-    df = d2.load_chexpert(tmp_path)
+    df = d2.load_chexpert(tmp_path, split="official")
     labels = df[list(d2.CHEXPERT_LABELS)].to_numpy()
     assert labels.shape == (21, 14) and set(np.unique(labels)) == {0, 1}
     first, second = labels[0], labels[1]  # patient 1 (lab1), patient 2 (lab2)
@@ -155,3 +156,97 @@ def test_cli_dataset2d(tmp_path):
     res = CliRunner().invoke(cli, ["cohort", "dataset2d", "aptos2019", str(tmp_path), "--out", str(tmp_path / "m.csv")])
     assert res.exit_code == 0, res.output
     assert "kappa" in res.output and len(pd.read_csv(tmp_path / "m.csv")) == 10
+
+
+def _study_ids(total, held_out):
+    """The study's BaseSet.get_validation_ids + halving, restated: Random(42) shuffle of 0..N-1."""
+    import random
+
+    ids = list(range(total))
+    random.Random(42).shuffle(ids)
+    held = ids[:int(total * held_out)]
+    return set(ids[int(total * held_out):]), set(held[:len(held) // 2]), set(held[len(held) // 2:])
+
+
+@pytest.mark.parametrize("dataset,held_out", [("aptos2019", 0.3), ("isic2019", 0.2)])
+def test_study_random_split_and_val_ids_json(tmp_path, dataset, held_out):
+    import json
+
+    n = 57
+    if dataset == "aptos2019":
+        pd.DataFrame({"id_code": [f"a{i:03d}" for i in range(n)], "diagnosis": np.arange(n) % 5}).to_csv(
+            tmp_path / "train.csv", index=False)
+        load = d2.load_aptos2019
+    else:
+        onehot = np.zeros((n, 9))
+        onehot[np.arange(n), np.arange(n) % 8] = 1
+        gt = pd.DataFrame(onehot, columns=[*d2.ISIC_CLASSES, "UNK"])
+        gt.insert(0, "image", [f"ISIC_{i:07d}" for i in range(n)])
+        gt.to_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", index=False)
+        load = d2.load_isic2019
+    df = load(tmp_path)
+    train, val, test = _study_ids(n, held_out)
+    for name, ids in (("train", train), ("val", val), ("test", test)):
+        assert set(np.flatnonzero(df["split"].to_numpy() == name)) == ids, name
+    assert (df["subject"] == df["item_id"]).all()  # the study's split is by image
+    # the study's val_ids.json is read back (here: another split, as a list of held-out rows)
+    held = list(range(int(n * held_out)))
+    (tmp_path / "val_ids.json").write_text(json.dumps(held))
+    df = load(tmp_path)
+    assert set(np.flatnonzero(df["split"] == "val")) == set(held[:len(held) // 2])
+    assert set(np.flatnonzero(df["split"] == "test")) == set(held[len(held) // 2:])
+    (tmp_path / "val_ids.json").write_text(json.dumps({"train_split": list(range(5, n)), "val_split": [0, 1]}))
+    with pytest.raises(ManifestError, match="val_ids.json"):
+        load(tmp_path)
+
+
+def test_chexpert_study_split_reproduces_loc_slicing(tmp_path):
+    """train.csv in an order that sorting by Path permutes: the study's ``.loc`` slices go by
+    the original row labels. Reference: the slices restated with list positions."""
+    cols = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *d2.CHEXPERT_LABELS]
+    rng = np.random.default_rng(0)
+    n = 100
+    # studies 1..12 of consecutive patients: "study10" sorts before "study2", so sorting permutes
+    paths = [f"CheXpert-v1.0-small/train/patient{i // 12 + 1:05d}/study{i % 12 + 1}/view1_frontal.jpg"
+             for i in range(n)]
+    labels = rng.choice([np.nan, 0.0, 1.0, -1.0], size=(n, 14))
+    frame = pd.DataFrame([[p, "F", 50, "Frontal", "AP", *row] for p, row in zip(paths, labels)], columns=cols)
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    df = d2.load_chexpert(tmp_path)
+    order = sorted(range(n), key=lambda i: paths[i])  # original labels in sorted order
+    assert order != list(range(n))
+    cut = int(0.2 * n) + 15
+    p_cut = order.index(cut)
+    train, held = order[p_cut:], order[:p_cut + 1]  # .loc is inclusive of its end label
+    half = int(len(held) / 2)
+    p_half = held.index(half)
+    val, test = held[:p_half + 1], held[p_half:]
+    split_of = dict(zip(df["item_id"], df["split"]))
+    for name, rows in (("train", train), ("val", val), ("test", test)):
+        got = {i for i in rows if split_of[paths[i].split("/", 1)[1]] == name}
+        expected = set(rows) - (set(test) if name != "test" else set())  # rows listed twice stay in test
+        assert got == expected, name
+    assert sorted(df.attrs["listed_twice"]) == sorted(paths[i].split("/", 1)[1] for i in (cut, half))
+    assert len(df) == n and set(df["split"]) == {"train", "val", "test"}
+    assert df.attrs["mean_std"] == [[0.503], [0.292]]
+
+
+def test_ddsm_raw_lists_and_file_name_labels(tmp_path):
+    lists = tmp_path / "ddsm_raw_image_lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("normal_01_A_0001_1.LEFT_CC.png\nbenign_02_B_0002_1.RIGHT_MLO.png\n")
+    (lists / "val.txt").write_text("cancer_05_C_0010_1.LEFT_MLO.png\n")
+    (lists / "test.txt").write_text("normal_07_A_0100_1.RIGHT_CC.png\ncancer_09_C_0200_1.LEFT_CC.png\n")
+    df = d2.load_ddsm(tmp_path).set_index("item_id")
+    assert df["label"].to_dict() == {"normal_01_A_0001_1.LEFT_CC.png": 0, "benign_02_B_0002_1.RIGHT_MLO.png": 1,
+                                     "cancer_05_C_0010_1.LEFT_MLO.png": 1, "normal_07_A_0100_1.RIGHT_CC.png": 0,
+                                     "cancer_09_C_0200_1.LEFT_CC.png": 1}
+    assert df["split"].tolist() == ["train", "train", "val", "test", "test"]
+    assert df["path"].iloc[0] == str(tmp_path / "ddsm_raw" / "normal_01_A_0001_1.LEFT_CC.png")
+    three = d2.load_ddsm(tmp_path, n_classes=3)
+    assert three["label"].tolist() == [0, 1, 2, 0, 2] and three.attrs["task"] == "multiclass"
+    (lists / "val.txt").write_text("calc_05_C_0010_1.LEFT_MLO.png\n")
+    with pytest.raises(ManifestError, match="calc_05"):
+        d2.load_ddsm(tmp_path)
+    with pytest.raises(ManifestError, match="cbis_ddsm"):
+        d2.load_ddsm(tmp_path / "nowhere")

@@ -33,9 +33,11 @@ def test_crop_normalize_gray():
         normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _unfused(img, resize_to, crop):
+def _unfused(img, resize_to, crop, keep_aspect=True):
     h, w = img.shape[:2]
     nh, nw = (resize_to, int(resize_to * w / h)) if h <= w else (int(resize_to * h / w), resize_to)
+    if not keep_aspect:  # torchvision Resize((r, r))
+        nh = nw = resize_to
     chans = img[..., None] if img.ndim == 2 else img
     t = torch.from_numpy(chans.astype(np.float32)).permute(2, 0, 1)[None]
     r = torch.nn.functional.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False)[0].numpy()
@@ -56,3 +58,15 @@ def test_prepare_images_fused_equals_chain():
         prepare_images(imgs, np.zeros((2, 3, 20, 20), np.float32), resize_to=28, crop=24)
     with pytest.raises(InputError, match=r"images\[0\]: expected 1 or 3 channels"):
         prepare_images([np.zeros((5, 5, 4), np.uint8)], np.zeros((1, 3, 4, 4), np.float32), resize_to=4, crop=4)
+
+
+def test_prepare_images_square_resize_equals_chain():
+    """``keep_aspect=False``: both sides to ``resize_to`` (torchvision ``Resize((256, 256))``,
+    the transfer study's eval transform), then the centre crop."""
+    rng = np.random.default_rng(2)
+    imgs = [rng.integers(0, 256, (40, 70, 3), dtype=np.uint8), rng.integers(0, 256, (61, 37), dtype=np.uint8)]
+    out = np.zeros((2, 3, 24, 24), np.float32)
+    prepare_images(imgs, out, resize_to=28, crop=24, keep_aspect=False)
+    for b, img in enumerate(imgs):
+        np.testing.assert_allclose(out[b], _unfused(img, 28, 24, keep_aspect=False), atol=1e-5 * 4.4)
+        assert not np.allclose(out[b], _unfused(img, 28, 24))

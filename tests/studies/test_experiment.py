@@ -100,3 +100,72 @@ def test_variants_as_product_or_list(tmp_path) -> None:
     assert listed.variants == [("none", "whole"), ("oracle_atlas", "crop")]
     with pytest.raises(InputError, match="ALIGN-ROI"):
         load_experiment(_write(tmp_path / "c.yaml", base + "variants: [nonewhole]\n"))
+
+
+def test_transfer2d_follows_the_study_by_default() -> None:
+    """experiments/transfer2d.yaml makes the transfer study's choices (its code, a7aa194)."""
+    from medfeat.cohorts.study_splits import STUDY_MEAN_STD
+    from medfeat.studies.experiment import cohort_mean_std
+
+    exp = load_experiment(Path(__file__).resolve().parents[2] / "experiments" / "transfer2d.yaml")
+    features = {m.name: (m.taps, m.pooling) for m in exp.models}
+    assert features == {
+        "sam_vit_b": (["blocks.11"], None), "seem_focalt": (["res5"], None), "dinov2_vitb14": (["norm"], None),
+        "blip_vitb16": (["norm"], "token1"), "openclip_vitb16": (["proj"], None), "deit_b16": (["norm"], None),
+        "dino_vitb16": (["norm"], None), "resnet50": (["layer4"], None)}
+    from medfeat.export.backbones.registry import get_spec
+
+    defaults = {name: get_spec(name).tap_table()[-1].pooling for name in features}
+    assert defaults == {"sam_vit_b": "avg", "seem_focalt": "avg", "dinov2_vitb14": "cls", "blip_vitb16": "cls",
+                        "openclip_vitb16": "none", "deit_b16": "cls", "dino_vitb16": "cls", "resnet50": "avg"}
+    assert exp.extract["gray"] == "first_channel" and exp.extract["resize"] == "square"
+    assert exp.probe["split_column"] == "split"
+    cohorts = {c["name"]: c for c in exp.cohorts}
+    for name in ("aptos2019", "isic2019", "ddsm", "chexpert"):
+        assert cohort_mean_std(exp, cohorts[name]) == STUDY_MEAN_STD[name], name
+        assert cohorts[name]["dataset"].get("split", "study") == "study", name
+    assert STUDY_MEAN_STD["chexpert"] == ((0.503,), (0.292,))
+    assert STUDY_MEAN_STD["aptos2019"] == ((0.415, 0.221, 0.073), (0.275, 0.150, 0.081))
+    assert cohort_mean_std(exp, cohorts["cbis_ddsm"]) is None and cohorts["ddsm"]["dataset"]["name"] == "ddsm"
+
+
+def test_2d_study_settings_reach_the_store(tmp_path) -> None:
+    """A fake APTOS2019 copy through a 2D grid with the study's settings: its own mean/std in
+    the provenance, the model's pooling, the fixed split of the probe."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    root = tmp_path / "APTOS2019"
+    (root / "train_images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n = 40
+    for i in range(n):
+        grade = i % 2
+        img = rng.integers(0, 120, (40, 56, 3)) + 100 * grade
+        Image.fromarray(img.astype(np.uint8)).save(root / "train_images" / f"a{i:03d}.png")
+    pd.DataFrame({"id_code": [f"a{i:03d}" for i in range(n)], "diagnosis": np.arange(n) % 2}).to_csv(
+        root / "train.csv", index=False)
+    text = f"""
+name: tiny2d
+kind: transfer2d
+cohort: {{name: aptos2019, dataset: {{name: aptos2019, root: {root}}}, normalize: dataset}}
+target: label
+models:
+  - {{name: resnet50, tiny: true, input_size: [32, 32], taps: [layer2], pooling: max}}
+probe: {{split_column: split, n_boot: 20, task: binary}}
+extract: {{batch_size: 8, scheduler_kind: sync, progress: false, gray: first_channel, resize: square}}
+"""
+    exp = load_experiment(_write(tmp_path / "e.yaml", text))
+    paths = run_experiment(exp, tmp_path / "out", log=lambda line: None)
+    store = FeatureStore.open(paths["store"])
+    (key,) = store.arrays()
+    prov = store.provenance(key)
+    assert prov["preprocessing"]["intensity"]["params"] == {"mean": [0.415, 0.221, 0.073],
+                                                            "std": [0.275, 0.150, 0.081]}
+    assert prov["preprocessing"]["intensity"]["source"] == "dataset" and prov["pooling"] == "max"
+    (config,) = json.loads(Path(paths["results"]).read_text())["configs"]
+    assert config["result"]["n_splits"] == 0  # the fixed split: fit on train + val, score on test
+    bad = text.replace("normalize: dataset", "normalize: imagenet")
+    with pytest.raises(InputError, match="normalize"):
+        run_experiment(load_experiment(_write(tmp_path / "bad.yaml", bad)), tmp_path / "out2", log=lambda line: None)

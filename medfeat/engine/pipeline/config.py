@@ -22,6 +22,8 @@ from medfeat.engine.pipeline.malloc import MALLOC_MODES
 from medfeat.errors import InputError, UnknownNameError
 
 ALIGNMENTS = ("none", "rigid", "affine", "oracle", "atlas", "oracle_atlas")
+GRAY_MODES = ("repeat", "first_channel")
+RESIZE_MODES = ("shorter", "square")
 ROIS = ("whole", "crop")
 SCHEDULER_KINDS = ("local", "threads", "sync")
 
@@ -45,6 +47,31 @@ class ModelConfig:
     # Modules to import before building: they register extra backbones (plugins, tests),
     # which spawned worker processes would otherwise not know.
     modules: tuple[str, ...] = ()
+    # 2D models only. ``gray``: how a grey image enters the first convolution, "repeat" (to
+    # every channel) or "first_channel" (the weights cut to the image's one channel, the
+    # transfer study's choice); None keeps the model's build default. ``resize``: "shorter"
+    # (torchvision Resize(256) geometry) or "square" (Resize((256, 256)), the study's), then
+    # the centre crop. ``mean_std``: a dataset's own per-channel (mean, std) on [0, 1] pixels
+    # that replaces the model's intensity rule (the study normalises with each dataset's
+    # statistics); None keeps the model's rule. All three go into the arrays' provenance.
+    gray: str | None = None
+    resize: str = "shorter"
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.gray is not None and self.gray not in GRAY_MODES:
+            raise UnknownNameError(f"unknown gray mode {self.gray!r}; modes: {', '.join(GRAY_MODES)}")
+        if self.resize not in RESIZE_MODES:
+            raise UnknownNameError(f"unknown resize mode {self.resize!r}; modes: {', '.join(RESIZE_MODES)}")
+        if self.mean_std is not None:
+            mean, std = self.mean_std
+            if len(mean) not in (1, 3) or len(std) != len(mean) or min(std) <= 0:
+                raise InputError(f"mean_std needs 1 or 3 means and as many positive stds, got {mean} / {std}")
+
+    @property
+    def image_settings(self) -> bool:
+        """Whether any 2D-only setting differs from its default."""
+        return self.gray is not None or self.resize != "shorter" or self.mean_std is not None
 
 
 @dataclass(frozen=True)
@@ -177,6 +204,8 @@ class ExtractConfig:
         for key in ("input_size", "modules"):
             if pick.get(key) is not None:
                 pick[key] = tuple(pick[key])
+        if pick.get("mean_std") is not None:
+            pick["mean_std"] = parse_mean_std(pick["mean_std"])
         mcfg = ModelConfig(str(model), tuple(str(t) for t in taps), **pick)
         vpick = {k: settings[k] for k in _VARIANT_KEYS if k in settings}
         if vpick.get("roi_labels") is not None:
@@ -197,6 +226,21 @@ class ExtractConfig:
 
 
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"name", "taps", "torch_threads"}
+
+
+def parse_mean_std(value: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)``, ``{"mean": ..., "std": ...}`` or ``"M[,M,M]/S[,S,S]"`` -> two float tuples."""
+    try:
+        if isinstance(value, str):
+            text_mean, text_std = value.split("/")
+            value = (text_mean.split(","), text_std.split(","))
+        if isinstance(value, dict):
+            value = (value["mean"], value["std"])
+        mean, std = ((v,) if isinstance(v, (int, float)) else v for v in value)
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"mean_std {value!r}: expected MEAN/STD per channel, e.g. 0.503/0.292 or "
+                         "0.415,0.221,0.073/0.275,0.150,0.081") from None
 _VARIANT_KEYS = {f.name for f in fields(Variant)}
 _CLUSTER_KEYS = {f.name for f in fields(ClusterConfig)}
 

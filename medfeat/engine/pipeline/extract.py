@@ -61,8 +61,8 @@ def _provenance(cfg: ExtractConfig, backbone: Backbone, tap: str, dim: int,
         "input_kind": backbone.spec.input_kind,
         "preprocessing": {"variant": variant.name, "alignment": variant.align, "roi": variant.roi,
                           "roi_margin_mm": pp.ROI_MARGIN_MM if variant.roi == "crop" else None,
-                          "input_size": list(size), "intensity": pp.describe(backbone.spec.preprocess),
-                          "interpolation": _interpolation(backbone)},
+                          "input_size": list(size), "intensity": _intensity(cfg.model, backbone),
+                          "interpolation": _interpolation(backbone, cfg.model.resize)},
         "precision": cfg.model.precision, "runtime": cfg.model.runtime, "device": cfg.model.device,
         "versions": _versions(), "created": utc_now(),
     }
@@ -72,10 +72,18 @@ def _provenance(cfg: ExtractConfig, backbone: Backbone, tap: str, dim: int,
     return out
 
 
-def _interpolation(backbone: Backbone) -> str:
+def _intensity(model: ModelConfig, backbone: Backbone) -> dict[str, Any]:
+    """The intensity rule applied; a dataset-level mean/std (which replaces the model's rule)
+    says so (``source``), the model's own rule is recorded as before."""
+    rule = pp.describe(pp.image_rule(backbone.spec.preprocess, model.mean_std))
+    return {**rule, "source": "dataset"} if model.mean_std is not None else rule
+
+
+def _interpolation(backbone: Backbone, resize: str = "shorter") -> str:
     if backbone.spec.input_kind == "image2d":
         gray = backbone.provenance.get("config", {}).get("gray", "repeat")
-        return f"bilinear resize (no antialias) to round(s*256/224), centre crop s; gray {gray}"
+        sides = "both sides" if resize == "square" else ""
+        return f"bilinear resize (no antialias) {sides + ' ' if sides else ''}to round(s*256/224), centre crop s; gray {gray}"
     return "linear, world space, zero outside"
 
 

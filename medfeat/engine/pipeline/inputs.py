@@ -41,13 +41,16 @@ class ScanCache:
 
 def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: ScanCache,
               transforms: dict[tuple[str, int], np.ndarray] | None = None,
-              out: np.ndarray | None = None, gray: str = "repeat") -> np.ndarray:
+              out: np.ndarray | None = None, gray: str = "repeat", rule: Any = None,
+              keep_aspect: bool = True) -> np.ndarray:
     """The model input of ``item``: (C, *size) float32, written into ``out`` when given (a
     row of the batch buffer). Raises InputError for bad inputs.
 
     ``transforms`` holds estimated alignments by (item id, channel) from :func:`align_batch`;
     channels that need one and are missing there are aligned on their own. ``gray`` is the
-    2D model's grey-image mode (:func:`gray_mode`).
+    2D model's grey-image mode (:func:`gray_mode`), ``rule`` its intensity rule when not the
+    spec's (a dataset's own mean/std, :func:`~medfeat.engine.pipeline.preprocess.image_rule`),
+    ``keep_aspect`` its resize geometry.
     """
     if spec.input_kind == "image2d":
         ch = item.channels[0]
@@ -55,7 +58,8 @@ def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: ScanCache,
         img = read_image(ch.path)
         timer.read += time.perf_counter() - t0
         t0 = time.perf_counter()
-        x = pp.prepare_image(img, size, spec.preprocess, spec.in_channels, gray=gray, out=out)
+        x = pp.prepare_image(img, size, rule or spec.preprocess, spec.in_channels, gray=gray, out=out,
+                             keep_aspect=keep_aspect)
         timer.preprocess += time.perf_counter() - t0
         return x
     if len(item.channels) != spec.in_channels:

@@ -151,13 +151,21 @@ def prepare_volume_into(out: np.ndarray, channel: int, data: np.ndarray, affine:
 GRAY_MODES = ("repeat", "first_channel")
 
 
+def image_rule(rule: Preprocess, mean_std: tuple[Sequence[float], Sequence[float]] | None) -> Preprocess:
+    """The intensity rule a 2D input gets: a dataset's own ``(mean, std)`` when given (the
+    transfer study normalises with each dataset's statistics), else the model's ``rule``."""
+    if mean_std is None:
+        return rule
+    return Preprocess("mean_std", {"mean": [float(v) for v in mean_std[0]], "std": [float(v) for v in mean_std[1]]})
+
+
 def prepare_image(image: np.ndarray, size: Sequence[int], rule: Preprocess, in_channels: int = 3, *,
-                  gray: str = "repeat", out: np.ndarray | None = None) -> np.ndarray:
+                  gray: str = "repeat", out: np.ndarray | None = None, keep_aspect: bool = True) -> np.ndarray:
     """A 2D image (H, W) or (H, W, C) of any real dtype -> (in_channels, s, s) float32 model input.
 
     The kernels' fused eval transform (:func:`medfeat.kernels.prepare_images`): resize so
     the shorter side is ``round(s * 256 / 224)`` (the longer one truncated, as torchvision's
-    ``Resize``; bilinear, half-pixel centres, edge clamp, no antialias, i.e.
+    ``Resize``; with ``keep_aspect=False`` both sides, as ``Resize((256, 256))``; bilinear, half-pixel centres, edge clamp, no antialias, i.e.
     ``F.interpolate(mode="bilinear", align_corners=False)``), centre crop ``s``, scale to
     [0, 1] (by 255 for 8-bit, 65535 for 16-bit, else min-max), then the rule (``mean_std``
     per channel, or ``none``), written straight into ``out`` when given (a row of the batch
@@ -182,14 +190,16 @@ def prepare_image(image: np.ndarray, size: Sequence[int], rule: Preprocess, in_c
         raise InputError(f"2D input buffer has shape {out.shape}, expected {(in_channels, h, w)}")
     resize_to = round(h * 256 / 224)
     if in_channels == 3:
-        prepare_images([src], out[None], resize_to=resize_to, crop=h, mean=mean, std=std, pixel_scale=pixel_scale)
+        prepare_images([src], out[None], resize_to=resize_to, crop=h, mean=mean, std=std, pixel_scale=pixel_scale,
+                       keep_aspect=keep_aspect)
         if gray == "first_channel" and src.shape[2] == 1:
             out[1:] = 0.0
         return out
     if in_channels != 1:
         raise InputError(f"a 2D model takes 1 or 3 input channels, this one {in_channels}")
     tmp = np.empty((1, 3, h, w), dtype=np.float32)  # unit-range RGB, then the channel mean
-    prepare_images([src], tmp, resize_to=resize_to, crop=h, mean=(0.0,) * 3, std=(1.0,) * 3, pixel_scale=pixel_scale)
+    prepare_images([src], tmp, resize_to=resize_to, crop=h, mean=(0.0,) * 3, std=(1.0,) * 3, pixel_scale=pixel_scale,
+                   keep_aspect=keep_aspect)
     out[0] = (tmp[0].mean(0) - mean[0]) / std[0]
     return out
 

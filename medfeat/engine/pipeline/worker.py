@@ -21,8 +21,9 @@ import torch
 from medfeat.engine.pipeline.config import ModelConfig
 from medfeat.engine.pipeline.inputs import ScanCache, align_batch, gray_mode, load_item
 from medfeat.engine.pipeline.items import Item
-from medfeat.errors import MedfeatError, one_line
-from medfeat.export.backbones.registry import Backbone, create_backbone
+from medfeat.engine.pipeline.preprocess import image_rule
+from medfeat.errors import InputError, MedfeatError, one_line
+from medfeat.export.backbones.registry import Backbone, create_backbone, get_spec
 from medfeat.export.runtimes.factory import Runtime, make_runtime
 
 
@@ -78,8 +79,11 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
         importlib.import_module(module)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
+    if cfg.image_settings and get_spec(cfg.name).input_kind != "image2d":
+        raise InputError(f"{cfg.name}: gray, resize and mean_std are settings of 2D models only")
     backbone = create_backbone(cfg.name, list(cfg.taps), weights=cfg.weights, tiny=cfg.tiny,
-                               pooling=cfg.pooling, seed=cfg.seed)
+                               pooling=cfg.pooling, seed=cfg.seed,
+                               config={"gray": cfg.gray} if cfg.gray is not None else None)
     size = tuple(cfg.input_size or backbone.spec.input_size)
     runtime = make_runtime(backbone, cfg.runtime, device=cfg.device, precision=cfg.precision)
     return LoadedModel(backbone, runtime, size)
@@ -116,12 +120,14 @@ def run_batch(cfg: ModelConfig, items: Sequence[Item]) -> BatchResult:
     # One preallocated batch buffer; each item is resampled and normalised straight into its row.
     buf = np.empty((len(items), spec.in_channels, *model.size), dtype=np.float32)
     gray = gray_mode(model.backbone)
+    rule = image_rule(spec.preprocess, cfg.mean_std) if spec.input_kind == "image2d" else None
     rows_ok: list[int] = []
     for row, item in enumerate(items):
         if item.item_id in failed:
             continue
         try:
-            load_item(item, spec, model.size, timer, transforms, out=buf[row], gray=gray)
+            load_item(item, spec, model.size, timer, transforms, out=buf[row], gray=gray, rule=rule,
+                      keep_aspect=cfg.resize != "square")
             rows_ok.append(row)
             ids.append(item.item_id)
         except MedfeatError as exc:

@@ -35,7 +35,7 @@ if "tiny2d_first_test" not in _REGISTRY:  # the same net, built with gray="first
                                    tiny_config={"gray": "first_channel"}))
 
 
-def reference(img: np.ndarray, s: int, mean=MEAN, std=STD, gray: str = "repeat") -> np.ndarray:
+def reference(img: np.ndarray, s: int, mean=MEAN, std=STD, gray: str = "repeat", square: bool = False) -> np.ndarray:
     """(3, s, s) float64 model input by torch ops, from an (H, W[, C]) image."""
     x = np.asarray(img, np.float64)
     if img.dtype == np.uint8:
@@ -49,11 +49,14 @@ def reference(img: np.ndarray, s: int, mean=MEAN, std=STD, gray: str = "repeat")
     h, w = x.shape[:2]
     r = round(s * 256 / 224)
     size = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)  # torchvision Resize(int)
+    if square:  # torchvision Resize((r, r)), the transfer study's
+        size = (r, r)
     t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=False)[0]
     top, left = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
     t = t[:, top:top + s, left:left + s].numpy()
     out = np.repeat(t, 3, axis=0) if t.shape[0] == 1 else t
-    out = (out - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    mean, std = np.resize(np.asarray(mean, float), 3), np.resize(np.asarray(std, float), 3)
+    out = (out - mean[:, None, None]) / std[:, None, None]
     if gray == "first_channel" and t.shape[0] == 1:
         out[1:] = 0.0
     return out
@@ -75,9 +78,9 @@ def _images(folder: Path) -> dict[str, np.ndarray]:
     return imgs
 
 
-def _captured_inputs(model: str, items: list[Item]) -> np.ndarray:
+def _captured_inputs(model: str, items: list[Item], **settings) -> np.ndarray:
     """The batch tensor the extraction path (``run_batch``) hands to the model."""
-    cfg = pl.ModelConfig(model, ("conv2",), tiny=True)
+    cfg = pl.ModelConfig(model, ("conv2",), tiny=True, **settings)
     loaded = pl.get_model(cfg)
     seen: list[np.ndarray] = []
     runtime = loaded.runtime
@@ -156,3 +159,55 @@ def test_resnet50_tiny_on_synthetic_2d_set(tmp_path):
     ref = np.stack([reference(np.asarray(Image.open(paths[i])), 32) for i in ids]).astype(np.float32)
     model = pl.get_model(cfg.model)
     np.testing.assert_allclose(feats, model.runtime(torch.from_numpy(ref))["layer1"], atol=1e-4, rtol=1e-4)
+
+
+def test_transfer_study_input_dataset_mean_std_square_resize_first_channel(tmp_path):
+    """The transfer study's eval input: Resize((256, 256)) then CenterCrop(224) (here 32 of
+    round(32 * 256 / 224)), ToTensor, Normalize with the dataset's own statistics (CheXpert's
+    0.503 / 0.292 for grey images, APTOS2019's per channel for colour), grey through the first
+    channel's weights only: the dataset's statistics replace the model's rule."""
+    imgs = _images(tmp_path)
+    items = [Item(n, n, "", "image", (Channel(str(tmp_path / n)),)) for n in imgs]
+    for mean, std in (((0.503,), (0.292,)), ((0.415, 0.221, 0.073), (0.275, 0.150, 0.081))):
+        x = _captured_inputs("tiny2d_test", items, gray="first_channel", resize="square", mean_std=(mean, std))
+        for row, (name, img) in zip(x, imgs.items()):
+            expected = reference(img, 32, mean, std, gray="first_channel", square=True)
+            np.testing.assert_allclose(row, expected, atol=1e-5, rtol=0, err_msg=name)
+            assert not np.allclose(row, reference(img, 32, gray="first_channel", square=True), atol=1e-3)
+    assert not x[0, 1:].any()  # grey: channel 0 only
+
+
+def test_dataset_mean_std_is_recorded_in_the_provenance(tmp_path):
+    from medfeat.cohorts.synth2d import synth2d_cohort
+
+    manifest = synth2d_cohort(tmp_path / "c2d", images=4, size=40)
+    settings = dict(tiny=True, input_size=(32, 32), scheduler_kind="sync", batch_size=4, progress=False)
+    cfg = ExtractConfig.from_settings(str(manifest), str(tmp_path / "s"), "resnet50", ("layer1",),
+                                      mean_std="0.415,0.221,0.073/0.275,0.150,0.081", resize="square",
+                                      gray="first_channel", **settings)
+    assert cfg.model.mean_std == ((0.415, 0.221, 0.073), (0.275, 0.150, 0.081))
+    extract(cfg)
+    store = FeatureStore.open(tmp_path / "s")
+    prov = store.provenance(next(k for k in store.arrays() if k.tap == "layer1"))
+    assert prov["preprocessing"]["intensity"] == {"rule": "mean_std", "source": "dataset", "params": {
+        "mean": [0.415, 0.221, 0.073], "std": [0.275, 0.150, 0.081]}}
+    assert "both sides" in prov["preprocessing"]["interpolation"]
+    assert prov["config"]["gray"] == "first_channel"
+    # the model's own rule stays as it was recorded before (no "source" key): old stores resume
+    default = ExtractConfig.from_settings(str(manifest), str(tmp_path / "d"), "resnet50", ("layer1",), **settings)
+    extract(default)
+    store = FeatureStore.open(tmp_path / "d")
+    prov = store.provenance(next(k for k in store.arrays() if k.tap == "layer1"))
+    assert prov["preprocessing"]["intensity"] == {"rule": "mean_std", "params": {
+        "mean": list(MEAN), "std": list(STD)}}
+    with pytest.raises(InputError, match="MEAN/STD"):
+        ExtractConfig.from_settings(str(manifest), "s", "resnet50", ("layer1",), mean_std="0.5")
+    with pytest.raises(InputError, match="positive"):
+        ExtractConfig.from_settings(str(manifest), "s", "resnet50", ("layer1",), mean_std="0.5/0")
+    with pytest.raises(UnknownNameError, match="resize"):
+        ExtractConfig.from_settings(str(manifest), "s", "resnet50", ("layer1",), resize="crop")
+
+
+def test_2d_settings_refused_for_3d_models():
+    with pytest.raises(InputError, match="2D models only"):
+        pl.build_model(pl.ModelConfig("unet3d", ("down.0",), tiny=True, mean_std=((0.5,), (0.2,))))

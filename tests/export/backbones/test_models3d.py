@@ -1,7 +1,8 @@
 """The 3D segmentation backbones against independent references and their original checkpoint layouts.
 
 * SAM-Med3D: each block against a loop-by-loop reference of windowed attention with decomposed
-  relative position biases; the real 128^3 config's parameter shapes against the published
+  relative position biases in SAM-Med3D's own broadcast form (``tests/parity`` checks the whole
+  encoder against upstream's code); the real 128^3 config's parameter shapes against the published
   layout; a full SAM-Med3D checkpoint (``image_encoder.*`` + prompt encoder + mask decoder,
   nested under ``model_state_dict``) loads strictly and gives identical outputs.
 * SwinUNETR: taps against forward hooks on MONAI's own ``SwinUNETR``; a full state dict and
@@ -39,19 +40,29 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 def _reference_attention(attn: sam_med3d.Attention, x: torch.Tensor) -> torch.Tensor:
-    """Attention over one (1, S, S, S, C) window, bias entry by entry from token coordinates."""
+    """Attention over one (1, S, S, S, C) window, bias entry by entry from token coordinates.
+
+    The bias is SAM-Med3D's (``add_decomposed_rel_pos`` broadcasts its 5-D per-axis terms
+    onto the 7-D attention so that each key offset is taken along w'), written out per
+    entry: for query (d, h, w) and key (d', h', w'),
+    ``q[d,h,w].Rd[d-w'] + q[d,h,d'].Rh[h-w'] + q[d,h,h'].Rw[h'-w']``.
+    """
     _, d, h, w, c = x.shape
+    s = d
     heads, hd = attn.num_heads, c // attn.num_heads
-    coords = torch.tensor(list(itertools.product(range(d), range(h), range(w))))  # (N, 3) row-major
-    offset = coords[:, None, :] - coords[None, :, :] + torch.tensor([d, h, w]) - 1  # (N, N, 3)
-    # Embedding of each query-key offset: the sum of the three axis tables' rows.
-    rel = attn.rel_pos_d[offset[..., 0]] + attn.rel_pos_h[offset[..., 1]] + attn.rel_pos_w[offset[..., 2]]
+    coords = list(itertools.product(range(d), range(h), range(w)))  # row-major token order
+    position = {p: i for i, p in enumerate(coords)}
     tokens = x.reshape(-1, c)
     q, k, v = attn.qkv(tokens).reshape(-1, 3, heads, hd).unbind(1)  # (N, heads, hd)
     out = torch.empty(len(coords), heads, hd)
     for head in range(heads):
         logits = (q[:, head] @ k[:, head].T) * hd ** -0.5
-        bias = (q[:, head, None, :] * rel).sum(-1)  # bias[i, j] = q_i . rel[i, j]
+        bias = torch.empty(len(coords), len(coords))
+        for i, (qd, qh, _qw) in enumerate(coords):
+            for j, (kd, kh, kw) in enumerate(coords):
+                bias[i, j] = (q[i, head] @ attn.rel_pos_d[qd - kw + s - 1]
+                              + q[position[(qd, qh, kd)], head] @ attn.rel_pos_h[qh - kw + s - 1]
+                              + q[position[(qd, qh, kh)], head] @ attn.rel_pos_w[kh - kw + s - 1])
         out[:, head] = torch.softmax(logits + bias, dim=-1) @ v[:, head]
     return attn.proj(out.reshape(len(coords), c)).reshape(1, d, h, w, c)
 

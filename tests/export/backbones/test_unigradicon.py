@@ -6,8 +6,8 @@ References, independent of the code under test:
 * ``_Upstream*`` below: the cascade rebuilt the way ``icon_registration``'s wrappers are
   written (nested modules, transforms as closures, the identity-map shortcut, mermaid's
   in-place channel reordering), which also gives the original checkpoint key layout;
-* ``unigradicon.make_network`` itself when the ``parity`` extra is installed
-  (``pip install -e '.[parity]'``; it pulls ITK, so it is not in the ``test`` extra).
+* ``unigradicon.make_network`` itself, at every tap: ``tests/parity/test_parity_3d.py``
+  (the ``parity`` extra; it pulls ITK, so it is not in the ``test`` extra).
 
 Tolerances: the cascade rebuilt here and upstream agree to the bit (same float ops in the
 same order), so they are compared with ``torch.equal``; scipy to 1e-5 (float32 vs float64).
@@ -411,29 +411,3 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     torch.save({"encoder.weight": torch.zeros(2)}, path)
     with pytest.raises(WeightsError, match="none of the formats unigradicon loads"):
         create_backbone("unigradicon", ["A.enc.0"], weights=str(path), tiny=True)
-
-
-# --- parity with the upstream package (extra "parity": pip install unigradicon) -------------
-
-@pytest.mark.slow
-def test_parity_with_upstream_make_network():
-    unigradicon = pytest.importorskip("unigradicon")
-    size = (65, 70, 76)  # the smallest the five-level UNets take, anisotropic
-    torch.manual_seed(0)
-    upstream = unigradicon.make_network([1, 1, *size], include_last_step=True).regis_net
-    _randomize(upstream, seed=5)
-    ours = SPEC.build(input_size=size)
-    ours.load_state_dict(SPEC.convert_checkpoint(upstream.state_dict()))
-    ours.eval()
-    captured: dict[str, torch.Tensor] = {}
-    for stage, prefix in upstream_prefixes().items():
-        norm = upstream.get_submodule(prefix.rstrip(".")).batchNorms[1]
-        norm.register_forward_hook(lambda m, i, o, s=stage: captured.__setitem__(s, o))
-    pair = torch.rand(1, 2, *size, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expected = upstream(pair[:, :1], pair[:, 1:])(upstream.identity_map)
-        taps = ours.forward_taps(pair, [f"{s}.dec.1" for s in STAGES] + ["D.phi"])
-    assert torch.equal(taps["D.phi"], expected)
-    for stage in STAGES:
-        tap = taps[f"{stage}.dec.1"]
-        assert torch.equal(tap, captured[stage][(...,) + tuple(slice(0, n) for n in tap.shape[2:])])

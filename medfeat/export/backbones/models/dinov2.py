@@ -41,6 +41,10 @@ from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TapSpec
 
 PATCH = 14
 NATIVE_IMG = 518  # released checkpoints carry a 37 x 37 position-embedding grid
+# facebookresearch/dinov2's hub models resample position embeddings with this "historical
+# kludge" (a scale factor of (new + 0.1) / 37); at 224 px (16 x 16 patches) it moves the
+# sampled positions by up to 0.1 patch against a plain resize to 16 x 16.
+INTERPOLATE_OFFSET = 0.1
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "vits14": dict(embed_dim=384, depth=12, num_heads=6),
@@ -53,15 +57,21 @@ TINY_G = dict(embed_dim=48, depth=2, num_heads=2, img_size=28)
 
 
 def build_dinov2(variant: str, *, gray: str = "repeat", img_size: int = NATIVE_IMG, embed_dim: int | None = None,
-                 depth: int | None = None, num_heads: int | None = None) -> TappedViT:
-    """DINOv2 ``variant`` with random init; ``img_size`` sets the position-embedding grid."""
+                 depth: int | None = None, num_heads: int | None = None,
+                 interpolate_offset: float = INTERPOLATE_OFFSET) -> TappedViT:
+    """DINOv2 ``variant`` with random init; ``img_size`` sets the position-embedding grid.
+
+    ``interpolate_offset`` 0.1 resamples the position embeddings as the original code (and
+    its torch.hub models) do; 0 as Hugging Face's ``Dinov2Model`` does (see
+    :func:`~medfeat.export.backbones.models.vit2d.resample_pos_embed`).
+    """
     arch = dict(VARIANTS[variant])
     swiglu = arch.pop("swiglu", False)
     arch.update({k: v for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads).items() if v is not None})
     if swiglu:
         # SwiGLU hidden width 2/3 * 4C rounded to 8 (4096 for C=1536); timm packs both halves in fc1
         arch.update(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
-    return build_vit(f"dinov2_{variant}", gray, img_size, patch_size=PATCH, init_values=1e-5,
+    return build_vit(f"dinov2_{variant}", gray, img_size, interpolate_offset, patch_size=PATCH, init_values=1e-5,
                      norm_layer=partial(nn.LayerNorm, eps=1e-6), **arch)
 
 

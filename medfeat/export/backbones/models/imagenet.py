@@ -44,10 +44,16 @@ RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet152": (3, 8, 36, 3)}
 RESNET_TINY = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
 
 
-def build_vitb16(name: str, *, gray: str = "repeat", **arch: Any) -> TappedViT:
-    """Plain ViT-B/16 (DeiT-B, DINO), random init."""
+def build_vitb16(name: str, *, gray: str = "repeat", interpolate_offset: float | None = None, **arch: Any) -> TappedViT:
+    """Plain ViT-B/16 (DeiT-B, DINO), random init.
+
+    Position embeddings are resampled at other input sizes as the original code does: DINO's
+    with the 0.1 offset of facebookresearch/dino, DeiT's with a plain resize (see
+    :func:`~medfeat.export.backbones.models.vit2d.resample_pos_embed`).
+    """
     cfg = {**VIT_B16, **arch}
-    return build_vit(name, gray, cfg.pop("img_size"), qkv_bias=True, **cfg)
+    offset = (0.1 if name == "dino_vitb16" else 0.0) if interpolate_offset is None else interpolate_offset
+    return build_vit(name, gray, cfg.pop("img_size"), offset, qkv_bias=True, **cfg)
 
 
 def vitb16_taps(**config: Any) -> tuple[TapSpec, ...]:

@@ -6,7 +6,8 @@ the ``vit_b_ori`` build used by the published SAM-Med3D / SAM-Med3D-turbo checkp
 * patch embedding: Conv3d, kernel = stride = 16, 1 -> 768 channels; 128^3 input -> 8^3 tokens;
 * absolute position embedding of shape (1, 8, 8, 8, 768), added to the token grid;
 * 12 blocks (12 heads, MLP ratio 4, LayerNorm eps 1e-6), each with decomposed relative
-  position biases along D, H and W; blocks 2, 5, 8, 11 attend globally over the 8^3 grid, the
+  position biases along D, H and W, computed in upstream's broadcast form, not the textbook
+  one (see :func:`rel_pos_bias`: the published weights were trained with it); blocks 2, 5, 8, 11 attend globally over the 8^3 grid, the
   others within 14^3 windows. 14 > 8, so a "windowed" block zero-pads the grid to 14^3 and
   attends over the padded window; the padded tokens take part in the softmax (upstream does
   not mask them), which we reproduce because the published weights were trained that way;
@@ -83,19 +84,35 @@ class MLPBlock(nn.Module):
 
 
 def rel_pos_bias(q: torch.Tensor, tables: Sequence[torch.Tensor], grid: tuple[int, int, int]) -> torch.Tensor:
-    """Decomposed relative-position attention bias (MViTv2 / ViTDet), in 3D.
+    """Decomposed relative-position attention bias, in SAM-Med3D's own (not the textbook) form.
 
     Parameters
     ----------
-    q : (B', N, c) queries, N = D * H * W in row-major (d, h, w) order.
-    tables : per axis a (2 * size - 1, c) table; entry ``i - j + size - 1`` embeds offset i - j.
-    grid : (D, H, W) of the query (and key) grid.
+    q : (B', N, c) queries, N = s^3 in row-major (d, h, w) order.
+    tables : per axis a (2 * s - 1, c) table; row ``i - j + s - 1`` embeds offset i - j.
+    grid : (s, s, s), the (cubic) query and key grid.
 
     Returns
     -------
-    (B', N, N) bias: bias[(d,h,w), (d',h',w')] = q.Rd[d-d'] + q.Rh[h-h'] + q.Rw[w-w'].
+    (B', N, N) bias. With ``q[d, h, w]`` the query at grid position (d, h, w) and key
+    position (d', h', w')::
+
+        bias[(d, h, w), (d', h', w')] = q[d, h, w]  . Rd[d - w']
+                                      + q[d, h, d'] . Rh[h - w']
+                                      + q[d, h, h'] . Rw[h' - w']
+
+    Why not the textbook ``q[d, h, w] . (Rd[d - d'] + Rh[h - h'] + Rw[w - w'])``:
+    SAM-Med3D's ``add_decomposed_rel_pos`` (``image_encoder3D.py``, also in the ``medim``
+    package) adds the 5-D per-axis terms ``rel_X[b, d, h, w, k]`` to the 7-D attention
+    ``(B, d, h, w, d', h', w')`` as ``rel_d[:, :, :, :, None, None] + rel_h[:, :, :, None, :, None]
+    + rel_w[:, :, :, None, None, :]``, which puts each term's key offset on the w' axis and its
+    query w (h) axis on d' (h'). The published weights were trained with that form, so the
+    features equal SAM-Med3D's only if we compute exactly it (the textbook form gives cosine
+    0.986 at ``blocks.11``). It is defined for cubic grids only (broadcasting needs s_d = s_h = s_w).
     """
     b, _, c = q.shape
+    if grid[1] != grid[0] or grid[2] != grid[0]:  # not set(): sizes are symbolic while exporting
+        raise InputError(f"sam_med3d: the relative-position bias needs a cubic token grid, got {tuple(grid)}")
     q = q.reshape(b, *grid, c)
     terms = []
     for axis, (size, table) in enumerate(zip(grid, tables)):
@@ -104,10 +121,11 @@ def rel_pos_bias(q: torch.Tensor, tables: Sequence[torch.Tensor], grid: tuple[in
         idx = torch.arange(size, device=q.device)
         rel = table[idx[:, None] - idx[None, :] + size - 1]  # (size_q, size_k, c)
         sub = f"bdhwc,{'dhw'[axis]}kc->bdhwk"
-        terms.append(torch.einsum(sub, q, rel))
-    d, h, w = grid
-    bias = (terms[0][..., :, None, None] + terms[1][..., None, :, None] + terms[2][..., None, None, :])
-    return bias.reshape(b, d * h * w, d * h * w)
+        terms.append(torch.einsum(sub, q, rel))  # (B', d, h, w, k)
+    n = grid[0] * grid[1] * grid[2]
+    # Upstream's indexing, verbatim: 5-D terms broadcast onto (B', d, h, w, d', h', w').
+    bias = terms[0][:, :, :, :, None, None] + terms[1][:, :, :, None, :, None] + terms[2][:, :, :, None, None, :]
+    return bias.reshape(b, n, n)
 
 
 class Attention(nn.Module):
@@ -190,8 +208,9 @@ class SamMed3DEncoder(TappedModel):
                  global_attn_indexes: Sequence[int] = (2, 5, 8, 11)) -> None:
         super().__init__()
         size = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
-        if len(size) != 3 or any(s % patch_size for s in size):
-            raise ValueError(f"sam_med3d: input size {size} must be 3 sizes divisible by patch {patch_size}")
+        if len(size) != 3 or any(s % patch_size for s in size) or len(set(size)) != 1:
+            # cubic: upstream's relative-position bias is only defined on cubic grids (rel_pos_bias)
+            raise ValueError(f"sam_med3d: input size {size} must be 3 equal sizes divisible by patch {patch_size}")
         self.input_size = size
         grid = tuple(s // patch_size for s in size)
         self.patch_embed = PatchEmbed3D(patch_size, in_chans, embed_dim)

@@ -117,18 +117,29 @@ def with_head_dropped(state: dict[str, torch.Tensor],
 
 
 def resample_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int],
-                       prefix: int) -> torch.Tensor:
+                       prefix: int, offset: float = 0.0) -> torch.Tensor:
     """Resample (1, prefix + h*w, C) position embeddings to ``new_grid`` patches.
 
     Bicubic (``align_corners=False``, no antialias) in float32; the prefix (CLS, register)
     embeddings are kept. Returns ``pos`` itself when the grid already fits.
+
+    ``offset`` > 0 reproduces the original DINO / DINOv2 code (``interpolate_offset`` 0.1 in
+    facebookresearch/dino and dinov2): it passes the scale factor ``(new + offset) / old``
+    instead of the output size, which moves the sampling positions slightly (the output size
+    is still ``new``). With 0 the output size is passed (Hugging Face's DINOv2, BLIP).
     """
     if tuple(new_grid) == tuple(old_grid):
         return pos
     head, grid = pos[:, :prefix], pos[:, prefix:]
     channels = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    if offset:
+        scale = tuple(float(n + offset) / o for n, o in zip(new_grid, old_grid))
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+    else:
+        grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    if tuple(grid.shape[2:]) != tuple(new_grid):
+        raise InputError(f"position embeddings resampled to {tuple(grid.shape[2:])}, not {tuple(new_grid)}")
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, channels).to(pos.dtype)
     return torch.cat([head, grid], dim=1)
 
@@ -149,13 +160,14 @@ class TappedViT(VisionTransformer, TappedModel):
     """
 
     medfeat_name: str = "vit"
+    interpolate_offset: float = 0.0  # see resample_pos_embed (0.1 for the DINO / DINOv2 families)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) patch grid -> (B, prefix + H*W, C) tokens with position embeddings."""
         batch, height, width, channels = x.shape
         prefix = [t.expand(batch, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         pos = resample_pos_embed(self.pos_embed, (height, width), self.patch_embed.grid_size,
-                                 0 if self.no_embed_class else self.num_prefix_tokens)
+                                 0 if self.no_embed_class else self.num_prefix_tokens, self.interpolate_offset)
         x = x.reshape(batch, height * width, channels)
         if self.no_embed_class:
             return self.pos_drop(torch.cat(prefix + [x + pos], dim=1))
@@ -199,9 +211,10 @@ class TappedViT(VisionTransformer, TappedModel):
         self.attn_pool = None
 
 
-def build_vit(name: str, gray: str, img_size: int, **arch: Any) -> TappedViT:
+def build_vit(name: str, gray: str, img_size: int, interpolate_offset: float = 0.0, **arch: Any) -> TappedViT:
     """A :class:`TappedViT` at ``img_size`` (the checkpoint's position-embedding grid)."""
     model = TappedViT(img_size=img_size, num_classes=0, dynamic_img_size=True, **arch)
     model.medfeat_name = name
+    model.interpolate_offset = float(interpolate_offset)
     enable_gray(model.patch_embed, "proj", gray)
     return model
