@@ -181,7 +181,8 @@ def test_dataset_mean_std_is_recorded_in_the_provenance(tmp_path):
     from medfeat.cohorts.synth2d import synth2d_cohort
 
     manifest = synth2d_cohort(tmp_path / "c2d", images=4, size=40)
-    settings = dict(tiny=True, input_size=(32, 32), scheduler_kind="sync", batch_size=4, progress=False)
+    settings = dict(tiny=True, input_size=(32, 32), scheduler_kind="sync", batch_size=4, progress=False,
+                    random_init=True)
     cfg = ExtractConfig.from_settings(str(manifest), str(tmp_path / "s"), "resnet50", ("layer1",),
                                       mean_std="0.415,0.221,0.073/0.275,0.150,0.081", resize="square",
                                       gray="first_channel", **settings)
