@@ -58,7 +58,16 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--runtime", default="eager", show_default=True, help="eager, or another runtime of medfeat.export.runtimes.factory.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", default="fp32", show_default=True)
-@click.option("--pooling", default=None, help="Pooling for every tap (default: each tap's own).")
+@click.option("--pooling", default=None,
+              help="Pooling for every tap (default: each tap's own), or TAP=POOLING entries, comma-separated "
+                   "(e.g. blocks.10=norm-cls,norm=cls+mean). 'tokens' keeps every token unpooled "
+                   "(array TAP@tokens, (items, tokens, dim) in --token-dtype); 'norm-' first applies the final norm.")
+@click.option("--views", type=click.IntRange(0), default=0, show_default=True,
+              help="Token arrays: also store this many augmented views per item (view 0 stays the eval view).")
+@click.option("--augment", type=click.Choice(["none", "study"]), default="none", show_default=True,
+              help="Augmentation of the --views: the transfer study's train transform, seeded per item and view.")
+@click.option("--token-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
+              help="Value type of token arrays.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--chunk-items", type=click.IntRange(1), default=None, help="Store chunk along items (new stores; default 64).")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Dask workers (local cluster) or threads x this.")
@@ -78,7 +87,8 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--quiet", is_flag=True, help="No progress line.")
 def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, align: str | None,
                 variant_alias: str | None, roi: str,
-                roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None, batch_size: int,
+                roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None,
+                views: int, augment: str, token_dtype: str, batch_size: int,
                 chunk_items: int | None, workers: int | None, threads_per_worker: int,
                 memory_limit: str | None, scheduler: str | None, malloc: str, scheduler_kind: str,
                 retry_failed: bool, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
@@ -97,6 +107,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
     cfg = ExtractConfig.from_settings(
         manifest, store, model, tap_list, weights=weights, align=align or variant_alias or "none", roi=roi,
         roi_labels=_labels(roi_labels), runtime=runtime, device=device, precision=precision, pooling=pooling,
+        views=views, augment=augment, token_dtype=token_dtype,
         seed=seed, tiny=tiny, input_size=_size(input_size), batch_size=batch_size, chunk_items=chunk_items,
         scheduler_kind=scheduler_kind, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,

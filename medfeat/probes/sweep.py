@@ -74,6 +74,7 @@ def tidy_rows(configs: Sequence[dict]) -> pd.DataFrame:
         for name, m in r["metrics"].items():
             rows.append({"spec": c["spec"], "model": c["model"], "tap": c["tap"], "variant": c["variant"],
                          "pair_mode": c.get("pair_mode", ""), "tap_depth": c.get("tap_depth"),
+                         "cohort": c.get("cohort", ""), "setting": c.get("setting", ""),
                          "task": r["task"], "probe": r["probe"], "metric": name,
                          "headline": name == r["headline"], "value": m["value"], "ci_low": m["ci_low"],
                          "ci_high": m["ci_high"], "seed_std": m["seed_std"], "n_items": r["n_items"],

@@ -45,6 +45,12 @@ class ModelConfig:
     # Modules to import before building: they register extra backbones (plugins, tests),
     # which spawned worker processes would otherwise not know.
     modules: tuple[str, ...] = ()
+    # Token arrays (pooling ``tokens``): ``views`` augmented views per item besides the eval
+    # view 0, drawn by ``augment`` (``study``) from seeds (seed, item, view), stored in
+    # ``token_dtype``. They change the inputs, not the model: not part of the cache key.
+    views: int = field(default=0, compare=False)
+    augment: str = field(default="none", compare=False)
+    token_dtype: str = field(default="float16", compare=False)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from medfeat.engine.pipeline.config import ExtractConfig, ItemCounts, ModelConfi
 from medfeat.engine.pipeline.executors import Executor, make_executor, run_bounded
 from medfeat.engine.pipeline.items import Atlas, Item, plan_items
 from medfeat.engine.pipeline.progress import Progress, StageTimes
+from medfeat.engine.pipeline.tokens import plan_arrays
 from medfeat.engine.pipeline.worker import BatchResult, get_model, run_batch
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 from medfeat.engine.store.lock import StoreLock
@@ -98,7 +99,8 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
     items, plan_failures = plan_items(df, spec.input_kind, cfg.variant, atlas)
     items, dup_failures = _dedupe(items)
     dims = model.backbone.output_dims()
-    keys = {tap: ArrayKey(cfg.model.name, tap, cfg.variant.name) for tap in model.backbone.tap_names}
+    plans = plan_arrays(cfg.model, model.backbone, size)  # token arrays: names, layouts, grids
+    keys = {tap: ArrayKey(cfg.model.name, plans[tap].name, cfg.variant.name) for tap in model.backbone.tap_names}
     store_path = Path(cfg.store)
     chunk = cfg.chunk_items or max(DEFAULT_CHUNK_ITEMS, cfg.batch_size)
     if store_path.exists() and not (store_path / "zarr.json").is_file():
@@ -107,7 +109,8 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
         store = FeatureStore.create(store_path, chunk_items=chunk)
         indices = store.add_items(i.record() for i in items)
         for tap, key in keys.items():
-            store.ensure_array(key, dims[tap], _provenance(cfg, model.backbone, tap, dims[tap], size))
+            prov = {**_provenance(cfg, model.backbone, tap, dims[tap], size), **plans[tap].provenance}
+            store.ensure_array(key, dims[tap], prov, layout=plans[tap].layout)
         early = [{"item_id": i, "reason": r} for i, r in row_failures + plan_failures + dup_failures]
         store.record_failures({"array": str(k), **f} for k in keys.values() for f in early)
         pending = _pending(store, keys, items, indices, cfg.retry_failed)

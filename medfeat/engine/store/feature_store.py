@@ -6,6 +6,8 @@ Layout::
       items/<column>                1-D string arrays: item_id, subject, timepoint, kind, source
       features/<model>/<tap>/<variant>/
           data                      (items, dim) float32, chunked along items; NaN = not written
+                                    (token arrays: (items, [views,] tokens, dim) float16/bfloat16;
+                                    attrs["layout"], see :mod:`~medfeat.engine.store.layout`)
           done                      (items,) uint8, same item chunks; 1 once ``data`` rows are written
           attrs["provenance"]       model, weights sha256, tap, pooling, preprocessing, runtime, ...
       attrs["failures"]             [{array, item_id, reason, time}]
@@ -29,6 +31,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from medfeat.engine.store.layout import ArrayLayout
 from medfeat.engine.store.lock import LOCK_NAME
 from medfeat.errors import StoreError, UnknownNameError
 from medfeat.version import __version__
@@ -155,20 +158,27 @@ class FeatureStore:
                     keys.append(ArrayKey(model, tap, variant))
         return sorted(keys, key=str)
 
-    def ensure_array(self, key: ArrayKey, dim: int, provenance: dict[str, Any]) -> None:
+    def ensure_array(self, key: ArrayKey, dim: int, provenance: dict[str, Any],
+                     layout: ArrayLayout | None = None) -> None:
         """Create the array for ``key`` with rows of length ``dim``, or check it matches.
 
-        An existing array with another dim or other provenance (other weights, pooling,
-        preprocessing) is refused: its rows would mix two different features.
+        ``layout`` gives items another shape and type (token arrays); by default each item
+        is one float32 vector of ``dim`` values. An existing array with another dim, layout
+        or provenance (other weights, pooling, preprocessing) is refused: its rows would mix
+        two different features.
         """
         # Compare and store the JSON form: tuples come back from attrs as lists.
         provenance = json.loads(json.dumps(provenance, default=str))
+        layout = layout or ArrayLayout.pooled(dim)
         n = self.group["items/item_id"].shape[0]
         if key.path in self.group:
             group = self.group[key.path]
-            old_dim = group["data"].shape[1]
-            if old_dim != dim:
-                raise StoreError(f"{key}: store holds dim {old_dim}, this run makes {dim}")
+            old = self.layout(key)
+            if old.dim != dim:
+                raise StoreError(f"{key}: store holds dim {old.dim}, this run makes {dim}")
+            if old != layout:
+                raise StoreError(f"{key}: store holds items of shape {old.item_shape} {old.dtype}, "
+                                 f"this run makes {layout.item_shape} {layout.dtype}")
             old = group.attrs.get("provenance", {})
             diff = _provenance_diff(old, provenance)
             if diff:
@@ -176,9 +186,21 @@ class FeatureStore:
             return
         group = self.group.require_group(key.path)
         chunk = self.chunk_items
-        group.create_array("data", shape=(n, dim), chunks=(chunk, dim), dtype="float32", fill_value=np.nan)
+        group.create_array("data", shape=(n, *layout.item_shape), chunks=layout.chunks(chunk),
+                           dtype=layout.storage_dtype, fill_value=layout.fill_value)
         group.create_array("done", shape=(n,), chunks=(chunk,), dtype="uint8", fill_value=0)
+        if not (layout.is_pooled and layout.dtype == "float32"):  # pooled arrays keep their old attrs
+            group.attrs["layout"] = layout.to_attrs()
         group.attrs["provenance"] = provenance
+
+    def layout(self, key: ArrayKey) -> ArrayLayout:
+        """Per-item shape and value type of the array ``key``."""
+        group = self._array_group(key)
+        return ArrayLayout.from_attrs(group.attrs, tuple(group["data"].shape))
+
+    def data_array(self, key: ArrayKey) -> zarr.Array:
+        """The raw Zarr array of ``key`` (stored values; decode with :meth:`layout`)."""
+        return self._array_group(key)["data"]
 
     def provenance(self, key: ArrayKey) -> dict[str, Any]:
         return dict(self._array_group(key).attrs.get("provenance", {}))
@@ -198,20 +220,23 @@ class FeatureStore:
     def write_rows(self, key: ArrayKey, indices: Sequence[int], rows: np.ndarray) -> None:
         """Write feature rows (len(indices), dim) without marking them done.
 
+        Rows of token arrays are (len(indices), *item_shape), or flat (len(indices), values).
         Contiguous indices are written as one slice; chunk files are replaced atomically
         (write to a temporary file, then rename), so readers never see half a chunk.
         """
         group = self._array_group(key)
         indices = np.asarray(indices, dtype=np.int64)
-        rows = np.asarray(rows, dtype=np.float32)
-        if rows.shape != (len(indices), group["data"].shape[1]):
-            raise StoreError(f"{key}: rows of shape {rows.shape} for {len(indices)} items of dim {group['data'].shape[1]}")
+        layout = self.layout(key)
+        try:
+            rows = layout.encode(rows, len(indices))
+        except StoreError as exc:
+            raise StoreError(f"{key}: {exc}") from None
         if len(indices) == 0:
             return
         if np.all(np.diff(indices) == 1):
             group["data"][int(indices[0]): int(indices[-1]) + 1] = rows
         else:
-            group["data"].set_orthogonal_selection((indices, slice(None)), rows)
+            group["data"].set_orthogonal_selection((indices,) + (slice(None),) * len(layout.item_shape), rows)
 
     def mark_done(self, key: ArrayKey, indices: Sequence[int]) -> None:
         """Mark items done; call only after their rows are written in every array of the run."""
@@ -233,13 +258,25 @@ class FeatureStore:
         return out
 
     def read(self, key: ArrayKey | str) -> tuple[list[str], np.ndarray]:
-        """Item ids and (n_done, dim) float32 features of the done items of ``key``."""
+        """Item ids and (n_done, dim) float32 features of the done items of ``key``.
+
+        Token arrays come back as (n_done, *item_shape), float16 for float16 arrays (not
+        widened: they are large) and float32 for bfloat16 ones.
+        """
         key = ArrayKey.parse(key) if isinstance(key, str) else key
         group = self._array_group(key)
+        layout = self.layout(key)
         mask = self.done_mask(key)
         ids = self.items()["item_id"].to_numpy()
-        data = group["data"][:]
-        return [str(i) for i in ids[mask]], np.asarray(data[mask], dtype=np.float32)
+        rows = np.flatnonzero(mask[: group["data"].shape[0]])
+        out = np.empty((len(rows), *layout.item_shape), dtype=layout.read_dtype)
+        step = max(1, self.chunk_items)
+        for start in range(0, group["data"].shape[0], step):  # chunk by chunk: no second full copy
+            pick = rows[(rows >= start) & (rows < start + step)]
+            if len(pick):
+                block = group["data"][start: start + step]
+                out[np.searchsorted(rows, pick)] = layout.decode(block[pick - start])
+        return [str(i) for i in ids[mask]], out
 
     def _array_group(self, key: ArrayKey) -> zarr.Group:
         if key.path not in self.group:
@@ -285,7 +322,9 @@ class FeatureStore:
         for key in self.arrays():
             group = self.group[key.path]
             prov = dict(group.attrs.get("provenance", {}))
-            arrays.append({"array": str(key), "dim": int(group["data"].shape[1]),
+            layout = self.layout(key)
+            arrays.append({"array": str(key), "dim": layout.dim, "item_shape": list(layout.item_shape),
+                           "dtype": layout.dtype, "bytes": _bytes_on_disk(self.path / key.path),
                            "done": int(self.done_mask(key).sum()), "pooling": prov.get("pooling"),
                            "weights_sha256": prov.get("weights_sha256"), "runtime": prov.get("runtime")})
         runs = self.runs()
@@ -312,9 +351,11 @@ class FeatureStore:
     def _verify_array(self, key: ArrayKey, check_weights: bool) -> list[str]:
         group = self.group[key.path]
         prov = dict(group.attrs.get("provenance", {}))
-        dim = int(group["data"].shape[1])
+        layout = self.layout(key)
+        dim = layout.dim
         out = []
-        expected = {"model": key.model, "tap": key.tap, "dim": dim}
+        # a token or newer-pooling array is named TAP@POOLING; its provenance names the model's tap
+        expected = {"model": key.model, "tap": key.tap.split("@")[0], "dim": dim}
         for name, want in expected.items():
             if prov.get(name) != want:
                 out.append(f"{key}: provenance {name} is {prov.get(name)!r}, expected {want!r}")
@@ -322,11 +363,10 @@ class FeatureStore:
         if variant != key.variant:
             out.append(f"{key}: provenance variant is {variant!r}, expected {key.variant!r}")
         mask = self.done_mask(key)
-        data = np.asarray(group["data"][:])
-        if data.shape[0] < len(mask):
-            out.append(f"{key}: data has {data.shape[0]} rows for {len(mask)} items")
+        if group["data"].shape[0] < len(mask):
+            out.append(f"{key}: data has {group['data'].shape[0]} rows for {len(mask)} items")
             return out
-        bad = np.flatnonzero(mask & ~np.isfinite(data[: len(mask)]).all(1))
+        bad = _non_finite_rows(group["data"], layout, mask, self.chunk_items)
         if len(bad):
             names = [str(self.group["items/item_id"][int(i)]) for i in bad[:5]]
             out.append(f"{key}: {len(bad)} done item(s) with non-finite features, e.g. {names}")
@@ -347,6 +387,23 @@ def _provenance_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = (set(old) | set(new)) - _EXECUTION_KEYS
     diffs = [k for k in sorted(keys) if old.get(k) != new.get(k)]
     return ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in diffs[:3])
+
+
+def _non_finite_rows(data: zarr.Array, layout: ArrayLayout, mask: np.ndarray, step: int) -> np.ndarray:
+    """Indices of done items with a NaN or Inf value, read chunk by chunk (token arrays are large)."""
+    bad = []
+    for start in range(0, len(mask), max(1, step)):
+        stop = min(start + step, len(mask))
+        block = layout.decode(data[start:stop]).reshape(stop - start, -1)
+        bad.append(start + np.flatnonzero(mask[start:stop] & ~np.isfinite(block).all(1)))
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def _bytes_on_disk(folder: Path) -> int | None:
+    """Bytes of the files under ``folder`` (None for a store that is not a local folder)."""
+    if not folder.is_dir():
+        return None
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _now() -> str:
