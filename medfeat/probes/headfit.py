@@ -211,8 +211,9 @@ class HeadProbe(ClassifierMixin, BaseEstimator):
         """Class (or label) probabilities of view 0, (n, K) float64."""
         device = next(model.parameters()).device
         out = []
-        with torch.inference_mode(), cpu_threads_for(model, device):
+        with torch.inference_mode(), cpu_threads_for(model, device) as pin:
             for start in range(0, len(X), _PREDICT_BATCH):
+                pin()
                 x = X[start:start + _PREDICT_BATCH]
                 x = (x[:, 0] if x.ndim == 4 else x).float().to(device)
                 with trainer.autocast() if trainer is not None else torch.autocast(device.type, enabled=False):

@@ -255,8 +255,9 @@ def _proba(model: nn.Module, loader: DataLoader, multilabel: bool, trainer: Trai
     device = next(model.parameters()).device
     out = []
     model.eval()
-    with torch.inference_mode(), cpu_threads_for(model, device):
+    with torch.inference_mode(), cpu_threads_for(model, device) as pin:
         for x, _ in loader:
+            pin()
             with trainer.autocast() if trainer is not None else torch.autocast(device.type, enabled=False):
                 logits = model(x.to(device)).float()
             out.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu())

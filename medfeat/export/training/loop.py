@@ -137,6 +137,7 @@ class Trainer:
             self.optimizer, lambda it: warmup_factor(it, settings.warmup_iters, settings.lr))
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self._pin: Callable[[], None] = lambda: None
 
     def _amp_dtype(self) -> torch.dtype | None:
         if not self.settings.mixed_precision or self.device.type != "cuda":
@@ -158,7 +159,7 @@ class Trainer:
             on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
         """Train up to ``settings.epochs`` epochs (resuming a saved state); leave the model
         holding the best epoch's weights (the last epoch's when no score was finite)."""
-        with cpu_threads_for(self.model, self.device):
+        with cpu_threads_for(self.model, self.device) as self._pin:
             return self._fit(batches, evaluate, on_epoch_end)
 
     def _fit(self, batches: Batches, evaluate: Callable[[nn.Module], float],
@@ -199,6 +200,7 @@ class Trainer:
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         total, count = 0.0, 0
         for x, y in batches:
+            self._pin()  # loading the batch may have reset the thread count (see cpu_threads_for)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
                 loss = self.loss_fn(self.model(x), y)
@@ -266,14 +268,24 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def cpu_threads_for(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """One torch thread while a small model runs on the CPU (see :data:`SMALL_MODEL`)."""
+def cpu_threads_for(model: nn.Module, device: torch.device) -> Iterator[Callable[[], None]]:
+    """One torch thread while a small model runs on the CPU (see :data:`SMALL_MODEL`).
+
+    Yields ``pin()``, to call before each step: the first parallel Numba kernel of a
+    process (the image transforms) starts an OpenMP runtime that resets the thread count
+    torch shares with it, which would change the count, and so the float rounding of
+    reductions, part-way through a run (and make a resumed run differ from an unbroken one).
+    """
     small = device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
     before = torch.get_num_threads()
-    if small:
-        torch.set_num_threads(1)
+
+    def pin() -> None:
+        if small and torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+
+    pin()
     try:
-        yield
+        yield pin
     finally:
         if small:
             torch.set_num_threads(before)
