@@ -16,7 +16,7 @@ KEY = ArrayKey("m", "t@tokens", "none-whole")
 def _store(tmp_path, layout: ArrayLayout, n: int = 5) -> FeatureStore:
     s = FeatureStore.create(tmp_path / "s.zarr", chunk_items=2)
     s.add_items({"item_id": f"I{i}", "subject": f"S{i}"} for i in range(n))
-    prov = {"model": "m", "tap": KEY.tap, "dim": layout.dim, "preprocessing": {"variant": "none-whole"}}
+    prov = {"model": "m", "tap": "t", "dim": layout.dim, "preprocessing": {"variant": "none-whole"}}
     s.ensure_array(KEY, layout.dim, prov, layout=layout)
     return s
 
