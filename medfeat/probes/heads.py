@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
@@ -51,6 +52,8 @@ class MLPHead(nn.Module):
     def __init__(self, dim: int, n_out: int, *, hidden: int = 512, dropout: float = 0.1,
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.zeros(dim) if mean is None else mean.float())
         self.register_buffer("std", torch.ones(dim) if std is None else std.float())
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
@@ -103,15 +106,15 @@ class TransformerHead(nn.Module):
     def __init__(self, dim: int, n_out: int, grid: Sequence[int], *, width: int = 768, depth: int = 12,
                  heads: int = 12, mlp_ratio: float = 4.0, base_grid: Sequence[int] | None = None) -> None:
         super().__init__()
-        self.grid = tuple(int(g) for g in grid)
-        self.base_grid = tuple(int(g) for g in (base_grid or self.grid))
-        if len(self.grid) != 2 or len(self.base_grid) != 2:
-            raise InputError(f"the transformer head needs a 2D token grid, got {self.grid}")
+        if len(grid) != 2 or (base_grid is not None and len(base_grid) != 2):
+            raise InputError(f"the transformer head needs a 2D token grid, got {tuple(grid)}")
+        self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
+        self.base_grid: tuple[int, int] = (int(base_grid[0]), int(base_grid[1])) if base_grid else self.grid
         n_base = self.base_grid[0] * self.base_grid[1]
         self.proj = nn.Sequential(nn.Linear(dim, width), nn.LayerNorm(width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_base, width))
-        norm = partial(nn.LayerNorm, eps=1e-6)
+        norm: Any = partial(nn.LayerNorm, eps=1e-6)  # DeiT's LayerNorm(eps=1e-6), as timm builds it
         self.blocks = nn.ModuleList(Block(width, _heads_for(width, heads), mlp_ratio, qkv_bias=True, norm_layer=norm)
                                     for _ in range(depth))
         self.norm = norm(width)

@@ -25,7 +25,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -173,11 +173,11 @@ class FeatureStore:
         n = self.group["items/item_id"].shape[0]
         if key.path in self.group:
             group = self.group[key.path]
-            old = self.layout(key)
-            if old.dim != dim:
-                raise StoreError(f"{key}: store holds dim {old.dim}, this run makes {dim}")
-            if old != layout:
-                raise StoreError(f"{key}: store holds items of shape {old.item_shape} {old.dtype}, "
+            stored = self.layout(key)
+            if stored.dim != dim:
+                raise StoreError(f"{key}: store holds dim {stored.dim}, this run makes {dim}")
+            if stored != layout:
+                raise StoreError(f"{key}: store holds items of shape {stored.item_shape} {stored.dtype}, "
                                  f"this run makes {layout.item_shape} {layout.dtype}")
             old = group.attrs.get("provenance", {})
             diff = _provenance_diff(old, provenance)
@@ -196,11 +196,11 @@ class FeatureStore:
     def layout(self, key: ArrayKey) -> ArrayLayout:
         """Per-item shape and value type of the array ``key``."""
         group = self._array_group(key)
-        return ArrayLayout.from_attrs(group.attrs, tuple(group["data"].shape))
+        return ArrayLayout.from_attrs(group.attrs, tuple(self.data_array(key).shape))
 
     def data_array(self, key: ArrayKey) -> zarr.Array:
         """The raw Zarr array of ``key`` (stored values; decode with :meth:`layout`)."""
-        return self._array_group(key)["data"]
+        return cast(zarr.Array, self._array_group(key)["data"])
 
     def provenance(self, key: ArrayKey) -> dict[str, Any]:
         return dict(self._array_group(key).attrs.get("provenance", {}))
@@ -236,7 +236,8 @@ class FeatureStore:
         if np.all(np.diff(indices) == 1):
             group["data"][int(indices[0]): int(indices[-1]) + 1] = rows
         else:
-            group["data"].set_orthogonal_selection((indices,) + (slice(None),) * len(layout.item_shape), rows)
+            selection: Any = (indices,) + (slice(None),) * len(layout.item_shape)
+            self.data_array(key).set_orthogonal_selection(selection, rows)
 
     def mark_done(self, key: ArrayKey, indices: Sequence[int]) -> None:
         """Mark items done; call only after their rows are written in every array of the run."""
@@ -264,17 +265,17 @@ class FeatureStore:
         widened: they are large) and float32 for bfloat16 ones.
         """
         key = ArrayKey.parse(key) if isinstance(key, str) else key
-        group = self._array_group(key)
+        data = self.data_array(key)
         layout = self.layout(key)
         mask = self.done_mask(key)
         ids = self.items()["item_id"].to_numpy()
-        rows = np.flatnonzero(mask[: group["data"].shape[0]])
+        rows = np.flatnonzero(mask[: data.shape[0]])
         out = np.empty((len(rows), *layout.item_shape), dtype=layout.read_dtype)
         step = max(1, self.chunk_items)
-        for start in range(0, group["data"].shape[0], step):  # chunk by chunk: no second full copy
+        for start in range(0, data.shape[0], step):  # chunk by chunk: no second full copy
             pick = rows[(rows >= start) & (rows < start + step)]
             if len(pick):
-                block = group["data"][start: start + step]
+                block = np.asarray(data[start: start + step])
                 out[np.searchsorted(rows, pick)] = layout.decode(block[pick - start])
         return [str(i) for i in ids[mask]], out
 
@@ -366,7 +367,7 @@ class FeatureStore:
         if group["data"].shape[0] < len(mask):
             out.append(f"{key}: data has {group['data'].shape[0]} rows for {len(mask)} items")
             return out
-        bad = _non_finite_rows(group["data"], layout, mask, self.chunk_items)
+        bad = _non_finite_rows(self.data_array(key), layout, mask, self.chunk_items)
         if len(bad):
             names = [str(self.group["items/item_id"][int(i)]) for i in bad[:5]]
             out.append(f"{key}: {len(bad)} done item(s) with non-finite features, e.g. {names}")
@@ -394,7 +395,7 @@ def _non_finite_rows(data: zarr.Array, layout: ArrayLayout, mask: np.ndarray, st
     bad = []
     for start in range(0, len(mask), max(1, step)):
         stop = min(start + step, len(mask))
-        block = layout.decode(data[start:stop]).reshape(stop - start, -1)
+        block = layout.decode(np.asarray(data[start:stop])).reshape(stop - start, -1)
         bad.append(start + np.flatnonzero(mask[start:stop] & ~np.isfinite(block).all(1)))
     return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
 

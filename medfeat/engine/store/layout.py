@@ -103,7 +103,7 @@ class ArrayLayout:
             return np.ascontiguousarray(rows.astype(np.float32).astype(_bfloat16()).view(np.uint16))
         return np.ascontiguousarray(rows, dtype=self.dtype)
 
-    def decode(self, stored: np.ndarray) -> np.ndarray:
+    def decode(self, stored: Any) -> np.ndarray:
         """Stored values -> numbers in :attr:`read_dtype`."""
         stored = np.asarray(stored)
         if self.dtype == "bfloat16":
