@@ -40,10 +40,11 @@ def tap_depths(keys: Sequence) -> dict[tuple[str, str], int]:
     out = {}
     for model, taps in by_model.items():
         order = _registry_order(model)
-        if order is None or not taps <= set(order):
+        base = {t: t.split("@")[0] for t in taps}  # TAP@tokens, TAP@norm-cls: the tap's own place
+        if order is None or not set(base.values()) <= set(order):
             ranked = sorted(taps, key=natural_key)
         else:
-            ranked = sorted(taps, key=order.index)
+            ranked = sorted(taps, key=lambda t: (order.index(base[t]), t))
         out.update({(model, t): i for i, t in enumerate(ranked)})
     return out
 
