@@ -122,6 +122,9 @@ def _fold_predict(probe, X: np.ndarray, y: np.ndarray, groups: np.ndarray, train
     info: dict = {"C": _py_list(getattr(probe, "C_", None))}
     if hasattr(probe, "best_epoch_"):
         info["best_epoch"] = int(probe.best_epoch_)
+        info["device"] = probe.device_
+        if probe.weights_sha256_:
+            info["weights_sha256"] = probe.weights_sha256_
     if task in ("multiclass", "ordinal"):
         return score, np.argmax(score, axis=1), info
     # Thresholds maximise F1 on held-out predictions where the probe has them (a trained

@@ -122,6 +122,7 @@ class HeadProbe(ClassifierMixin, BaseEstimator):
         self.model_ = model.cpu().eval()
         self.history_, self.best_epoch_ = result.history, result.best_epoch
         self.device_, self.precision_ = result.device, result.precision
+        self.weights_sha256_ = getattr(model, "weights_sha256", None)  # the DeiT checkpoint, if any
         self.item_shape_ = tuple(X.shape[1:]) if self.head == "mlp" else tuple(X.shape[-2:])
         self.n_features_in_ = int(np.prod(self.item_shape_))
         self.val_y_ = y_val if len(y_val) else None

@@ -103,7 +103,9 @@ def plan_arrays(cfg: ModelConfig, backbone: Backbone, size: tuple[int, ...]) -> 
 
 
 def _raw_shapes(backbone: Backbone, taps: list[str], size: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    x = torch.zeros((1, backbone.spec.in_channels, *size))
+    # on the backbone's own device: a GPU runtime has moved the driver's copy there
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+    x = torch.zeros((1, backbone.spec.in_channels, *size), device=device)
     with torch.inference_mode():
         raw = backbone.trunk.forward_taps(x, backbone.tap_names)
     return {t: tuple(raw[t].shape[1:]) for t in taps}

@@ -128,3 +128,18 @@ def test_multi_layer_feature_is_dinov2s_linear_input(cohort, tmp_path):
     ref = torch.cat(cls + [inter[-1][0].mean(1)], dim=1).numpy()
     ref = ref[[list(df["item_id"]).index(i) for i in fs.item_ids]]
     np.testing.assert_allclose(fs.X, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_extract_cli_views_in_bfloat16(cohort, tmp_path, capsys):
+    from medfeat.cli import main
+
+    store = tmp_path / "b.zarr"
+    main(["extract", "--manifest", str(cohort), "--store", str(store), "--model", MODEL, "--taps", "norm",
+          "--tiny", "--input-size", f"{SIZE},{SIZE}", "--pooling", "tokens", "--views", "1", "--augment", "study",
+          "--token-dtype", "bfloat16", "--scheduler-kind", "sync", "--quiet"])
+    capsys.readouterr()
+    main(["store", "info", str(store)])
+    out = capsys.readouterr().out
+    assert "deit_b16:norm@tokens-study1:none-whole" in out and "2x10x32" in out and "bfloat16" in out
+    _, views = FeatureStore.open(store).read(ArrayKey(MODEL, "norm@tokens-study1", "none-whole"))
+    assert views.dtype == np.float32 and np.isfinite(views).all()

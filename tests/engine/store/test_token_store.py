@@ -91,3 +91,13 @@ def test_verify_finds_non_finite_tokens(tmp_path):
     s.write(KEY, [2, 3], rows)
     problems = s.verify()
     assert len(problems) == 1 and "non-finite" in problems[0] and "I3" in problems[0]
+
+
+def test_export_refuses_token_arrays(tmp_path):
+    from medfeat.engine.store.export import export_store
+    from medfeat.errors import InputError
+
+    s = _store(tmp_path, ArrayLayout((6, 4), "float16"))
+    s.write(KEY, [0], np.ones((1, 6, 4)))
+    with pytest.raises(InputError, match="pooled arrays"):
+        export_store(s, tmp_path / "out", "parquet")
