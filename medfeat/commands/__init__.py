@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "extract_cmds",  # extract
     "store_cmds",    # store info / verify / export
     "probe_cmds",    # probe train / sweep / report / compare
+    "finetune_cmds", # finetune
     "export_cmds",   # export, doctor
     "run_cmds",      # run EXPERIMENT, demo
     "bench_cmds",    # bench

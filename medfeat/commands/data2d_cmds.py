@@ -12,12 +12,20 @@ import click
 @click.option("--images", default=100, show_default=True, type=click.IntRange(min=1), help="Number of images.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, byte-identical files.")
 @click.option("--size", default=224, show_default=True, type=click.IntRange(min=32), help="Image side, pixels.")
-def synth2d(out: Path, images: int, seed: int, size: int) -> None:
-    """Write a synthetic fundus-like set graded 0..4 (PNGs + manifest.csv) to OUT."""
-    from medfeat.cohorts.synth2d import synth2d_cohort
-
+@click.option("--task", type=click.Choice(["fundus", "where"]), default="fundus", show_default=True,
+              help="fundus: DR-like grades 0..4; where: label 1 when a pattern lies in a central cell "
+                   "(position, not appearance: pooled features are weak, token maps informative).")
+def synth2d(out: Path, images: int, seed: int, size: int, task: str) -> None:
+    """Write a synthetic 2D classification set (PNGs + manifest.csv) to OUT."""
     start = time.perf_counter()
-    manifest = synth2d_cohort(out, images=images, seed=seed, size=size)
+    if task == "where":
+        from medfeat.cohorts.synth_where import synth_where_cohort
+
+        manifest = synth_where_cohort(out, images=images, seed=seed, size=size)
+    else:
+        from medfeat.cohorts.synth2d import synth2d_cohort
+
+        manifest = synth2d_cohort(out, images=images, seed=seed, size=size)
     click.echo(f"wrote {images} images and {manifest} in {time.perf_counter() - start:.1f} s")
 
 

@@ -68,7 +68,16 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--runtime", default="eager", show_default=True, help="eager, or another runtime of medfeat.export.runtimes.factory.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", default="fp32", show_default=True)
-@click.option("--pooling", default=None, help="Pooling for every tap (default: each tap's own).")
+@click.option("--pooling", default=None,
+              help="Pooling for every tap (default: each tap's own), or TAP=POOLING entries, comma-separated "
+                   "(e.g. blocks.10=norm-cls,norm=cls+mean). 'tokens' keeps every token unpooled "
+                   "(array TAP@tokens, (items, tokens, dim) in --token-dtype); 'norm-' first applies the final norm.")
+@click.option("--views", type=click.IntRange(0), default=0, show_default=True,
+              help="Token arrays: also store this many augmented views per item (view 0 stays the eval view).")
+@click.option("--augment", type=click.Choice(["none", "study"]), default="none", show_default=True,
+              help="Augmentation of the --views: the transfer study's train transform, seeded per item and view.")
+@click.option("--token-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
+              help="Value type of token arrays.")
 @click.option("--gray", type=click.Choice(GRAY_MODES), default=None,
               help="2D models: grey images repeated to every channel, or through the first channel's "
                    "weights only (the transfer study's choice). Default: the model's.")
@@ -103,7 +112,8 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, random_init: bool,
                 align: str | None, variant_alias: str | None, roi: str,
                 roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None,
-                gray: str | None, resize: str, mean_std: str | None, batch_size: int,
+                views: int, augment: str, token_dtype: str, gray: str | None, resize: str, mean_std: str | None,
+                batch_size: int,
                 chunk_items: int | None, workers: int | None, threads_per_worker: int,
                 memory_limit: str | None, scheduler: str | None, malloc: str, scheduler_kind: str,
                 retry_failed: bool, refresh_changed: bool, overwrite: str | None, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
@@ -122,7 +132,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
     cfg = ExtractConfig.from_settings(
         manifest, store, model, tap_list, weights=weights, align=align or variant_alias or "none", roi=roi,
         roi_labels=_labels(roi_labels), runtime=runtime, device=device, precision=precision, pooling=pooling,
-        gray=gray, resize=resize, mean_std=mean_std,
+        gray=gray, resize=resize, mean_std=mean_std, views=views, augment=augment, token_dtype=token_dtype,
         seed=seed, tiny=tiny, input_size=_size(input_size), batch_size=batch_size, chunk_items=chunk_items,
         scheduler_kind=scheduler_kind, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,

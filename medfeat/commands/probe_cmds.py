@@ -67,6 +67,62 @@ def _echo_result(res, label: str = "") -> None:
                    f"(seed sd {m['seed_std']:.4f})")
 
 
+HEADS = ("linear", "mlp", "attention", "transformer")
+
+
+def _head_options(f: Callable) -> Callable:
+    """Options of trained heads (``probe train --head``); defaults are the transfer study's."""
+    opts = [
+        click.option("--head", type=click.Choice(HEADS), default=None,
+                     help="linear: logistic regression on pooled features (--probe); mlp: an MLP on pooled "
+                          "features; attention: an attentive-pooling probe on a token array (TAP@tokens); "
+                          "transformer: the study's DeiT head on a token array."),
+        click.option("--epochs", type=click.IntRange(1), default=100, show_default=True, help="Head training epochs."),
+        click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True),
+        click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate."),
+        click.option("--weight-decay", type=float, default=1e-5, show_default=True),
+        click.option("--warmup-iters", type=click.IntRange(0), default=1000, show_default=True,
+                     help="Linear warm-up iterations."),
+        click.option("--patience", type=click.IntRange(1), default=None,
+                     help="Stop after this many epochs without a better validation score [default: run all "
+                          "epochs, keep the best]."),
+        click.option("--device", default="auto", show_default=True, help="auto (GPU if present), cpu, cuda, cuda:N."),
+        click.option("--head-width", type=click.IntRange(1), default=768, show_default=True,
+                     help="Transformer head width (DeiT-B: 768)."),
+        click.option("--head-depth", type=click.IntRange(1), default=12, show_default=True,
+                     help="Transformer head blocks (DeiT-B: 12)."),
+        click.option("--head-heads", type=click.IntRange(1), default=12, show_default=True,
+                     help="Attention heads of the transformer / attentive head."),
+        click.option("--head-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Local DeiT checkpoint (timm layout) initialising the transformer head [default: random]."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _head_params(head: str, meta: dict, ndim: int, **opts) -> dict:
+    """HeadProbe parameters for ``head`` on an array described by ``meta`` (features.array_meta)."""
+    from medfeat.errors import InputError
+
+    tokens = ndim > 2
+    if head in ("attention", "transformer") and not tokens:
+        raise InputError(f"head {head} takes a token array (extract with --pooling tokens: MODEL:TAP@tokens); "
+                         "this one holds one vector per item")
+    if head == "mlp" and tokens:
+        raise InputError("head mlp takes pooled vectors; this array holds tokens (use --head attention|transformer)")
+    params = {"epochs": opts["epochs"], "batch_size": opts["batch_size"], "lr": opts["lr"],
+              "weight_decay": opts["weight_decay"], "warmup_iters": opts["warmup_iters"],
+              "patience": opts["patience"], "device": opts["device"]}
+    if head == "attention":
+        params.update(prefix_tokens=meta["prefix_tokens"], heads=opts["head_heads"])
+    if head == "transformer":
+        grid = meta["grid"] if meta["grid"] and len(meta["grid"]) == 2 else None
+        params.update(prefix_tokens=meta["prefix_tokens"], grid=grid, width=opts["head_width"],
+                      depth=opts["head_depth"], heads=opts["head_heads"], weights=opts["head_weights"])
+    return params
+
+
 def _pair_option(f: Callable) -> Callable:
     return click.option("--pair-mode", type=click.Choice(PAIR_MODES), default=None,
                         help="Combine each subject's baseline and follow-up scan features; "
@@ -75,20 +131,35 @@ def _pair_option(f: Callable) -> Callable:
 
 @click.command("train")
 @_cv_options
-@click.option("--features", "spec", required=True, help="Feature array MODEL:TAP[:VARIANT].")
+@click.option("--features", "spec", required=True,
+              help="Feature array MODEL:TAP[:VARIANT]; several taps joined by + make one multi-layer set "
+                   "(MODEL:TAP+TAP[:VARIANT]).")
 @_pair_option
+@_head_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results JSON here (input of `probe report`).")
 def train(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
-          split_column, spec, pair_mode, out) -> None:
-    """Cross-validate a probe on one feature array; print metrics with 95% CIs."""
-    from medfeat.probes.features import load_features
+          split_column, spec, pair_mode, head, out, **head_opts) -> None:
+    """Cross-validate a probe (or a trained head) on one feature array; print metrics with 95% CIs.
+
+    Trained heads with --split-column fit on the split's train rows and keep the epoch that
+    scores best on its val rows; under cross-validation they hold out 15% of each training
+    fold's subjects for that.
+    """
+    from medfeat.probes.features import array_meta, load_features
     from medfeat.probes.sweep import config_record, evaluate_features, write_results
 
     fs = load_features(store_path, spec, labels, target, pair_mode)
     _echo_features(fs)
-    res = evaluate_features(fs, labels=labels, split_column=split_column,
-                            **_cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced))
+    kind = probe_kind if head in (None, "linear") else head
+    if head == "linear" and fs.X.ndim > 2:
+        from medfeat.errors import InputError
+
+        raise InputError(f"{spec} holds tokens; the linear probe takes pooled features (or --head attention|transformer)")
+    kw = _cv_kwargs(task, folds, seeds, kind, n_boot, ci_method, balanced)
+    if kind not in ("linear", "knn"):
+        kw["probe_params"] = _head_params(kind, array_meta(store_path, spec), fs.X.ndim, **head_opts)
+    res = evaluate_features(fs, labels=labels, split_column=split_column, **kw)
     _echo_result(res, f"{spec}{' / ' + pair_mode if pair_mode else ''}")
     if out is not None:
         write_results([config_record(spec, res, pair_mode=pair_mode, fs=fs)], out)

@@ -24,20 +24,25 @@ def info_cmd(store: str, as_json: bool, show_failures: bool) -> None:
                f"{len(info['arrays'])} arrays, {info['failed_items']} failed items, {info['runs']} runs "
                f"(last {info['last_run']})")
     for a in info["arrays"]:
+        shape = "x".join(str(v) for v in a["item_shape"])
         weights = "RANDOM WEIGHTS" if a["random_weights"] else f"weights {str(a['weights_sha256'])[:12]}"
-        click.echo(f"  {a['array']:<48} dim {a['dim']:>5}  done {a['done']:>6}  pooling {a['pooling']}  "
-                   f"{_size(a['bytes'])}  {weights}")
+        click.echo(f"  {a['array']:<48} item {shape:>12} {a['dtype']:<8}  done {a['done']:>6}  "
+                   f"{_size(a['bytes']):>9} on disk  pooling {a['pooling']}  {weights}")
     if show_failures:
         for f in fs.failures():
             click.echo(f"  failed {f['array']} {f['item_id']}: {f['reason']}")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
+def _size(nbytes: int | None) -> str:
+    """Bytes in binary units, e.g. ``1.5 MiB``."""
+    if nbytes is None:
+        return "?"
+    size, unit = float(nbytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 @click.command("verify")

@@ -20,7 +20,8 @@ from medfeat.probes.metrics import METRICS_BY_TASK, best_f1_threshold, prepared_
 from medfeat.probes.splits import repeated_grouped_kfold
 from medfeat.probes.stats import CI, PairedResult, bootstrap_ci, delong_test, paired_bootstrap
 
-__all__ = ["TASKS", "ProbeResult", "cross_validate_probe", "holdout_probe", "compare_probes", "infer_task"]
+__all__ = ["TASKS", "ProbeResult", "cross_validate_probe", "holdout_probe", "compare_probes", "infer_task",
+           "score_predictions"]
 
 TASKS = ("binary", "multiclass", "ordinal", "multilabel")
 
@@ -140,18 +141,33 @@ def _encode(y: np.ndarray, task: str) -> tuple[np.ndarray, list]:
 
 
 def _fold_predict(probe, X: np.ndarray, y: np.ndarray, groups: np.ndarray, train: np.ndarray,
-                  test: np.ndarray, task: str, n_cols: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Fit on train rows; return test scores (t, C), test predictions and fold info."""
-    probe.fit(X[train], y[train], groups[train])
+                  test: np.ndarray, task: str, n_cols: int,
+                  val: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Fit on train rows (trained heads select their epoch on ``val`` rows when given);
+    return test scores (t, C), test predictions and fold info."""
+    if val is not None:
+        probe.fit(X[train], y[train], groups[train], X_val=X[val], y_val=y[val])
+    else:
+        probe.fit(X[train], y[train], groups[train])
     score = _full_proba(probe, probe.predict_proba(X[test]), task, n_cols)
     info: dict = {"C": _py_list(getattr(probe, "C_", None))}
+    if hasattr(probe, "best_epoch_"):
+        info["best_epoch"] = int(probe.best_epoch_)
+        info["device"] = probe.device_
+        if probe.weights_sha256_:
+            info["weights_sha256"] = probe.weights_sha256_
     if task in ("multiclass", "ordinal"):
         return score, np.argmax(score, axis=1), info
-    # Thresholds maximise F1 on the training rows' predictions, then apply to the test fold.
-    train_proba = probe.loo_proba() if hasattr(probe, "loo_proba") else probe.predict_proba(X[train])
-    train_score = _full_proba(probe, train_proba, task, n_cols)
+    # Thresholds maximise F1 on held-out predictions where the probe has them (a trained
+    # head's validation rows, kNN's leave-one-out), else on the training rows' predictions.
+    y_thr = y[train]
+    if getattr(probe, "val_proba_", None) is not None:
+        y_thr, thr_proba = probe.val_y_, probe.val_proba_
+    else:
+        thr_proba = probe.loo_proba() if hasattr(probe, "loo_proba") else probe.predict_proba(X[train])
+    train_score = _full_proba(probe, thr_proba, task, n_cols)
     cols = range(score.shape[1])
-    thr = np.array([best_f1_threshold(y[train] if task == "binary" else y[train][:, j], train_score[:, j])
+    thr = np.array([best_f1_threshold(y_thr if task == "binary" else y_thr[:, j], train_score[:, j])
                     for j in cols])
     info["threshold"] = _py_list(thr)
     pred = (score >= thr).astype(np.int64)
@@ -233,7 +249,7 @@ def cross_validate_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None
     folds = []
     for split in repeated_grouped_kfold(y_enc, groups, n_splits, seeds):
         s = seeds.index(split.seed)
-        est = make_probe(probe, **(_with_seed(probe, probe_params, split.seed)))
+        est = make_probe(probe, **(_with_seed(probe, probe_params, split.seed, task)))
         sc, pr, info = _fold_predict(est, X, y_enc, groups, split.train, split.test, task, n_cols)
         scores[s, split.test], preds[s, split.test] = sc, pr
         folds.append({"seed": split.seed, "fold": split.fold, "n_train": int(len(split.train)),
@@ -264,6 +280,10 @@ def holdout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, split
     y_enc, classes = _encode(y, task)
     groups = np.arange(len(X)) if groups is None else np.asarray(groups)
     split = np.asarray(split).astype(str)
+    val = None
+    if _is_head(probe):  # trained heads fit on train and choose their epoch on val, as the study
+        train_splits = tuple(s for s in train_splits if s != "val")
+        val = np.flatnonzero(split == "val") if np.any(split == "val") else None
     train = np.flatnonzero(np.isin(split, list(train_splits)))
     test = np.flatnonzero(split == test_split)
     if len(train) == 0 or len(test) == 0:
@@ -272,8 +292,8 @@ def holdout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, split
     leak = set(groups[train].tolist()) & set(groups[test].tolist())
     if leak:
         raise InputError(f"subject {sorted(leak)[0]} is in both the training and the test split")
-    est = make_probe(probe, **_with_seed(probe, probe_params, 0))
-    sc, pr, info = _fold_predict(est, X, y_enc, groups, train, test, task, len(classes))
+    est = make_probe(probe, **_with_seed(probe, probe_params, 0, task))
+    sc, pr, info = _fold_predict(est, X, y_enc, groups, train, test, task, len(classes), val)
     ids = [item_ids[i] for i in test] if item_ids is not None else None
     result = ProbeResult(task, probe, classes, 0, [0], y_enc[test], groups[test], sc[None], pr[None],
                          folds=[{"seed": 0, "fold": 0, "n_train": int(len(train)), "n_test": int(len(test)), **info}],
@@ -283,11 +303,18 @@ def holdout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, split
     return result
 
 
-def _with_seed(probe: str, params: dict | None, seed: int) -> dict:
+def _with_seed(probe: str, params: dict | None, seed: int, task: str | None = None) -> dict:
     params = dict(params or {})
     if probe == "linear":
         params.setdefault("random_state", seed)
+    if _is_head(probe):
+        params.setdefault("random_state", seed)
+        params.setdefault("task", task)
     return params
+
+
+def _is_head(probe: str) -> bool:
+    return probe in ("mlp", "attention", "transformer")
 
 
 def _summarise(r: ProbeResult, n_boot: int, ci_method: str, level: float) -> dict[str, dict]:
@@ -325,3 +352,51 @@ def compare_probes(a: ProbeResult, b: ProbeResult, *, metric: str | None = None,
     if a.task == "binary" and metric == "auc":
         out["delong"] = delong_test(a.y, a.scores.mean(axis=0)[:, 0], b.scores.mean(axis=0)[:, 0], level)
     return {k: {**v.as_dict(), "metric": metric} for k, v in out.items()}
+
+
+def score_predictions(y: np.ndarray, proba: np.ndarray, groups: np.ndarray | None = None, *,
+                      task: str | None = None, probe: str = "finetune", n_boot: int = 1000,
+                      ci_method: str = "percentile", level: float = 0.95,
+                      val: tuple[np.ndarray, np.ndarray] | None = None,
+                      item_ids: Sequence[str] | None = None) -> ProbeResult:
+    """Metrics with subject-bootstrap CIs of a model trained elsewhere (a fine-tuned
+    backbone), on its test predictions: the table a probe's fixed split gives.
+
+    Parameters
+    ----------
+    y : (n,) labels (class indices 0..K-1 in ``proba``'s column order) or (n, L) 0/1.
+    proba : (n, K) class probabilities, or (n, L) label probabilities.
+    val : (y_val, proba_val) to choose the F1 thresholds of binary and multi-label tasks
+        (as the probes do on held-out rows); 0.5 without it.
+    """
+    start = time.perf_counter()
+    y, proba = np.asarray(y), np.asarray(proba, dtype=np.float64)
+    task = task or infer_task(y)
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if len(proba) != len(y):
+        raise InputError(f"{len(y)} labels but {len(proba)} predictions")
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    n_cols = proba.shape[1]
+    classes = list(range(n_cols))
+    y_enc = (y > 0).astype(np.int64) if task == "multilabel" else y.astype(np.int64)
+    score = proba[:, 1:2] if task == "binary" else proba
+    if task in ("multiclass", "ordinal"):
+        pred = np.argmax(score, axis=1)
+        info: dict = {}
+    else:
+        thr = np.full(score.shape[1], 0.5)
+        if val is not None:
+            yv, pv = np.asarray(val[0]), np.asarray(val[1], dtype=np.float64)
+            pv = pv[:, 1:2] if task == "binary" else pv
+            thr = np.array([best_f1_threshold(yv if task == "binary" else yv[:, j], pv[:, j])
+                            for j in range(score.shape[1])])
+        pred = (score >= thr).astype(np.int64)
+        pred = pred[:, 0] if task == "binary" else pred
+        info = {"threshold": _py_list(thr)}
+    result = ProbeResult(task, probe, classes, 0, [0], y_enc, groups, score[None], pred[None],
+                         folds=[{"seed": 0, "fold": 0, "n_train": 0, "n_test": int(len(y)), **info}],
+                         item_ids=list(item_ids) if item_ids is not None else None)
+    result.metrics = _summarise(result, n_boot, ci_method, level)
+    result.seconds = time.perf_counter() - start
+    return result

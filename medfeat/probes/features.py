@@ -9,6 +9,12 @@ A labels manifest is a CSV with the target column(s) and keys to join on:
 
 A multi-label target is a comma-separated list of columns (``"A,B,C"``).
 Rows without a label are dropped.
+
+Feature specs are ``MODEL:TAP[:VARIANT]``. A multi-layer feature set joins taps with ``+``
+(``dinov2_vitb14:blocks.8@norm-cls+blocks.9@norm-cls+blocks.10@norm-cls+norm``, the norm
+tap pooled ``cls+mean``: DINOv2's own linear-evaluation feature, see :func:`multi_layer_spec`): each item's vectors of every part, concatenated in the order
+given, over the items done in all parts. Token arrays (``TAP@tokens``) load as
+(n, [views,] tokens, dim) for token heads.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from medfeat.errors import InputError, ManifestError, UnknownNameError
 from medfeat.probes.pairs import pair_scans
 
 __all__ = ["FeatureSet", "parse_spec", "resolve_key", "read_labels", "features_from_arrays", "load_features",
-           "column_for_items"]
+           "column_for_items", "array_meta", "multi_layer_spec", "read_spec"]
 
 
 _TIMEPOINT_ALIASES = {"baseline": "baseline", "followup": "followup", "follow-up": "followup",
@@ -147,12 +153,12 @@ def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.nda
 
 def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path, target: str,
                   pair_mode: str | None = None) -> FeatureSet:
-    """X, y, groups, item ids for one array of a feature store.
+    """X, y, groups, item ids for one array (or a multi-layer set of arrays) of a feature store.
 
     Parameters
     ----------
     store_path : a store written by :class:`medfeat.engine.store.feature_store.FeatureStore`.
-    spec : ``MODEL:TAP[:VARIANT]``.
+    spec : ``MODEL:TAP[:VARIANT]``, or ``MODEL:TAP+TAP+...[:VARIANT]``.
     labels_manifest : CSV with the target column(s), see the module docstring.
     pair_mode : combine per-scan rows into baseline/follow-up pairs
         (``concat``, ``diff``, ``absdiff``, ``concat+diff``); pair items pass through.
@@ -160,12 +166,86 @@ def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path
     from medfeat.engine.store.feature_store import FeatureStore
 
     store = FeatureStore.open(store_path, mode="r")
-    key = resolve_key(store, spec)
-    item_ids, X = store.read(key)
-    if len(item_ids) == 0:
-        raise InputError(f"feature array {key} has no finished items")
+    item_ids, X = read_spec(store, spec)
     fs = features_from_arrays(store.items(), item_ids, X, read_labels(labels_manifest), target, pair_mode)
-    return fs._replace(random_weights=store.provenance(key).get("weights_sha256") is None)
+    random = any(store.provenance(resolve_key(store, p)).get("weights_sha256") is None for p in _parts(spec))
+    return fs._replace(random_weights=random)
+
+
+def _parts(spec: str) -> list[str]:
+    """``M:A+B:V`` -> [``M:A:V``, ``M:B:V``]; a plain spec -> [spec]."""
+    model, taps, variant = parse_spec(spec)
+    names = _split_taps(taps)
+    return [f"{model}:{t}" + (f":{variant}" if variant else "") for t in names]
+
+
+def _split_taps(taps: str) -> list[str]:
+    """Tap names of ``"blocks.9@norm-cls+norm@cls+mean"``: ``+`` separates taps, except
+    inside the pooling after an ``@`` (``cls+mean``)."""
+    out: list[str] = []
+    for piece in taps.split("+"):
+        if out and "@" in out[-1] and piece in ("mean",) and out[-1].endswith(("cls", "norm-cls")):
+            out[-1] += "+" + piece  # the cls+mean pooling, not a new tap
+        else:
+            out.append(piece)
+    return out
+
+
+def read_spec(store, spec: str) -> tuple[list[str], np.ndarray]:
+    """Item ids and rows of a spec: one array, or the concatenation of several (pooled) ones
+    over the items done in all of them, in store order."""
+    parts = _parts(spec)
+    keys = [resolve_key(store, p) for p in parts]
+    reads = [store.read(k) for k in keys]
+    for key, (ids, _) in zip(keys, reads):
+        if len(ids) == 0:
+            raise InputError(f"feature array {key} has no finished items")
+    if len(reads) == 1:
+        return reads[0]
+    shapes = {str(k): x.shape[1:] for k, (_, x) in zip(keys, reads)}
+    bad = [k for k, shape in shapes.items() if len(shape) != 1]
+    if bad:
+        raise InputError(f"a multi-layer feature set joins pooled arrays; {bad[0]} holds {shapes[bad[0]]} per item")
+    common = set(reads[0][0]).intersection(*(set(ids) for ids, _ in reads[1:]))
+    order = [i for i in reads[0][0] if i in common]
+    cols = []
+    for ids, x in reads:
+        pos = {iid: k for k, iid in enumerate(ids)}
+        cols.append(np.asarray(x, dtype=np.float32)[[pos[i] for i in order]])
+    return order, np.concatenate(cols, axis=1)
+
+
+def array_meta(store_path: str | Path, spec: str) -> dict:
+    """Per-item shape and token provenance of a stored array: ``item_shape``, ``grid``,
+    ``prefix_tokens`` and ``views`` (1 without views); what a token head needs to know."""
+    from medfeat.engine.store.feature_store import FeatureStore
+
+    store = FeatureStore.open(store_path, mode="r")
+    parts = _parts(spec)
+    key = resolve_key(store, parts[0])
+    layout, prov = store.layout(key), store.provenance(key)
+    tokens = prov.get("tokens") or {}
+    views = (prov.get("views") or {}).get("count", 1)
+    return {"item_shape": list(layout.item_shape), "grid": tokens.get("grid"),
+            "prefix_tokens": int(tokens.get("prefix_tokens", 0)), "views": int(views), "parts": len(parts)}
+
+
+def multi_layer_spec(model: str, depth: int, *, blocks: int = 4, variant: str | None = None) -> tuple[str, str]:
+    """DINOv2's linear-evaluation feature as (feature spec, extraction pooling).
+
+    DINOv2's ``create_linear_input`` (eval/linear.py) concatenates the CLS tokens of the last
+    ``blocks`` blocks, each after the final norm (``get_intermediate_layers(norm=True)``),
+    and the mean of the last block's normed patch tokens. Extract taps
+    ``blocks.{depth-blocks}`` .. ``blocks.{depth-2}`` and ``norm`` with the returned pooling,
+    then probe the returned spec.
+    """
+    if not 1 <= blocks <= depth:
+        raise InputError(f"blocks={blocks}: need 1 to {depth} blocks")
+    inner = [f"blocks.{i}" for i in range(depth - blocks, depth - 1)]
+    pooling = ",".join([f"{t}=norm-cls" for t in inner] + ["norm=cls+mean"])
+    taps = [f"{t}@norm-cls" for t in inner] + ["norm"]  # cls+mean is a plain pooling: array "norm"
+    spec = f"{model}:{'+'.join(taps)}" + (f":{variant}" if variant else "")
+    return spec, pooling
 
 
 def column_for_items(labels_manifest: str | Path | pd.DataFrame, item_ids: Sequence[str], column: str) -> np.ndarray:

@@ -344,9 +344,14 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
 
 
 def make_probe(kind: str, **params: object) -> BaseEstimator:
-    """A fresh probe by name: ``"linear"`` or ``"knn"``."""
+    """A fresh probe by name: ``"linear"``, ``"knn"``, or a trained head (``"mlp"``,
+    ``"attention"``, ``"transformer"``: :class:`~medfeat.probes.headfit.HeadProbe`)."""
     if kind == "linear":
         return LinearProbe(**params)
     if kind == "knn":
         return KNNProbe(**params)
-    raise InputError(f"unknown probe {kind!r}: use 'linear' or 'knn'")
+    from medfeat.probes.headfit import HEAD_KINDS, HeadProbe  # torch: only when a head is asked for
+
+    if kind in HEAD_KINDS:
+        return HeadProbe(head=kind, **params)  # type: ignore[arg-type]
+    raise InputError(f"unknown probe {kind!r}: use linear, knn, {', '.join(HEAD_KINDS)}")

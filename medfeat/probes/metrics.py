@@ -30,6 +30,7 @@ __all__ = [
     "multiclass_auc",
     "mean_label_auc",
     "roc_curve_points",
+    "headline_from_proba",
     "METRICS_BY_TASK",
 ]
 
@@ -231,3 +232,17 @@ METRICS_BY_TASK: dict[str, dict[str, tuple[str, MetricFn]]] = {
             [f1_binary(y[:, j], p[:, j], w) for j in range(y.shape[1])]))),
     },
 }
+
+
+def headline_from_proba(task: str, y: np.ndarray, proba: np.ndarray) -> float:
+    """The task's headline metric of class probabilities: AUC (binary: ``proba`` (n, 2) or
+    (n,) positive scores; multi-label: per-label), or of their argmax (multiclass, ordinal).
+
+    What a trained head's validation score is (higher is better)."""
+    y, proba = np.asarray(y), np.asarray(proba, dtype=np.float64)
+    if task == "binary":
+        return roc_auc(y, proba[:, -1] if proba.ndim == 2 else proba)
+    if task == "multilabel":
+        return mean_label_auc(y, proba)
+    kind, fn = next(iter(METRICS_BY_TASK[task].values()))
+    return float(fn(y, np.argmax(proba, axis=1)) if kind == "pred" else fn(y, proba))

@@ -5,7 +5,9 @@ Figures (matplotlib, Agg backend, PNG):
 * ``depth.png``: the headline metric (with its 95% CI) against tap depth,
   one panel per model, one line per variant (and pair mode);
 * ``roc.png``: ROC curves (seed 0 pooled out-of-fold) of the best
-  configuration of each model, for binary tasks.
+  configuration of each model, for binary tasks;
+* ``settings.png`` with the transfer study's tables (one per dataset, rows models, columns
+  training settings), when configs carry a ``setting`` (:mod:`.transfer_report`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from medfeat.probes.sweep import natural_key, tidy_rows
+from medfeat.probes.transfer_report import plot_settings, settings_tables
 
 __all__ = ["write_report"]
 
@@ -100,15 +103,21 @@ def _fmt(v: float) -> str:
 
 def _table(df: pd.DataFrame) -> str:
     metrics = list(dict.fromkeys(df["metric"]))
-    head = "| model | tap | variant | pair mode | " + " | ".join(metrics) + " |"
-    lines = [head, "|" + "---|" * (4 + len(metrics))]
-    keys = ["model", "tap", "variant", "pair_mode"]
-    order = df[df["headline"]].sort_values("value", ascending=False)[keys].itertuples(index=False)
+    # cohort, setting and probe tell apart configs of one array (several cohorts; a linear
+    # probe and a trained head on one tap); they get a column only when they vary
+    extra = [k for k in ("cohort", "setting", "probe") if k in df and df[k].astype(str).nunique() > 1]
+    head = "| model | tap | variant | pair mode | " + "".join(f"{k} | " for k in extra) + " | ".join(metrics) + " |"
+    lines = [head, "|" + "---|" * (4 + len(extra) + len(metrics))]
+    keys = ["model", "tap", "variant", "pair_mode"] + [k for k in ("cohort", "setting", "probe") if k in df]
+    order = df[df["headline"]].sort_values("value", ascending=False)[keys].astype(str).itertuples(index=False)
     for key in order:
-        sub = df[(df[keys] == pd.Series(key._asdict())).all(axis=1)].set_index("metric")
+        sub = df[(df[keys].astype(str) == pd.Series(key._asdict())).all(axis=1)].drop_duplicates("metric")
+        sub = sub.set_index("metric")
         cells = [f"{_fmt(sub.at[m, 'value'])} [{_fmt(sub.at[m, 'ci_low'])}, {_fmt(sub.at[m, 'ci_high'])}]"
                  if m in sub.index else "" for m in metrics]
-        row = [key.model, key.tap, key.variant, key.pair_mode or "-", *cells]
+        keyd = key._asdict()
+        row = [keyd["model"], keyd["tap"], keyd["variant"], keyd["pair_mode"] or "-",
+               *[keyd[k] or "-" for k in extra], *cells]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -138,6 +147,10 @@ def write_report(configs: Sequence[dict], out_dir: str | Path) -> Path:
     if df["tap_depth"].notna().any() or len(df["tap"].unique()) > 1:
         plot_depth(df, out / "depth.png")
         parts += ["## Metric against tap depth", "", "![metric against tap depth](depth.png)", ""]
+    if any(c.get("setting") for c in configs):
+        parts += ["## Training settings per dataset (the transfer study's layout)", "", settings_tables(configs)]
+        if plot_settings(configs, out / "settings.png") is not None:
+            parts += ["![metric per model and setting](settings.png)", ""]
     if plot_roc(configs, out / "roc.png") is not None:
         parts += ["## ROC curves of the best configuration per model", "", "![ROC curves](roc.png)", ""]
     path = out / "report.md"

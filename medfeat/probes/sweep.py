@@ -40,10 +40,11 @@ def tap_depths(keys: Sequence) -> dict[tuple[str, str], int]:
     out = {}
     for model, taps in by_model.items():
         order = _registry_order(model)
-        if order is None or not taps <= set(order):
+        base = {t: t.split("@")[0] for t in taps}  # TAP@tokens, TAP@norm-cls: the tap's own place
+        if order is None or not set(base.values()) <= set(order):
             ranked = sorted(taps, key=natural_key)
         else:
-            ranked = sorted(taps, key=order.index)
+            ranked = sorted(taps, key=lambda t: (order.index(base[t]), t))
         out.update({(model, t): i for i, t in enumerate(ranked)})
     return out
 
@@ -79,6 +80,7 @@ def tidy_rows(configs: Sequence[dict]) -> pd.DataFrame:
             model = f"{c['model']} (random weights)" if c.get("random_weights") else c["model"]
             rows.append({"spec": c["spec"], "model": model, "tap": c["tap"], "variant": c["variant"],
                          "pair_mode": c.get("pair_mode", ""), "tap_depth": c.get("tap_depth"),
+                         "cohort": c.get("cohort", ""), "setting": c.get("setting", ""),
                          "task": r["task"], "probe": r["probe"], "metric": name,
                          "headline": name == r["headline"], "value": m["value"], "ci_low": m["ci_low"],
                          "ci_high": m["ci_high"], "seed_std": m["seed_std"], "n_items": r["n_items"],

@@ -78,6 +78,8 @@ class Experiment:
     probe: dict[str, Any]
     extract: dict[str, Any]
     source: Path
+    # the transfer study's training settings (studies/transfer.py), kind transfer2d only
+    transfer: dict[str, Any] = field(default_factory=dict)
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -116,7 +118,18 @@ def load_experiment(path: str | Path) -> Experiment:
         variants=_variants(variants, path),
         pair_modes=[None if p in (None, "none") else str(p) for p in doc.get("pair_modes", ["diff"])],
         probe=dict(doc.get("probe", {})), extract=dict(doc.get("extract", {})), source=path,
+        transfer=_transfer_block(doc, path),
     )
+
+
+def _transfer_block(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    if "transfer" not in doc:
+        return {}
+    if doc.get("kind") != "transfer2d":
+        raise InputError(f"{path}: a transfer block needs kind: transfer2d")
+    from medfeat.studies.transfer import check_block
+
+    return check_block(dict(doc["transfer"] or {}), path)
 
 
 def _variants(spec: Any, path: Path) -> list[tuple[str, str]]:
@@ -285,6 +298,12 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
         specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a, r in exp.variants]
         found = sweep_store(store, manifest, target, specs=specs, pair_modes=pair_modes, log=log, **probe)
         configs += [{**c, "weights": weights or "random"} for c in found]
+        if exp.transfer:
+            from medfeat.studies.transfer import run_settings
+
+            configs += run_settings(exp.transfer, entry, manifest=manifest, store=store, folder=folder,
+                                    target=target, weights=weights, weights_dir=wdir, extract_settings=settings,
+                                    probe=probe, log=log)
     return configs, failed
 
 

@@ -58,6 +58,13 @@ class ModelConfig:
     resize: str = "shorter"
     mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
+    # Token arrays (pooling ``tokens``): ``views`` augmented views per item besides the eval
+    # view 0, drawn by ``augment`` (``study``) from seeds (seed, item, view), stored in
+    # ``token_dtype``. They change the inputs, not the model: not part of the cache key.
+    views: int = field(default=0, compare=False)
+    augment: str = field(default="none", compare=False)
+    token_dtype: str = field(default="float16", compare=False)
+
     def __post_init__(self) -> None:
         if self.gray is not None and self.gray not in GRAY_MODES:
             raise UnknownNameError(f"unknown gray mode {self.gray!r}; modes: {', '.join(GRAY_MODES)}")

@@ -28,6 +28,7 @@ from medfeat.engine.pipeline.executors import Executor, make_executor, run_bound
 from medfeat.engine.pipeline.items import Atlas, Item, plan_items
 from medfeat.engine.pipeline.progress import Progress, StageTimes
 from medfeat.engine.pipeline.sources import check_sources, describe_changes
+from medfeat.engine.pipeline.tokens import plan_arrays
 from medfeat.engine.pipeline.worker import BatchResult, get_model, run_batch
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore, check_store_location
 from medfeat.engine.store.lock import StoreLock
@@ -114,8 +115,10 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
     items, plan_failures = plan_items(manifest.frame, model.backbone.spec.input_kind, cfg.variant, atlas)
     _check_unique_ids(items)
     dims = model.backbone.output_dims()
-    keys = {tap: ArrayKey(cfg.model.name, tap, cfg.variant.name) for tap in model.backbone.tap_names}
-    provenances = {tap: _provenance(cfg, model.backbone, tap, dims[tap], model.size) for tap in keys}
+    plans = plan_arrays(cfg.model, model.backbone, model.size)  # token arrays: names, layouts, grids
+    keys = {tap: ArrayKey(cfg.model.name, plans[tap].name, cfg.variant.name) for tap in model.backbone.tap_names}
+    provenances = {tap: {**_provenance(cfg, model.backbone, tap, dims[tap], model.size), **plans[tap].provenance}
+                   for tap in keys}
     store_path = Path(cfg.store)
     check_store_location(store_path)
     own = executor is None
@@ -125,10 +128,10 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
             store = FeatureStore.create(store_path, chunk_items=cfg.chunk_items or max(DEFAULT_CHUNK_ITEMS,
                                                                                           cfg.batch_size))
             for tap, key in keys.items():  # a refused run adds nothing
-                store.check_array(key, dims[tap], provenances[tap])
+                store.check_array(key, dims[tap], provenances[tap], plans[tap].layout)
             indices, redo = _register(cfg, store, items, keys)
             for tap, key in keys.items():
-                store.ensure_array(key, dims[tap], provenances[tap])
+                store.ensure_array(key, dims[tap], provenances[tap], layout=plans[tap].layout)
             early = [{"item_id": i, "reason": r} for i, r in manifest.bad + plan_failures]
             store.record_failures({"array": str(k), **f} for k in keys.values() for f in early)
             pending = _pending(store, keys, items, indices, cfg.retry_failed)

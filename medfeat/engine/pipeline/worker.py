@@ -22,6 +22,7 @@ from medfeat.engine.pipeline.config import ModelConfig
 from medfeat.engine.pipeline.inputs import ScanCache, align_batch, gray_mode, load_item
 from medfeat.engine.pipeline.items import Item
 from medfeat.engine.pipeline.preprocess import image_rule
+from medfeat.engine.pipeline.views import fill_views
 from medfeat.errors import InputError, MedfeatError, one_line
 from medfeat.export.backbones.registry import Backbone, create_backbone, get_spec
 from medfeat.export.runtimes.factory import Runtime, make_runtime
@@ -117,8 +118,9 @@ def run_batch(cfg: ModelConfig, items: Sequence[Item]) -> BatchResult:
                     if any(c.estimate for c in i.channels)]
     failed = {i for i, _ in failures}
     spec = model.backbone.spec
-    # One preallocated batch buffer; each item is resampled and normalised straight into its row.
-    buf = np.empty((len(items), spec.in_channels, *model.size), dtype=np.float32)
+    # One preallocated batch buffer; each item is resampled and normalised straight into its row
+    # (row[0]: the eval input; rows 1..K: augmented views, for token arrays with views).
+    buf = np.empty((len(items), 1 + cfg.views, spec.in_channels, *model.size), dtype=np.float32)
     gray = gray_mode(model.backbone)
     rule = image_rule(spec.preprocess, cfg.mean_std) if spec.input_kind == "image2d" else None
     rows_ok: list[int] = []
@@ -126,8 +128,11 @@ def run_batch(cfg: ModelConfig, items: Sequence[Item]) -> BatchResult:
         if item.item_id in failed:
             continue
         try:
-            load_item(item, spec, model.size, timer, transforms, out=buf[row], gray=gray, rule=rule,
+            load_item(item, spec, model.size, timer, transforms, out=buf[row, 0], gray=gray, rule=rule,
                       keep_aspect=cfg.resize != "square")
+            if cfg.views:
+                fill_views(item, spec, model.size, timer, buf[row, 1:], gray=gray, seed=cfg.seed,
+                           augment=cfg.augment, rule=rule)
             rows_ok.append(row)
             ids.append(item.item_id)
         except MedfeatError as exc:
@@ -139,7 +144,8 @@ def run_batch(cfg: ModelConfig, items: Sequence[Item]) -> BatchResult:
     t_infer = 0.0
     if rows_ok:
         x = buf if len(rows_ok) == len(items) else buf[rows_ok]
-        rows, ids, failures, t_infer = _infer(model, x, ids, failures)
+        # views of an item are consecutive model rows, so a task's rows reshape to (items, views * ...)
+        rows, ids, failures, t_infer = _infer(model, x.reshape(-1, *x.shape[2:]), ids, failures)
     return BatchResult(ids, rows, failures,
                        {"read": timer.read, "preprocess": timer.preprocess, "infer": t_infer},
                        worker=f"{os.getpid()}")

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
-from medfeat.errors import UnknownNameError
+from medfeat.errors import InputError, UnknownNameError
 
 FORMATS = ("parquet", "hdf5")
 
@@ -37,6 +37,9 @@ def export_store(store: FeatureStore, out: str | Path, fmt: str,
     items = store.items().set_index("item_id")
     written: list[Path] = []
     for key in arrays or store.arrays():
+        if not store.layout(key).is_pooled:
+            raise InputError(f"{key} holds {store.layout(key).item_shape} values per item (tokens); "
+                             f"{fmt} export takes pooled arrays, one vector per item")
         ids, x = store.read(key)
         meta = items.loc[ids].reset_index() if ids else items.iloc[:0].reset_index()
         if fmt == "parquet":

@@ -7,6 +7,8 @@ Layout::
                                     source_sig (JSON: each source file's path, size, mtime, hash)
       features/<model>/<tap>/<variant>/
           data                      (items, dim) float32, chunked along items; NaN = not written
+                                    (token arrays: (items, [views,] tokens, dim) float16/bfloat16;
+                                    attrs["layout"], see :mod:`~medfeat.engine.store.layout`)
           done                      (items,) uint8, same item chunks; 1 once ``data`` rows are written
           attrs["provenance"]       model, weights sha256, tap, pooling, preprocessing, runtime, ...
       attrs["failures"]             [{array, item_id, reason, time}]
@@ -42,6 +44,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import ZstdCodec
 
+from medfeat.engine.store.layout import ArrayLayout
 from medfeat.engine.store.lock import LOCK_NAME
 from medfeat.errors import StoreError, UnknownNameError, one_line, os_error_reason
 from medfeat.timeutil import utc_now
@@ -247,44 +250,54 @@ class FeatureStore:
                     keys.append(ArrayKey(model, tap, variant))
         return sorted(keys, key=str)
 
-    def check_array(self, key: ArrayKey, dim: int, provenance: dict[str, Any]) -> None:
+    def check_array(self, key: ArrayKey, dim: int, provenance: dict[str, Any],
+                    layout: ArrayLayout | None = None) -> None:
         """Raise StoreError when an existing array ``key`` holds other features (another dim,
-        weights, pooling, preprocessing); nothing when it matches or does not exist yet.
+        item layout, weights, pooling, preprocessing); nothing when it matches or does not
+        exist yet.
 
         Runs call this for every array before registering items, so a refused run changes
         nothing."""
         if not self._complete(key):
             return
-        group = self.group[key.path]
-        old_dim = group["data"].shape[1]
-        if old_dim != dim:
-            raise StoreError(f"{key}: store holds dim {old_dim}, this run makes {dim}")
-        diff = _provenance_diff(group.attrs.get("provenance", {}), _json(provenance))
+        layout = layout or ArrayLayout.pooled(dim)
+        stored = self.layout(key)
+        if stored.dim != dim:
+            raise StoreError(f"{key}: store holds dim {stored.dim}, this run makes {dim}")
+        if stored != layout:
+            raise StoreError(f"{key}: store holds items of shape {stored.item_shape} {stored.dtype}, "
+                             f"this run makes {layout.item_shape} {layout.dtype}")
+        diff = _provenance_diff(self.group[key.path].attrs.get("provenance", {}), _json(provenance))
         if diff:
             raise StoreError(f"{key}: provenance differs from the stored array ({diff})")
 
-    def ensure_array(self, key: ArrayKey, dim: int, provenance: dict[str, Any]) -> None:
+    def ensure_array(self, key: ArrayKey, dim: int, provenance: dict[str, Any],
+                     layout: ArrayLayout | None = None) -> None:
         """Create the array for ``key`` with rows of length ``dim``, or check it matches.
 
-        An existing array with another dim or other provenance (other weights, pooling,
-        preprocessing) is refused: its rows would mix two different features. The array is
-        built aside and renamed into place, so it appears whole or not at all.
+        ``layout`` gives items another shape and type (token arrays); by default each item
+        is one float32 vector of ``dim`` values. An existing array with another dim, layout
+        or provenance (other weights, pooling, preprocessing) is refused: its rows would mix
+        two different features. The array is built aside and renamed into place, so it
+        appears whole or not at all.
         """
-        self.check_array(key, dim, provenance)
+        self.check_array(key, dim, provenance, layout)
         if self._complete(key):
             return
         self._drop_half_made(key)
+        layout = layout or ArrayLayout.pooled(dim)
         n = self.group["items/item_id"].shape[0]
+        attrs: dict[str, Any] = {"provenance": _json(provenance)}
+        if not (layout.is_pooled and layout.dtype == "float32"):  # pooled arrays keep their old attrs
+            attrs["layout"] = layout.to_attrs()
         staging = self.path / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         try:
-            group = zarr.open_group(str(staging), mode="w", zarr_format=3,
-                                    attributes={"provenance": _json(provenance)})
+            group = zarr.open_group(str(staging), mode="w", zarr_format=3, attributes=attrs)
             _step("array group")
-            chunk = self.chunk_items
-            group.create_array("data", shape=(n, dim), chunks=(chunk, dim), dtype="float32", fill_value=np.nan,
-                               compressors=COMPRESSORS)
+            group.create_array("data", shape=(n, *layout.item_shape), chunks=layout.chunks(self.chunk_items),
+                               dtype=layout.storage_dtype, fill_value=layout.fill_value, compressors=COMPRESSORS)
             _step("array data")
-            group.create_array("done", shape=(n,), chunks=(chunk,), dtype="uint8", fill_value=0,
+            group.create_array("done", shape=(n,), chunks=(self.chunk_items,), dtype="uint8", fill_value=0,
                                compressors=COMPRESSORS)
             _step("array done")
             self.group.require_group(str(Path(key.path).parent))
@@ -309,6 +322,15 @@ class FeatureStore:
         if folder.exists():
             shutil.rmtree(folder)
 
+    def layout(self, key: ArrayKey) -> ArrayLayout:
+        """Per-item shape and value type of the array ``key``."""
+        group = self._array_group(key)
+        return ArrayLayout.from_attrs(group.attrs, tuple(self.data_array(key).shape))
+
+    def data_array(self, key: ArrayKey) -> zarr.Array:
+        """The raw Zarr array of ``key`` (stored values; decode with :meth:`layout`)."""
+        return cast(zarr.Array, self._array_group(key)["data"])
+
     def provenance(self, key: ArrayKey) -> dict[str, Any]:
         return dict(self._array_group(key).attrs.get("provenance", {}))
 
@@ -328,20 +350,24 @@ class FeatureStore:
     def write_rows(self, key: ArrayKey, indices: Sequence[int], rows: np.ndarray) -> None:
         """Write feature rows (len(indices), dim) without marking them done.
 
+        Rows of token arrays are (len(indices), *item_shape), or flat (len(indices), values).
         Contiguous indices are written as one slice; chunk files are replaced atomically
         (write to a temporary file, then rename), so readers never see half a chunk.
         """
         group = self._array_group(key)
         indices = np.asarray(indices, dtype=np.int64)
-        rows = np.asarray(rows, dtype=np.float32)
-        if rows.shape != (len(indices), group["data"].shape[1]):
-            raise StoreError(f"{key}: rows of shape {rows.shape} for {len(indices)} items of dim {group['data'].shape[1]}")
+        layout = self.layout(key)
+        try:
+            rows = layout.encode(rows, len(indices))
+        except StoreError as exc:
+            raise StoreError(f"{key}: {exc}") from None
         if len(indices) == 0:
             return
         if np.all(np.diff(indices) == 1):
             group["data"][int(indices[0]): int(indices[-1]) + 1] = rows
         else:
-            group["data"].set_orthogonal_selection((indices, slice(None)), rows)
+            selection: Any = (indices,) + (slice(None),) * len(layout.item_shape)
+            self.data_array(key).set_orthogonal_selection(selection, rows)
 
     @_writes
     def mark_done(self, key: ArrayKey, indices: Sequence[int]) -> None:
@@ -375,27 +401,36 @@ class FeatureStore:
     def read(self, key: ArrayKey | str) -> tuple[list[str], np.ndarray]:
         """Item ids and (n_done, dim) float32 features of the done items of ``key``.
 
-        A corrupt or truncated chunk, or done items without features (a missing chunk),
-        raise one-line StoreErrors that point to ``medfeat store verify``.
+        Token arrays come back as (n_done, *item_shape), float16 for float16 arrays (not
+        widened: they are large) and float32 for bfloat16 ones. A corrupt or truncated chunk,
+        or done items without features (a missing chunk), raise one-line StoreErrors that
+        point to ``medfeat store verify``.
         """
         key = ArrayKey.parse(key) if isinstance(key, str) else key
-        group = self._array_group(key)
-        try:
-            mask = self.done_mask(key)
-            data = np.asarray(group["data"][:], dtype=np.float32)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise StoreError(f"{self.path}: {key}: unreadable chunk ({one_line(exc, 120)}); "
-                             "run `medfeat store verify`") from exc
+        data = self.data_array(key)
+        layout = self.layout(key)
+        mask = self.done_mask(key)
         ids = self.items()["item_id"].to_numpy()
         if data.shape[0] < len(mask):
             raise StoreError(f"{self.path}: {key}: data has {data.shape[0]} rows for {len(mask)} items; "
                              "run `medfeat store verify`")
-        x = data[: len(mask)][mask]
-        bad = int((~np.isfinite(x).all(axis=1)).sum()) if x.size else 0
+        rows = np.flatnonzero(mask)
+        out = np.empty((len(rows), *layout.item_shape), dtype=layout.read_dtype)
+        step = max(1, self.chunk_items)
+        try:
+            for start in range(0, data.shape[0], step):  # chunk by chunk: no second full copy
+                pick = rows[(rows >= start) & (rows < start + step)]
+                if len(pick):
+                    block = np.asarray(data[start: start + step])
+                    out[np.searchsorted(rows, pick)] = layout.decode(block[pick - start])
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise StoreError(f"{self.path}: {key}: unreadable chunk ({one_line(exc, 120)}); "
+                             "run `medfeat store verify`") from exc
+        bad = int((~np.isfinite(out.reshape(len(out), -1)).all(axis=1)).sum()) if out.size else 0
         if bad:
             raise StoreError(f"{self.path}: {key}: {bad} done item(s) have no finite features (a missing or "
                              "damaged chunk?); run `medfeat store verify`")
-        return [str(i) for i in ids[mask]], x
+        return [str(i) for i in ids[mask]], out
 
     def _array_group(self, key: ArrayKey) -> zarr.Group:
         if key.path not in self.group:
@@ -435,7 +470,6 @@ class FeatureStore:
     def runs(self) -> list[dict[str, Any]]:
         return list(self.group.attrs.get("runs", []))
 
-
     # -- summaries ---------------------------------------------------------------------
     def failed_items(self, arrays: Iterable[str] | None = None) -> set[str]:
         """Item ids with a failure record (in any of ``arrays``, or in any array)."""
@@ -450,11 +484,12 @@ class FeatureStore:
         for key in self.arrays():
             group = self.group[key.path]
             prov = dict(group.attrs.get("provenance", {}))
-            arrays.append({"array": str(key), "dim": int(group["data"].shape[1]),
+            layout = self.layout(key)
+            arrays.append({"array": str(key), "dim": layout.dim, "item_shape": list(layout.item_shape),
+                           "dtype": layout.dtype, "bytes": _disk_bytes(self.path / key.path),
                            "done": int(self.done_mask(key).sum()), "pooling": prov.get("pooling"),
                            "weights_sha256": prov.get("weights_sha256"), "runtime": prov.get("runtime"),
-                           "random_weights": prov.get("weights_sha256") is None,
-                           "bytes": _disk_bytes(self.path / key.path)})
+                           "random_weights": prov.get("weights_sha256") is None})
         runs = self.runs()
         return {"path": str(self.path), "format": FORMAT, "items": n, "chunk_items": self.chunk_items,
                 "arrays": arrays, "failed_items": len(self.failed_items()), "runs": len(runs),

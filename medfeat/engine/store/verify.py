@@ -61,8 +61,9 @@ def _verify_array(store: FeatureStore, key: ArrayKey, check_weights: bool, out: 
                             "`medfeat store repair` removes it")
         return
     prov = dict(group.attrs["provenance"])
-    dim = int(group["data"].shape[1])
-    for name, want in {"model": key.model, "tap": key.tap, "dim": dim}.items():
+    dim = store.layout(key).dim
+    # a token or newer-pooling array is named TAP@POOLING; its provenance names the model's tap
+    for name, want in {"model": key.model, "tap": key.tap.split("@")[0], "dim": dim}.items():
         if prov.get(name) != want:
             out.problems.append(f"{key}: provenance {name} is {prov.get(name)!r}, expected {want!r}")
     variant = (prov.get("preprocessing") or {}).get("variant")
@@ -91,6 +92,7 @@ def damaged_chunks(store: FeatureStore, key: ArrayKey) -> Damage:
     """Read every chunk of array ``key`` that holds done items (see :class:`Damage`)."""
     group = store.group[key.path]
     data, done = group["data"], group["done"]
+    layout = store.layout(key)
     n_items = len(store.items())
     chunk = store.chunk_items
     dmg = Damage()
@@ -113,7 +115,7 @@ def damaged_chunks(store: FeatureStore, key: ArrayKey) -> Damage:
             dmg.items += (lo + np.flatnonzero(marks)).tolist()
             continue
         try:
-            rows = np.asarray(data[lo:hi])
+            rows = layout.decode(np.asarray(data[lo:hi])).reshape(hi - lo, -1)
         except (RuntimeError, ValueError, OSError) as exc:
             dmg.lines.append(f"{what}: unreadable ({one_line(exc, 100)})")
             dmg.items += (lo + np.flatnonzero(marks)).tolist()
@@ -130,7 +132,8 @@ def damaged_chunks(store: FeatureStore, key: ArrayKey) -> Damage:
 
 
 def _chunk_file(store: FeatureStore, key: ArrayKey, c: int) -> Path:
-    return store.path / key.path / "data" / "c" / str(c) / "0"
+    """The file of data chunk ``c`` (items are chunked; every other axis is one chunk)."""
+    return store.path / key.path / "data" / "c" / str(c) / "/".join("0" * (store.data_array(key).ndim - 1))
 
 
 def _has_checksums(array: object) -> bool:

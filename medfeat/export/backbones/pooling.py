@@ -6,6 +6,11 @@ that features of aligned scans correspond cell by cell.
 Tokens (B, N, C) with ``prefix`` leading non-patch tokens: ``cls`` (token 0), ``mean``
 (mean of patch tokens), ``cls+mean`` (2C), ``token1`` (token index 1).
 Vectors (B, C): ``none``.
+Either kind, ``tokens``: nothing pooled, every token kept, (B, N, C) (maps flattened row-major
+to (B, H*W, C)): the input of token heads, stored unpooled.
+``norm-`` before a token pooling (``norm-cls``, ``norm-mean``, ``norm-tokens``) applies the
+model's final norm to the tap first, as DINOv2's ``get_intermediate_layers(norm=True)`` does
+for its linear evaluation; the backbone applies it (:func:`split_normed`), not :func:`pool`.
 """
 from __future__ import annotations
 
@@ -15,22 +20,31 @@ from medfeat.errors import UnknownNameError
 
 MAP_POOLINGS = ("avg", "max", "avgmax", "grid2")
 TOKEN_POOLINGS = ("cls", "mean", "cls+mean", "token1")
+KEEP_TOKENS = "tokens"
+NORMED = "norm-"
 
 
-POOLINGS_BY_KIND = {"map": MAP_POOLINGS + ("none",), "tokens": TOKEN_POOLINGS + ("none",), "vector": ("none",)}
+def split_normed(method: str) -> tuple[bool, str]:
+    """``"norm-cls"`` -> (True, "cls"); ``"cls"`` -> (False, "cls")."""
+    if method.startswith(NORMED):
+        return True, method[len(NORMED):]
+    return False, method
 
 
-def check_pooling(kind: str, method: str, where: str = "") -> None:
-    """Raise UnknownNameError (before any work) for a pooling a tap of ``kind`` cannot do."""
-    allowed = POOLINGS_BY_KIND.get(kind)
-    if allowed is None:
-        raise UnknownNameError(f"tap kind {kind!r} is not one of {', '.join(POOLINGS_BY_KIND)}")
-    if method not in allowed:
-        raise UnknownNameError(f"{where}pooling {method!r} is not one of {', '.join(allowed)} for a {kind} tap")
+def check_pooling(tap: str, kind: str, method: str) -> None:
+    """Raise :class:`UnknownNameError` unless ``method`` pools a ``kind`` tap (before any run)."""
+    normed, base = split_normed(method)
+    valid = {"map": MAP_POOLINGS, "tokens": TOKEN_POOLINGS, "vector": ("none",)}.get(kind, ())
+    if normed and kind != "tokens":
+        raise UnknownNameError(f"tap {tap}: pooling {method!r} applies a final norm to tokens; {tap} is a {kind}")
+    if base not in valid + (KEEP_TOKENS,) or (kind == "vector" and base == KEEP_TOKENS):
+        choices = ", ".join(valid + ((KEEP_TOKENS,) if kind != "vector" else ()))
+        raise UnknownNameError(f"tap {tap}: unknown pooling {method!r} for a {kind} tap; poolings: {choices}")
 
 
 def pooled_dim(channels: int, method: str, ndim: int = 3) -> int:
     """Length of the pooled vector for a tap of ``channels`` channels over ``ndim`` spatial axes."""
+    method = split_normed(method)[1]
     if method == "grid2":
         return channels * 2**ndim
     return 2 * channels if method in ("avgmax", "cls+mean") else channels
@@ -46,6 +60,8 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
     method : a pooling name valid for ``kind``.
     prefix : number of leading non-patch tokens (tokens only).
     """
+    if method == KEEP_TOKENS and kind in ("map", "tokens"):
+        return x.flatten(2).transpose(1, 2) if kind == "map" else x
     if kind == "vector" or method == "none":
         return x.flatten(1)
     if kind == "map":

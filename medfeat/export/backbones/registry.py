@@ -21,7 +21,7 @@ from torch import nn
 
 from medfeat.errors import UnknownNameError, WeightsError, one_line
 from medfeat.export.backbones.models import BACKBONE_MODULES
-from medfeat.export.backbones.pooling import check_pooling, pool, pooled_dim
+from medfeat.export.backbones.pooling import check_pooling, pool, pooled_dim, split_normed
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
 from medfeat.export.backbones.weights import (
     checkpoint_config,
@@ -155,7 +155,12 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raw = self.trunk.forward_taps(x, self.tap_names)
-        return {t.name: pool(raw[t.name], t.kind, self.poolings[t.name], t.prefix_tokens) for t in self.taps}
+        out = {}
+        for t in self.taps:
+            normed, method = split_normed(self.poolings[t.name])
+            value = self.trunk.final_norm(raw[t.name]) if normed else raw[t.name]
+            out[t.name] = pool(value, t.kind, method, t.prefix_tokens)
+        return out
 
 
 def create_backbone(
@@ -206,23 +211,46 @@ def create_backbone(
             state = spec.convert_checkpoint(state)
         load_strict(trunk, state, name, source=str(weights))
         provenance.update(weights=str(weights), weights_sha256=sha256_file(weights))
+    poolings = _poolings(chosen, pooling)
+    # a norm- pooling needs the final norm, which truncation would otherwise delete
+    trunk.keep_final_norm = any(split_normed(p)[0] for p in poolings.values())
     trunk.prune_after(chosen[-1].name)
     trunk.eval()
-    poolings = _poolings(chosen, pooling)
     provenance.update(taps=[t.name for t in chosen], poolings=poolings)
     return Backbone(spec, trunk, chosen, poolings, provenance)
 
 
 def _poolings(taps: list[TapSpec], pooling: str | dict[str, str] | None) -> dict[str, str]:
+    """Pooling per tap, checked against each tap's kind.
+
+    ``pooling``: None (each tap's default), one name for all, a dict, or a string of
+    comma-separated ``TAP=POOLING`` entries with an optional bare default
+    (``"cls,norm=cls+mean"``).
+    """
+    if isinstance(pooling, str) and "=" in pooling:
+        pooling = parse_poolings(pooling)
     if pooling is None:
         out = {t.name: t.pooling for t in taps}
     elif isinstance(pooling, str):
         out = {t.name: pooling for t in taps}
     else:
-        out = {t.name: pooling.get(t.name, t.pooling) for t in taps}
+        unknown = sorted(set(pooling) - {t.name for t in taps} - {"*"})
+        if unknown:
+            raise UnknownNameError(f"pooling given for tap(s) {', '.join(unknown)} that are not extracted")
+        out = {t.name: pooling.get(t.name, pooling.get("*", t.pooling)) for t in taps}
     for t in taps:
-        check_pooling(t.kind, out[t.name], where=f"tap {t.name}: ")
+        check_pooling(t.name, t.kind, out[t.name])
     return out
+
+
+def parse_poolings(text: str) -> dict[str, str]:
+    """``"cls,norm=cls+mean"`` -> ``{"*": "cls", "norm": "cls+mean"}`` (``*``: every other tap)."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        tap, sep, method = part.rpartition("=")
+        out[tap.strip() if sep else "*"] = method.strip()
+    return out
+
 
 
 def _check_checkpoint_config(name: str, spec: BackboneSpec, weights: str, stored: dict[str, Any]) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from medfeat.errors import UnknownNameError
+
 InputKind = Literal["image2d", "volume3d", "pair3d"]
 TapKind = Literal["map", "tokens", "vector"]
 
@@ -61,8 +63,13 @@ class TappedModel(nn.Module):
     * ``tap_names()``: every tap in forward order;
     * ``forward_taps(x, taps)``: the raw tap outputs ``{tap: tensor}``, running no layer
       after the last requested tap;
-    * ``prune_after(tap)``: delete (not skip) every layer the taps up to ``tap`` do not need.
+    * ``prune_after(tap)``: delete (not skip) every layer the taps up to ``tap`` do not need
+      (a family with a final token norm keeps it when ``keep_final_norm`` is set: ``norm-``
+      poolings apply it to earlier taps);
+    * ``final_norm(tokens)``: that norm, for families that have one.
     """
+
+    keep_final_norm: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain forward; by default the raw output of the last tap (families whose model
@@ -78,6 +85,11 @@ class TappedModel(nn.Module):
 
     def prune_after(self, tap: str) -> None:
         raise NotImplementedError
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's final norm applied to (B, N, C) tokens (``norm-`` poolings); families
+        with such a norm override this."""
+        raise UnknownNameError(f"{type(self).__name__} has no final token norm for a norm- pooling")
 
 
 @dataclass(frozen=True)

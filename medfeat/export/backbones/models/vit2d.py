@@ -199,10 +199,16 @@ class TappedViT(VisionTransformer, TappedModel):
             out["norm"] = self.norm(x)
         return out
 
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm on (B, N, C) tokens of any block (DINOv2's normed intermediates)."""
+        if isinstance(self.norm, nn.Identity):
+            raise UnknownNameError(f"{self.medfeat_name}: has no final norm here (pruned, or none in this model)")
+        return self.norm(tokens)
+
     def prune_after(self, tap: str) -> None:
         position = tap_positions(self.medfeat_name, self.tap_names(), [tap])[0]
         if position < len(self.blocks):
-            self.prune_intermediate_layers([position], prune_norm=True, prune_head=True)
+            self.prune_intermediate_layers([position], prune_norm=not self.keep_final_norm, prune_head=True)
         else:
             self.reset_classifier(0, "")
         # the token pooling and head of timm are never used: medfeat pools taps itself
