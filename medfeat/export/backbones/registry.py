@@ -22,7 +22,13 @@ from medfeat.errors import UnknownNameError, WeightsError
 from medfeat.export.backbones.models import BACKBONE_MODULES
 from medfeat.export.backbones.pooling import pool, pooled_dim
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
-from medfeat.export.backbones.weights import checkpoint_config, load_strict, read_checkpoint, sha256_file
+from medfeat.export.backbones.weights import (
+    checkpoint_config,
+    fill_norm_counters,
+    load_strict,
+    read_checkpoint,
+    sha256_file,
+)
 
 _FAMILY_PACKAGE = "medfeat.export.backbones.models"
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -189,8 +195,11 @@ def create_backbone(
         state = read_checkpoint(weights)
         if spec.convert_checkpoint is not None:
             state = spec.convert_checkpoint(state)
+        filled = fill_norm_counters(trunk, state)
         load_strict(trunk, state, name, source=str(weights))
         provenance.update(weights=str(weights), weights_sha256=sha256_file(weights))
+        if filled:  # an old (PyTorch < 0.4.1) checkpoint: say what was added to it
+            provenance["weights_filled"] = f"{len(filled)} num_batches_tracked counter(s) absent, set to 0"
     trunk.prune_after(chosen[-1].name)
     trunk.eval()
     poolings = _poolings(chosen, pooling)
