@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfeat.errors import UnknownNameError, WeightsError
+from medfeat.errors import InputError, UnknownNameError, WeightsError
+from medfeat.export.backbones.generic import ModelInputs, generic_spec, is_generic
 from medfeat.export.backbones.models import BACKBONE_MODULES
 from medfeat.export.backbones.pooling import pool, pooled_dim
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
@@ -80,12 +81,21 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_spec(name: str) -> BackboneSpec:
+def get_spec(name: str, inputs: ModelInputs | None = None, config: dict[str, Any] | None = None) -> BackboneSpec:
     """The spec of ``name``, importing only its family when the index knows it.
 
-    An unknown name imports every family and lists the known ones; a name whose family's
-    package is missing says which package to install.
+    Generic names (``timm:...``, ``hf:...``, ``onnx:...``, ``torchscript:...``,
+    ``module:...``; see :mod:`medfeat.export.backbones.generic`) are resolved with
+    ``inputs`` and the build ``config``. Registered models declare their own input kind
+    and intensity rule: ``inputs`` giving either is refused. An unknown name imports every
+    family and lists the known ones; a name whose family's package is missing says which
+    package to install.
     """
+    if is_generic(name):
+        return generic_spec(name, inputs, config)
+    if inputs is not None and inputs.given:
+        raise InputError(f"model {name!r} declares its own input kind and intensity rule; "
+                         "--input-kind and --intensity are for generic models (onnx:, torchscript:, module:, ...)")
     if name in _REGISTRY:
         return _REGISTRY[name]
     module = BACKBONE_MODULES.get(name)
@@ -166,6 +176,7 @@ def create_backbone(
     seed: int = 0,
     tiny: bool = False,
     config: dict[str, Any] | None = None,
+    inputs: ModelInputs | None = None,
 ) -> Backbone:
     """Build ``name`` truncated after the last of ``taps``, with pooling per tap.
 
@@ -179,9 +190,10 @@ def create_backbone(
     pooling : one pooling for all taps, a per-tap dict, or None for each tap's default.
     seed : seed of the random init.
     tiny : use the spec's tiny config (tests).
-    config : further build overrides.
+    config : further build overrides (a generic model's build arguments).
+    inputs : input kind, size and intensity of a generic model (see :func:`get_spec`).
     """
-    spec = get_spec(name)
+    spec = get_spec(name, inputs, config)
     stored = checkpoint_config(weights) if weights is not None else {}
     cfg = {**(spec.tiny_config if tiny else {}), **stored, **(config or {})}
     table = spec.tap_table(**cfg)
@@ -191,6 +203,8 @@ def create_backbone(
     torch.manual_seed(seed)
     trunk = spec.build(**cfg)
     provenance: dict[str, Any] = {"model": name, "config": cfg, "seed": seed, "weights": None, "weights_sha256": None}
+    if spec.identity:  # a generic model: its file's sha256, factory, package version
+        provenance["source"] = spec.identity
     if weights is not None:
         state = read_checkpoint(weights)
         if spec.convert_checkpoint is not None:
