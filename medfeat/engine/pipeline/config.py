@@ -45,6 +45,11 @@ class ModelConfig:
     # Modules to import before building: they register extra backbones (plugins, tests),
     # which spawned worker processes would otherwise not know.
     modules: tuple[str, ...] = ()
+    # Generic models (timm:, hf:, onnx:, torchscript:, module:): what their file does not
+    # declare, and build arguments ((key, value) pairs; any model's build config overrides).
+    input_kind: str | None = None
+    intensity: str | None = None
+    model_args: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class ExtractConfig:
     chunk_items: int | None = None
     window: int | None = None
     retry_failed: bool = False
+    plugins: tuple[str, ...] = ()
     atlas: str | None = None
     atlas_mask: str | None = None
     progress: bool = True
@@ -137,12 +143,16 @@ class ExtractConfig:
         for key in ("input_size", "modules"):
             if pick.get(key) is not None:
                 pick[key] = tuple(pick[key])
+        if pick.get("model_args") is not None:
+            pick["model_args"] = frozen_args(pick["model_args"])
         mcfg = ModelConfig(str(model), tuple(str(t) for t in taps), **pick)
         vpick = {k: settings[k] for k in _VARIANT_KEYS if k in settings}
         if vpick.get("roi_labels") is not None:
             vpick["roi_labels"] = tuple(int(v) for v in vpick["roi_labels"])
         cpick = {k: settings[k] for k in _CLUSTER_KEYS if k in settings}
         own = {k: v for k, v in settings.items() if k not in _MODEL_KEYS | _VARIANT_KEYS | _CLUSTER_KEYS}
+        if own.get("plugins") is not None:
+            own["plugins"] = tuple(str(p) for p in own["plugins"])
         return cls(str(manifest), str(store), mcfg, Variant(**vpick), ClusterConfig(**cpick), **own)
 
     def with_model(self, **changes: Any) -> ExtractConfig:
@@ -152,6 +162,20 @@ class ExtractConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested form (tuples as lists), for run records."""
         return _jsonable(asdict(self))
+
+
+def frozen_args(args: Any) -> tuple[tuple[str, Any], ...]:
+    """Build arguments (a mapping or pairs) as sorted, hashable ``(key, value)`` pairs (lists
+    become tuples), so a model config stays a cache key."""
+    def freeze(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return tuple(freeze(x) for x in v)
+        if isinstance(v, dict):
+            return tuple(sorted((str(k), freeze(x)) for k, x in v.items()))
+        return v
+
+    pairs = args.items() if isinstance(args, dict) else args
+    return tuple(sorted((str(k), freeze(v)) for k, v in pairs))
 
 
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"name", "taps", "torch_threads"}

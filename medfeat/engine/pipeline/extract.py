@@ -31,6 +31,7 @@ from medfeat.engine.pipeline.worker import BatchResult, get_model, run_batch
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 from medfeat.engine.store.lock import StoreLock
 from medfeat.errors import StoreError, one_line
+from medfeat.export.backbones.plugins import load_plugins
 from medfeat.export.backbones.registry import Backbone
 from medfeat.io.manifest import read_manifest_rows
 from medfeat.timeutil import utc_now
@@ -54,7 +55,7 @@ def _provenance(cfg: ExtractConfig, backbone: Backbone, tap: str, dim: int,
     prov = backbone.provenance
     variant = cfg.variant
     out = {
-        "model": cfg.model.name, "config": prov.get("config", {}), "seed": prov.get("seed"),
+        "model": backbone.spec.store_key, "config": prov.get("config", {}), "seed": prov.get("seed"),
         "weights": prov.get("weights"), "weights_sha256": prov.get("weights_sha256"),
         "tap": tap, "pooling": backbone.poolings[tap], "dim": dim,
         "input_kind": backbone.spec.input_kind,
@@ -65,6 +66,10 @@ def _provenance(cfg: ExtractConfig, backbone: Backbone, tap: str, dim: int,
         "precision": cfg.model.precision, "runtime": cfg.model.runtime, "device": cfg.model.device,
         "versions": _versions(), "created": utc_now(),
     }
+    if "source" in prov:  # a generic model: its full name, file sha256, factory, versions
+        out["source"] = {"name": cfg.model.name, **prov["source"]}
+    if "weights_filled" in prov:
+        out["weights_filled"] = prov["weights_filled"]
     if variant.roi == "crop" and variant.roi_labels is not None:
         # only when set: arrays cropped around every label keep the provenance they had
         out["preprocessing"]["roi_labels"] = [int(v) for v in variant.roi_labels]
@@ -91,6 +96,9 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
     """Run one extraction; return its run record (also appended to the store)."""
     t_start = time.perf_counter()
     started = utc_now()
+    plugins = load_plugins(cfg.plugins)  # in the driver first: they may register the model
+    if plugins:
+        cfg = cfg.with_model(modules=tuple(dict.fromkeys([*cfg.model.modules, *(p.module for p in plugins)])))
     df, row_failures = read_manifest_rows(cfg.manifest)
     model = get_model(cfg.model)  # fails fast on unknown model / tap / bad weights
     spec, size = model.backbone.spec, model.size
@@ -98,7 +106,7 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
     items, plan_failures = plan_items(df, spec.input_kind, cfg.variant, atlas)
     items, dup_failures = _dedupe(items)
     dims = model.backbone.output_dims()
-    keys = {tap: ArrayKey(cfg.model.name, tap, cfg.variant.name) for tap in model.backbone.tap_names}
+    keys = {tap: ArrayKey(spec.store_key, tap, cfg.variant.name) for tap in model.backbone.tap_names}
     store_path = Path(cfg.store)
     chunk = cfg.chunk_items or max(DEFAULT_CHUNK_ITEMS, cfg.batch_size)
     if store_path.exists() and not (store_path / "zarr.json").is_file():
@@ -111,7 +119,8 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
         early = [{"item_id": i, "reason": r} for i, r in row_failures + plan_failures + dup_failures]
         store.record_failures({"array": str(k), **f} for k in keys.values() for f in early)
         pending = _pending(store, keys, items, indices, cfg.retry_failed)
-        record = _run(cfg, store, keys, items, indices, pending, executor)
+        record = _run(cfg, store, keys, items, indices, pending, executor,
+                      [p.file for p in plugins if p.file])
         record.started, record.wall_s = started, time.perf_counter() - t_start
         record.failures = early + record.failures
         record.items.failed = len(record.failures)
@@ -145,10 +154,13 @@ def _pending(store: FeatureStore, keys: dict[str, ArrayKey], items: list[Item], 
 
 
 def _run(cfg: ExtractConfig, store: FeatureStore, keys: dict[str, ArrayKey], items: list[Item],
-         indices: np.ndarray, pending: np.ndarray, executor: Executor | None) -> RunRecord:
+         indices: np.ndarray, pending: np.ndarray, executor: Executor | None,
+         plugin_files: list[str] | None = None) -> RunRecord:
     own = executor is None
     if executor is None:
         executor = make_executor(cfg.cluster, device=cfg.model.device)
+    if plugin_files and len(pending):
+        executor.ship(plugin_files)  # worker processes import them before building the model
     mcfg = cfg.model
     if cfg.cluster.scheduler_kind == "local" and not cfg.cluster.scheduler:
         mcfg = cfg.with_model(torch_threads=torch_threads_per_worker(cfg.cluster.workers or 1)).model

@@ -22,6 +22,7 @@ from medfeat.engine.pipeline.config import ModelConfig
 from medfeat.engine.pipeline.inputs import ScanCache, align_batch, gray_mode, load_item
 from medfeat.engine.pipeline.items import Item
 from medfeat.errors import MedfeatError, one_line
+from medfeat.export.backbones.generic import ModelInputs
 from medfeat.export.backbones.registry import Backbone, create_backbone
 from medfeat.export.runtimes.factory import Runtime, make_runtime
 
@@ -69,10 +70,22 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     backbone = create_backbone(cfg.name, list(cfg.taps), weights=cfg.weights, tiny=cfg.tiny,
-                               pooling=cfg.pooling, seed=cfg.seed)
+                               pooling=cfg.pooling, seed=cfg.seed, config=model_args(cfg) or None,
+                               inputs=model_inputs(cfg))
     size = tuple(cfg.input_size or backbone.spec.input_size)
     runtime = make_runtime(backbone, cfg.runtime, device=cfg.device, precision=cfg.precision)
     return LoadedModel(backbone, runtime, size)
+
+
+def model_inputs(cfg: ModelConfig) -> ModelInputs:
+    """What a generic model's file may not declare, from the config."""
+    return ModelInputs(cfg.input_kind, cfg.input_size, cfg.intensity)
+
+
+def model_args(cfg: ModelConfig) -> dict:
+    """The build arguments as a dict (nested pairs back to dicts are not needed: values are
+    scalars or tuples)."""
+    return dict(cfg.model_args)
 
 
 @dataclass

@@ -5,7 +5,10 @@ They are imported on first use, and only as many as needed: :func:`get_spec` loo
 name up in the static index :data:`medfeat.export.backbones.models.BACKBONE_MODULES` and imports
 that one family (so building ``dinov2_vitb14`` does not import open_clip or monai);
 :func:`list_backbones` imports them all. Backbones registered at run time with
-:func:`register_backbone` (plugins, tests) are found without the index.
+:func:`register_backbone` (plugins, tests) are found without the index; installed plugins
+(entry-point group ``medfeat.backbones``, :mod:`~medfeat.export.backbones.plugins`) load
+with the families. Generic names (``timm:``, ``hf:``, ``onnx:``, ``torchscript:``,
+``module:``) resolve through :mod:`~medfeat.export.backbones.generic`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch import nn
 from medfeat.errors import InputError, UnknownNameError, WeightsError
 from medfeat.export.backbones.generic import ModelInputs, generic_spec, is_generic
 from medfeat.export.backbones.models import BACKBONE_MODULES
+from medfeat.export.backbones.plugins import load_entry_points
 from medfeat.export.backbones.pooling import pool, pooled_dim
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
 from medfeat.export.backbones.weights import (
@@ -72,6 +76,9 @@ def _load_families() -> None:
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
                 _import_family(info.name)
+        for entry, why in load_entry_points().items():  # installed plugins (medfeat.backbones)
+            if why:
+                _UNAVAILABLE[f"plugin {entry}"] = f"failed to load ({why})"
         _LOADED = True  # only now: another thread must not see a half-filled registry
 
 

@@ -16,9 +16,9 @@ import pathlib
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
 import torch
 from torch import nn
 
@@ -39,11 +39,11 @@ def _numpy_globals() -> list[object]:
 
 # Plain data a training script pickles beside its weights: the argument namespace, numpy
 # scalars / arrays / dtypes, paths. None of them runs code when unpickled.
-SAFE_GLOBALS: tuple[object, ...] = (
+SAFE_GLOBALS: tuple[Any, ...] = (
     argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
     pathlib.PureWindowsPath, *_numpy_globals(),
 )
-_SAFE_NAMES = frozenset(f"{g.__module__}.{getattr(g, '__name__', '')}" for g in SAFE_GLOBALS)  # type: ignore[attr-defined]
+_SAFE_NAMES = frozenset(f"{g.__module__}.{getattr(g, '__name__', '')}" for g in SAFE_GLOBALS)
 _LOAD_LOCK = threading.Lock()  # safe_globals() swaps a process-wide list: one load at a time
 
 

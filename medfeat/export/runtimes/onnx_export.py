@@ -206,7 +206,8 @@ def compose_onnx(backbone: Backbone, path: Path, outputs: dict[str, str], *,
     if precision != "fp32":
         raise RuntimeUnavailableError(f"{backbone.spec.name}: a model that is already a graph exports at fp32 only")
     example = random_input(backbone, EXPORT_BATCH, input_size, seed=1234)
-    raw, raw_input, names = backbone.trunk.raw_onnx(example, opset)
+    trunk: Any = backbone.trunk
+    raw, raw_input, names = trunk.raw_onnx(example, opset)
     dims = raw.graph.input[0].type.tensor_type.shape.dim if raw.graph.input else []
     if dims and dims[0].HasField("dim_value"):
         raise RuntimeUnavailableError(f"{backbone.spec.name}: its graph fixes the batch at {dims[0].dim_value}; "
@@ -214,12 +215,12 @@ def compose_onnx(backbone: Backbone, path: Path, outputs: dict[str, str], *,
     version = max(13, next((o.version for o in raw.opset_import if o.domain in ("", "ai.onnx")), opset))
     raw = onnx.version_converter.convert_version(raw, version) if version != _opset_of(raw) else raw
     with torch.no_grad():
-        tensors = backbone.trunk.forward_taps(example, backbone.tap_names)
+        tensors = trunk.forward_taps(example, backbone.tap_names)
     pool_in = [f"pool_in_{i}" for i in range(len(outputs))]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_PoolTaps(backbone).eval(), tuple(tensors[t] for t in backbone.tap_names), buf,
+        torch.onnx.export(_PoolTaps(backbone).eval(), tuple(tensors[t] for t in backbone.tap_names), buf,  # type: ignore[arg-type]
                           input_names=pool_in, output_names=list(outputs.values()), opset_version=version,
                           dynamic_axes={n: {0: "batch"} for n in [*pool_in, *outputs.values()]}, dynamo=False)
     pooling = onnx.load_from_string(buf.getvalue())

@@ -85,7 +85,7 @@ def _data(folder: Path, config: Any, inputs: ModelInputs) -> tuple[tuple[int, in
         raise InputError(f"hf:{folder}: no preprocessor_config.json with image_mean/std: give --intensity")
     if inputs.kind not in (None, "image2d"):
         raise InputError(f"hf:{folder}: Hugging Face vision encoders take 2D images, not {inputs.kind}")
-    return size, rule  # type: ignore[return-value]
+    return size, rule
 
 
 def make_spec(name: str, target: str, inputs: ModelInputs, config: dict[str, Any]) -> BackboneSpec:

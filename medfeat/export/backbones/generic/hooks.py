@@ -92,7 +92,8 @@ def trace_calls(net: nn.Module, shape: tuple[int, ...], input_name: str | None =
     try:
         trace.output = _run_meta(net, shape, input_name)
     except Exception:  # noqa: BLE001 - an op without a meta kernel, data-dependent code: run it for real
-        trace.start.clear(), trace.end.clear(), trace.shapes.clear(), trace.dtypes.clear()
+        for table in (trace.start, trace.end, trace.shapes, trace.dtypes):
+            table.clear()
         try:
             with torch.no_grad():
                 trace.output = call_module(net, torch.zeros(shape), input_name)

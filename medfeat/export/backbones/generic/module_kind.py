@@ -33,14 +33,14 @@ def load_factory(target: str) -> Callable[..., nn.Module]:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise InputError(f"module:{target}: cannot import {mod_name} ({exc})") from exc
-    factory = module
+    factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
             raise InputError(f"module:{target}: {mod_name} has no {attr}")
     if not callable(factory):
         raise InputError(f"module:{target}: {attr} is not callable")
-    return factory  # type: ignore[return-value]
+    return factory
 
 
 def build_module(target: str, config: dict[str, Any], device: str | None = None) -> nn.Module:

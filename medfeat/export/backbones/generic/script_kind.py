@@ -68,10 +68,24 @@ class ScriptModel(TappedModel):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(_AsTuple(self.net, raw), (example,), strict=False)
-            torch.onnx.export(traced, (example,), buf, input_names=["raw_input"], output_names=out_names,
-                              opset_version=opset, dynamic_axes={n: {0: "batch"} for n in ["raw_input", *out_names]},
-                              dynamo=False)
-        return onnx.load_from_string(buf.getvalue()), "raw_input", dict(zip(self.names, out_names))
+            torch.onnx.export(traced, (example,), buf, opset_version=opset, dynamo=False)  # type: ignore[arg-type]
+        model = onnx.load_from_string(buf.getvalue())
+        # the exporter ignores names and dynamic axes for a ScriptModule: set them here (the
+        # parity check at other batch sizes then proves the batch axis is really free)
+        _rename_io(model, {model.graph.input[0].name: "raw_input"},
+                   {o.name: n for o, n in zip(model.graph.output, out_names)})
+        for value in [model.graph.input[0], *model.graph.output]:
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        return model, "raw_input", dict(zip(self.names, out_names))
+
+
+def _rename_io(model: Any, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    names = {**inputs, **outputs}
+    for node in model.graph.node:
+        node.input[:] = [names.get(i, i) for i in node.input]
+        node.output[:] = [names.get(o, o) for o in node.output]
+    for value in [*model.graph.input, *model.graph.output]:
+        value.name = names.get(value.name, value.name)
 
 
 class _AsTuple(torch.nn.Module):

@@ -51,7 +51,7 @@ class TimmModel(TappedModel):
 
     def __init__(self, net: nn.Module, taps: list[TapSpec]) -> None:
         super().__init__()
-        self.net = net
+        self.net: Any = net
         self.index = {t.name: i for i, t in enumerate(taps) if t.name != PRE_LOGITS}
         self.order = [t.name for t in taps]
 
@@ -81,13 +81,13 @@ class TimmModel(TappedModel):
             self.net.prune_intermediate_layers(indices=[self.index[tap]], prune_norm=True, prune_head=True)
 
 
-def _taps(net: nn.Module) -> list[TapSpec]:
+def _taps(net: Any) -> list[TapSpec]:
     info = getattr(net, "feature_info", None)
     if not info:
         raise InputError(f"timm model {type(net).__name__} declares no feature_info; use module:timm:create_model")
     taps = [TapSpec(str(f["module"]), int(f["num_chs"]), int(f.get("reduction", 1)), "map", "avg") for f in info]
     if hasattr(net, "forward_intermediates") and hasattr(net, "forward_head"):
-        width = int(getattr(net, "head_hidden_size", None) or getattr(net, "num_features"))
+        width = int(getattr(net, "head_hidden_size", None) or net.num_features)
         taps.append(TapSpec(PRE_LOGITS, width, 1, "vector", "none"))
     return taps
 
