@@ -27,7 +27,9 @@ from medfeat.errors import InputError, one_line
 
 ENTRY_POINT_GROUP = "medfeat.backbones"
 _ENTRY_POINTS: dict[str, str] = {}  # entry point name -> "" when loaded, else why it failed
-_LOCK = threading.Lock()
+# Re-entrant and apart: a plugin's import may itself look names up (and so load entry points).
+_FILE_LOCK = threading.RLock()
+_ENTRY_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def _load_file(path: Path) -> Plugin:
     name = path.stem
     if not name.isidentifier():
         raise InputError(f"plugin {path}: its name must be a Python identifier (it is imported as {name!r})")
-    with _LOCK:
+    with _FILE_LOCK:
         loaded = sys.modules.get(name)
         if loaded is not None:
             if Path(getattr(loaded, "__file__", "") or "").resolve() == path:
@@ -90,7 +92,7 @@ def load_entry_points() -> dict[str, str]:
     plugin must not hide the registry's own models)."""
     from importlib.metadata import entry_points
 
-    with _LOCK:
+    with _ENTRY_LOCK:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.name in _ENTRY_POINTS:
                 continue
