@@ -79,6 +79,12 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--atlas", type=click.Path(exists=True), default=None, help="Atlas scan (default: atlas.nii.gz beside the manifest).")
 @click.option("--atlas-mask", type=click.Path(exists=True), default=None, help="Atlas mask for --roi crop.")
 @click.option("--quiet", is_flag=True, help="No progress line.")
+@click.option("--baseline-visit", default=None,
+              help="Visit label of the baseline (pairs, alignment); default: the visit named baseline.")
+@click.option("--followup-visit", default=None, help="Visit label of the follow-up of the pair; default: followup.")
+@click.option("--pairs", type=click.Choice(["consecutive", "all-to-baseline"]), default=None,
+              help="Pair models: every consecutive pair of a subject's visits, or every visit with the baseline "
+                   "(visits ordered by visit_order, else acquisition_date, else the label).")
 @model_options
 def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, align: str | None,
                 variant_alias: str | None, roi: str,
@@ -86,7 +92,8 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
                 chunk_items: int | None, workers: int | None, threads_per_worker: int,
                 memory_limit: str | None, scheduler: str | None, malloc: str, scheduler_kind: str,
                 retry_failed: bool, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
-                quiet: bool, plugins: tuple[str, ...], input_kind: str | None, intensity: str | None,
+                quiet: bool, baseline_visit: str | None, followup_visit: str | None, pairs: str | None,
+                plugins: tuple[str, ...], input_kind: str | None, intensity: str | None,
                 model_args: tuple[str, ...]) -> None:
     """Extract pooled features of MODEL at TAPS for every item of a manifest into a store."""
     from medfeat.engine.pipeline.config import ExtractConfig
@@ -106,6 +113,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
         scheduler_kind=scheduler_kind, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,
         retry_failed=retry_failed, atlas=atlas, atlas_mask=atlas_mask, progress=not quiet,
+        baseline_visit=baseline_visit, followup_visit=followup_visit, pairs=pairs,
         plugins=plugins, input_kind=input_kind, intensity=intensity, model_args=parse_model_args(model_args))
     record = extract(cfg)
     _summary(record)

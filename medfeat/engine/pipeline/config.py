@@ -104,9 +104,10 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """One extraction run: manifest and store, the model, the variant, the cluster, and
-    how the driver batches (``batch_size`` items per task, ``chunk_items`` per store chunk
-    for new stores, at most ``window`` batches in flight)."""
+    """One extraction run: manifest and store, the model, the variant, the cluster, how the
+    driver batches (``batch_size`` items per task, ``chunk_items`` per store chunk for new
+    stores, at most ``window`` batches in flight), plugins to load, and which visits pair up
+    (:mod:`medfeat.io.visits`)."""
 
     manifest: str
     store: str
@@ -118,6 +119,10 @@ class ExtractConfig:
     window: int | None = None
     retry_failed: bool = False
     plugins: tuple[str, ...] = ()
+    # which visits pair up (pair models) and which is the baseline (alignment): io.visits
+    baseline_visit: str | None = None
+    followup_visit: str | None = None
+    pairs: str | None = None
     atlas: str | None = None
     atlas_mask: str | None = None
     progress: bool = True

@@ -34,6 +34,7 @@ from medfeat.errors import StoreError, one_line
 from medfeat.export.backbones.plugins import load_plugins
 from medfeat.export.backbones.registry import Backbone
 from medfeat.io.manifest import read_manifest_rows
+from medfeat.io.visits import VisitPairing
 from medfeat.timeutil import utc_now
 from medfeat.version import __version__
 
@@ -103,7 +104,8 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
     model = get_model(cfg.model)  # fails fast on unknown model / tap / bad weights
     spec, size = model.backbone.spec, model.size
     atlas = Atlas.beside(cfg.manifest, cfg.atlas, cfg.atlas_mask)
-    items, plan_failures = plan_items(df, spec.input_kind, cfg.variant, atlas)
+    visits = VisitPairing(cfg.baseline_visit, cfg.followup_visit, cfg.pairs)
+    items, plan_failures = plan_items(df, spec.input_kind, cfg.variant, atlas, visits)
     items, dup_failures = _dedupe(items)
     dims = model.backbone.output_dims()
     keys = {tap: ArrayKey(spec.store_key, tap, cfg.variant.name) for tap in model.backbone.tap_names}

@@ -3,7 +3,9 @@
 Layout::
 
     store.zarr/                     group; attrs["medfeat"] = format, version, created
-      items/<column>                1-D string arrays: item_id, subject, timepoint, kind, source
+      items/<column>                1-D string arrays: item_id, subject, timepoint, kind, source,
+                                    then the manifest's own columns (age, sex, site, ...; attrs
+                                    ["item_extra"] lists them in order)
       features/<model>/<tap>/<variant>/
           data                      (items, dim) float32, chunked along items; NaN = not written
           done                      (items,) uint8, same item chunks; 1 once ``data`` rows are written
@@ -111,9 +113,37 @@ class FeatureStore:
 
     # -- items -----------------------------------------------------------------------
     def items(self) -> pd.DataFrame:
-        """The items table, one row per item, in store order."""
-        cols = {c: np.asarray(self.group[f"items/{c}"][:]).astype(object) for c in ITEM_COLUMNS}
-        return pd.DataFrame(cols, columns=list(ITEM_COLUMNS))
+        """The items table, one row per item, in store order: :data:`ITEM_COLUMNS`, then the
+        extra columns carried from manifests (text; empty where an item had none)."""
+        names = [*ITEM_COLUMNS, *self.extra_columns()]
+        cols = {c: np.asarray(self.group[f"items/{c}"][:]).astype(object) for c in names}
+        return pd.DataFrame(cols, columns=names)
+
+    def extra_columns(self) -> list[str]:
+        """Names of the items table's columns beyond :data:`ITEM_COLUMNS`, in order."""
+        return list(self.group.attrs.get("item_extra", []))
+
+    def _write_extra(self, records: list[dict[str, Any]], index: dict[str, int]) -> None:
+        """Write the records' extra columns (created on first use, ``""`` for other items)."""
+        names = list(dict.fromkeys(k for r in records for k in r if k not in ITEM_COLUMNS))
+        if not names:
+            return
+        n = self.group["items/item_id"].shape[0]
+        extra = self.extra_columns()
+        for name in names:
+            if name not in extra:
+                self.group.create_array(f"items/{name}", shape=(n,), dtype=str, chunks=(4096,), fill_value="")
+                extra.append(name)
+            arr = self.group[f"items/{name}"]
+            if arr.shape[0] < n:
+                arr.resize((n,))
+            values = np.asarray(arr[:]).astype(object)
+            values[values == None] = ""  # noqa: E711 - zarr's str fill reads back as None
+            for r in records:
+                if name in r:
+                    values[index[r["item_id"]]] = str(r[name] or "")
+            arr[:] = np.array(values.tolist(), dtype=str)
+        self.group.attrs["item_extra"] = extra
 
     def add_items(self, records: Iterable[dict[str, Any]]) -> np.ndarray:
         """Register items (dicts with ``item_id`` and optional other columns).
@@ -131,8 +161,11 @@ class FeatureStore:
                 arr = self.group[f"items/{column}"]
                 arr.resize((start + len(new),))
                 arr[start:] = np.array([str(by_id[i].get(column, "") or "") for i in new], dtype=str)
+            for column in self.extra_columns():  # new items have none of the older extra values
+                self.group[f"items/{column}"].resize((start + len(new),))
             existing.update({iid: start + k for k, iid in enumerate(new)})
             self._grow_arrays(len(existing))
+        self._write_extra(records, existing)
         return np.array([existing[r["item_id"]] for r in records], dtype=np.int64)
 
     def _grow_arrays(self, n: int) -> None:
