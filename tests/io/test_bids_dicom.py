@@ -5,10 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
-from dicom_make import stamp, write_enhanced_mr
+from cohort_trees import make_bids, stamp, write_enhanced_mr
 from pydicom.data import get_testdata_file
 
 from medfeat.errors import InputError
@@ -18,28 +17,6 @@ from medfeat.io.dicom_scan import check_one_series_per_visit, scan_dicom
 from medfeat.io.readers import read_scan
 
 AFFINE = np.array([[0.0, 0.0, 1.2, -10.0], [0.9, 0.0, 0.0, 5.0], [0.0, -1.1, 0.0, 20.0], [0, 0, 0, 1]])
-
-
-def make_bids(root: Path) -> Path:
-    """3 subjects; 01 and 02 with sessions bl and m12, 03 with bl only; T1w (and a T2w, and a
-    second T1w acquisition for 01/bl); participants.tsv and sessions.tsv."""
-    rng = np.random.default_rng(0)
-    for sub, sessions in (("01", ("bl", "m12")), ("02", ("bl", "m12")), ("03", ("bl",))):
-        for ses in sessions:
-            anat = root / f"sub-{sub}" / f"ses-{ses}" / "anat"
-            anat.mkdir(parents=True)
-            for suffix in ("T1w", "T2w"):
-                img = nib.Nifti1Image(rng.random((16, 16, 16), dtype=np.float32) * 100, np.diag([1.5, 1.5, 1.5, 1]))
-                nib.save(img, anat / f"sub-{sub}_ses-{ses}_{suffix}.nii.gz")
-            if (sub, ses) == ("01", "bl"):
-                nib.save(img, anat / f"sub-{sub}_ses-{ses}_acq-fast_T1w.nii.gz")
-        times = {"bl": "2019-03-01T10:00:00", "m12": "2020-03-02T09:30:00"}
-        (root / f"sub-{sub}" / f"sub-{sub}_sessions.tsv").write_text(
-            "session_id\tacq_time\tkl_grade\n" + "".join(f"ses-{s}\t{times[s]}\t{int(sub) % 3}\n" for s in sessions))
-    (root / "participants.tsv").write_text("participant_id\tage\tsex\tsite\nsub-01\t61\tF\tA\nsub-02\t70\tM\tB\n"
-                                           "sub-03\tn/a\tF\tA\n")
-    (root / "dataset_description.json").write_text('{"Name": "tiny", "BIDSVersion": "1.9.0"}')
-    return root
 
 
 def test_bids_names_parse() -> None:
@@ -55,7 +32,7 @@ def test_bids_scan_joins_participants_and_sessions(tmp_path) -> None:
     df = scan_bids(root, suffix="T2w")
     assert list(df[["subject", "timepoint"]].itertuples(index=False, name=None)) == [
         ("01", "bl"), ("01", "m12"), ("02", "bl"), ("02", "m12"), ("03", "bl")]
-    assert list(df["age"].fillna("")) == ["61", "61", "70", "70", ""]
+    assert list(df["age"].fillna("")) == ["58", "58", "61", "61", ""] and list(df["sex"]) == ["F", "F", "M", "M", "F"]
     assert list(df["acquisition_date"]) == ["2019-03-01", "2020-03-02", "2019-03-01", "2020-03-02", "2019-03-01"]
     assert df["path"][0] == "sub-01/ses-bl/anat/sub-01_ses-bl_T2w.nii.gz" and "kl_grade" in df
     fast = scan_bids(root, acquisition="fast")

@@ -1,4 +1,4 @@
-"""DICOM files for the tests: tags stamped on a written series, and an Enhanced MR object."""
+"""Cohort trees for the tests: a BIDS tree, DICOM tags stamped on a written series, an Enhanced MR object."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,35 @@ from pathlib import Path
 import numpy as np
 
 from medfeat.io.dicom import LPS_TO_RAS
+
+
+def make_bids(root: Path, subjects: int = 3) -> Path:
+    """``subjects`` subjects; the last has session bl only, the others bl and m12; T1w and T2w
+    16^3 images (and a second T1w acquisition for 01/bl); participants.tsv (age, sex, site;
+    the last subject's age n/a) and sessions.tsv (acq_time, kl_grade)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    times = {"bl": "2019-03-01T10:00:00", "m12": "2020-03-02T09:30:00"}
+    people = []
+    for k in range(1, subjects + 1):
+        sub = f"{k:02d}"
+        sessions = ("bl", "m12") if k < subjects else ("bl",)
+        for ses in sessions:
+            anat = root / f"sub-{sub}" / f"ses-{ses}" / "anat"
+            anat.mkdir(parents=True)
+            for suffix in ("T1w", "T2w"):
+                img = nib.Nifti1Image(rng.random((16, 16, 16), dtype=np.float32) * 100, np.diag([1.5, 1.5, 1.5, 1]))
+                nib.save(img, anat / f"sub-{sub}_ses-{ses}_{suffix}.nii.gz")
+            if (sub, ses) == ("01", "bl"):
+                nib.save(img, anat / f"sub-{sub}_ses-{ses}_acq-fast_T1w.nii.gz")
+        (root / f"sub-{sub}" / f"sub-{sub}_sessions.tsv").write_text(
+            "session_id\tacq_time\tkl_grade\n" + "".join(f"ses-{s}\t{times[s]}\t{k % 3}\n" for s in sessions))
+        age = "n/a" if k == subjects else str(55 + 3 * k)
+        people.append(f"sub-{sub}\t{age}\t{'FM'[k % 2 == 0]}\t{'AB'[k % 2]}\n")
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\tsite\n" + "".join(people))
+    (root / "dataset_description.json").write_text('{"Name": "tiny", "BIDSVersion": "1.9.0"}')
+    return root
 
 
 def stamp(files: list[Path], **tags: str) -> None:
