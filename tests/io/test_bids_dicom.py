@@ -3,7 +3,6 @@ compressed DICOM read as volumes."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
