@@ -62,9 +62,9 @@ def scan_dicom(root: str | Path, *, series_description: str | None = None) -> Di
     series: dict[str, list[tuple[Path, dict[str, str]]]] = {}
     by_folder: dict[Path, set[str]] = {}
     other = 0
-    for folder, _, names in os.walk(root):
+    for top, _, names in os.walk(root):
         for name in sorted(names):
-            path = Path(folder) / name
+            path = Path(top) / name
             head = _header(path)
             if head is None:
                 other += 1
@@ -83,12 +83,12 @@ def scan_dicom(root: str | Path, *, series_description: str | None = None) -> Di
         folder = folders.pop()
         multiframe = len(members) == 1 and int(head["NumberOfFrames"] or 1) > 1
         alone = by_folder[folder] == {uid} and not multiframe
-        path = folder if alone else sorted(p for p, _ in members)[0]
+        where = folder if alone else sorted(p for p, _ in members)[0]
         if not head["PatientID"]:
             skipped.append((uid, f"series {head['SeriesDescription'] or uid} has no PatientID"))
             continue
         rows.append({"subject": head["PatientID"], "timepoint": _date(head["StudyDate"]) or head["StudyInstanceUID"],
-                     "path": path.relative_to(root).as_posix() or ".", "acquisition_date": _date(head["StudyDate"]),
+                     "path": where.relative_to(root).as_posix() or ".", "acquisition_date": _date(head["StudyDate"]),
                      "modality": head["Modality"], "series_description": head["SeriesDescription"],
                      "series_number": head["SeriesNumber"], "series_uid": uid,
                      "files": len(members), "frames": int(head["NumberOfFrames"] or 1) * len(members)})

@@ -182,7 +182,7 @@ def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
         iid = _scan_id(r, unique)
         own_mask = (r.get("mask_path") or amask) if crop else None
         kind = "image" if input_kind == "image2d" else "scan"
-        meta = dict(item_id=iid, subject=str(r["subject"]), timepoint=str(r.get("timepoint") or ""),
+        meta: dict[str, Any] = dict(item_id=iid, subject=str(r["subject"]), timepoint=str(r.get("timepoint") or ""),
                     label=_label(r), extra=_extra(r))
         if input_kind == "pair3d":  # atlas pairs: (scan, atlas)
             ch = (Channel(r["path"], mask=own_mask), Channel(atlas.image, mask=amask))

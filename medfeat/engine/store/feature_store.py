@@ -121,20 +121,22 @@ class FeatureStore:
 
     def extra_columns(self) -> list[str]:
         """Names of the items table's columns beyond :data:`ITEM_COLUMNS`, in order."""
-        return list(self.group.attrs.get("item_extra", []))
+        extra: Any = self.group.attrs.get("item_extra", [])
+        return [str(c) for c in extra]
 
     def _write_extra(self, records: list[dict[str, Any]], index: dict[str, int]) -> None:
         """Write the records' extra columns (created on first use, ``""`` for other items)."""
         names = list(dict.fromkeys(k for r in records for k in r if k not in ITEM_COLUMNS))
         if not names:
             return
-        n = self.group["items/item_id"].shape[0]
+        group: Any = self.group
+        n = group["items/item_id"].shape[0]
         extra = self.extra_columns()
         for name in names:
             if name not in extra:
                 self.group.create_array(f"items/{name}", shape=(n,), dtype=str, chunks=(4096,), fill_value="")
                 extra.append(name)
-            arr = self.group[f"items/{name}"]
+            arr = group[f"items/{name}"]
             if arr.shape[0] < n:
                 arr.resize((n,))
             values = np.asarray(arr[:]).astype(object)
@@ -161,8 +163,9 @@ class FeatureStore:
                 arr = self.group[f"items/{column}"]
                 arr.resize((start + len(new),))
                 arr[start:] = np.array([str(by_id[i].get(column, "") or "") for i in new], dtype=str)
+            group: Any = self.group
             for column in self.extra_columns():  # new items have none of the older extra values
-                self.group[f"items/{column}"].resize((start + len(new),))
+                group[f"items/{column}"].resize((start + len(new),))
             existing.update({iid: start + k for k, iid in enumerate(new)})
             self._grow_arrays(len(existing))
         self._write_extra(records, existing)
