@@ -277,3 +277,26 @@ def test_names_are_store_safe_and_rules_parse() -> None:
         parse_intensity("ct_window:lo=0")
     with pytest.raises(InputError, match="generic models"):
         get_spec("unet3d", ModelInputs(intensity="zscore"))
+
+
+def test_hf_siglip_vision_tower_without_cls(tmp_path: Path) -> None:
+    from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=32, patch_size=8)
+    text = SiglipTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            vocab_size=64, max_position_embeddings=16)
+    torch.manual_seed(4)
+    model = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())).eval()
+    model.save_pretrained(tmp_path / "siglip")
+    spec = get_spec(f"hf:{tmp_path / 'siglip'}", ModelInputs(intensity="mean_std:mean=0.5,std=0.5"))
+    taps = {t.name: t for t in spec.taps}
+    assert taps["hidden_states.2"].prefix_tokens == 0 and taps["hidden_states.2"].pooling == "mean"
+    bb = create_backbone(f"hf:{tmp_path / 'siglip'}", ["hidden_states.1", "pooler_output"],
+                         inputs=ModelInputs(intensity="mean_std:mean=0.5,std=0.5"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.vision_model(pixel_values=x, output_hidden_states=True)
+        out = bb(x)
+    torch.testing.assert_close(out["hidden_states.1"], ref.hidden_states[1].mean(1), rtol=0, atol=ATOL)
+    torch.testing.assert_close(out["pooler_output"], ref.pooler_output, rtol=0, atol=ATOL)
