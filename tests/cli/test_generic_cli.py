@@ -179,6 +179,9 @@ def test_plugin_file_on_a_two_worker_local_cluster(manifest, tmp_path, capsys) -
     assert "2 workers" in out and "6 done now" in out
     runs = FeatureStore.open(store).runs()
     assert runs[-1]["config"]["model"]["modules"] == ["lab_models"]
+    code, out, err = _medfeat(capsys, "export", "plugged_net", "--taps", "stage0", "--plugin", str(plugin),
+                              "--out", str(tmp_path / "onnx"), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0 and "stage0" in out and json.loads((tmp_path / "onnx" / "parity.json").read_text())["passed"], err
 
 
 def test_missing_plugin_is_one_line(manifest, tmp_path, capsys) -> None:

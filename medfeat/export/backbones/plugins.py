@@ -30,6 +30,7 @@ _ENTRY_POINTS: dict[str, str] = {}  # entry point name -> "" when loaded, else w
 # Re-entrant and apart: a plugin's import may itself look names up (and so load entry points).
 _FILE_LOCK = threading.RLock()
 _ENTRY_LOCK = threading.RLock()
+_FILES: dict[str, bytes] = {}  # module name -> content of the plugin file loaded under it
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def _load_file(path: Path) -> Plugin:
     with _FILE_LOCK:
         loaded = sys.modules.get(name)
         if loaded is not None:
-            if Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+            # the same file, or a copy of it (Dask's upload_file imports a copy here too)
+            if _FILES.get(name) == path.read_bytes() or _same_source(getattr(loaded, "__file__", None), path):
                 return Plugin(name, str(path))
             raise InputError(f"plugin {path}: a module {name!r} is already imported from elsewhere; rename the file")
         module_spec = importlib.util.spec_from_file_location(name, path)
@@ -73,12 +75,20 @@ def _load_file(path: Path) -> Plugin:
             raise InputError(f"plugin {path}: not a Python file")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
+        _FILES[name] = path.read_bytes()
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[name]
+            del _FILES[name]
             raise InputError(f"plugin {path}: import failed ({type(exc).__name__}: {one_line(exc)})") from exc
     return Plugin(name, str(path))
+
+
+def _same_source(loaded_file: str | None, path: Path) -> bool:
+    if not loaded_file or not Path(loaded_file).is_file():
+        return False
+    return Path(loaded_file).resolve() == path or Path(loaded_file).read_bytes() == path.read_bytes()
 
 
 def load_plugins(specs: tuple[str, ...] | list[str]) -> list[Plugin]:

@@ -43,11 +43,17 @@ _LOAD_LOCK = threading.RLock()  # Dask worker threads may list backbones at once
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add ``spec`` to the registry (a name may be registered once)."""
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
-        raise ValueError(f"backbone {spec.name!r} is registered twice")
+    """Add ``spec`` to the registry (a name may be registered once; the same module
+    registering it again, as a plugin imported a second time, replaces it)."""
+    old = _REGISTRY.get(spec.name)
+    if old is not None and old is not spec and _module_of(old) != _module_of(spec):
+        raise ValueError(f"backbone {spec.name!r} is registered twice ({_module_of(old)}, {_module_of(spec)})")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def _module_of(spec: BackboneSpec) -> str:
+    return str(getattr(spec.build, "__module__", ""))
 
 
 def _import_family(module: str) -> None:
