@@ -9,7 +9,10 @@ RUNTIME = [
     "numpy>=1.26",
     "scipy>=1.11",
     "nibabel>=5",
-    "pydicom>=2.4",
+    "pydicom>=3",
+    # pydicom's pixel-data plugins: JPEG and JPEG-LS (compressed DICOM as PACS export it)
+    "pylibjpeg>=2",
+    "pylibjpeg-libjpeg>=2.1",
     "pillow>=10",
     "zarr>=3",
     "numcodecs>=0.13",
@@ -49,6 +52,7 @@ EXTRAS = {
         "SimpleITK>=2.3",
         "segment_anything",
         "transformers>=4.40",
+        "xarray",  # medfeat.api Store.to_xarray
     ],
     # Upstream implementations, imported only by the parity suite (tests/parity), never by
     # medfeat: uniGradICON (pulls ITK, ~1.5 GB), SAM-Med3D's encoder (medim), SAM, DINOv2

@@ -41,3 +41,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
         if "tensorrt" in item.keywords and not (has_trt and has_cuda):
             item.add_marker(pytest.mark.skip(reason="tensorrt not installed or no GPU"))
+
+
+@pytest.fixture(autouse=True)
+def _forget_plugins():
+    """Backbones that a test's plugin registered, and the plugin modules it imported from its
+    temporary folder, are forgotten after it: later tests see the registry they were collected
+    with (``test_registry`` lists every model)."""
+    registry = sys.modules.get("medfeat.export.backbones.registry")
+    before = set(getattr(registry, "_REGISTRY", {}))
+    modules = set(sys.modules)
+    yield
+    registry = sys.modules.get("medfeat.export.backbones.registry")
+    if registry is None:
+        return
+    from medfeat.export.backbones.models import BACKBONE_MODULES
+
+    for name in set(registry._REGISTRY) - before - set(BACKBONE_MODULES):
+        del registry._REGISTRY[name]
+    for name in set(sys.modules) - modules:
+        if "pytest-of-" in str(getattr(sys.modules[name], "__file__", "") or ""):
+            del sys.modules[name]

@@ -239,8 +239,12 @@ def _bar(path: Path, title: str, labels: list[str], values: list[float], log: bo
 
 
 def plan_cohort(manifest: str, model: str, taps: list[str], *, sample: int = 4, tiny: bool = False,
-                runtime: str = "eager", batch_size: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Estimate a whole cohort's extraction wall time and peak memory from a short sample run."""
+                runtime: str = "eager", batch_size: int = 2, log: Callable[[str], None] = print,
+                model_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Estimate a whole cohort's extraction wall time and peak memory from a short sample run.
+
+    ``model_settings``: further extract settings for the model (``plugins``, ``input_kind``,
+    ``input_size``, ``intensity``, ``model_args``, ``weights``)."""
     import tempfile
 
     import pandas as pd
@@ -267,7 +271,8 @@ def plan_cohort(manifest: str, model: str, taps: list[str], *, sample: int = 4, 
         rss0 = proc.memory_info().rss
         cfg = ExtractConfig.from_settings(str(sample_manifest), str(Path(tmp) / "s.zarr"), model, taps,
                                           tiny=tiny, runtime=runtime, batch_size=batch_size,
-                                          scheduler_kind="sync", progress=False, random_init=True)
+                                          scheduler_kind="sync", progress=False, random_init=True,
+                                          **(model_settings or {}))
         start = time.perf_counter()
         summary = extract(cfg)
         seconds = time.perf_counter() - start

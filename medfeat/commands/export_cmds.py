@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from medfeat.commands.model_opts import load_plugins, model_inputs, model_options, parse_model_args
 from medfeat.errors import InputError
 
 
@@ -118,9 +119,11 @@ def _print_audit(rows: list[dict[str, Any]]) -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Artefact cache (default $MEDFEAT_CACHE or ~/.cache/medfeat/artefacts).")
 @click.option("--audit", is_flag=True, help="Also report per-tap drift of fp16 / bf16 / TensorRT from fp32.")
 @click.option("--device", default=None, help="Device for the audit (default cuda if present, else cpu).")
+@model_options
 def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, input_size: str | None, out: Path,
                weights: str | None, pooling: str | None, opset: int | None, batch_profile: str | None, tiny: bool,
-               seed: int, cache_dir: str | None, audit: bool, device: str | None) -> None:
+               seed: int, cache_dir: str | None, audit: bool, device: str | None, plugins: tuple[str, ...],
+               input_kind: str | None, intensity: str | None, model_args: tuple[str, ...]) -> None:
     """Export MODEL truncated at --taps to ONNX or a TensorRT engine, with a parity report.
 
     Fails (exit 2) when the artefact's features are outside the precision's tolerance
@@ -128,10 +131,16 @@ def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, inpu
     """
     import torch
 
+    from medfeat.export.backbones.generic import is_generic
     from medfeat.export.backbones.registry import create_backbone
     from medfeat.export.runtimes.onnx_export import DEFAULT_OPSET
 
-    backbone = create_backbone(model, _split(taps), weights, pooling=pooling, seed=seed, tiny=tiny)
+    load_plugins(plugins)
+    size = _ints(input_size, "--input-size")
+    # a generic model's --input-size is its size; a registered model's, the export size
+    inputs = model_inputs(input_kind, size if is_generic(model) else None, intensity)
+    backbone = create_backbone(model, _split(taps), weights, pooling=pooling, seed=seed, tiny=tiny,
+                               config=parse_model_args(model_args) or None, inputs=inputs)
     profile = _ints(batch_profile, "--batch-profile")
     if profile is not None and len(profile) != 3:
         raise InputError(f"--batch-profile {batch_profile!r} needs three values: min,opt,max")

@@ -10,6 +10,7 @@ import sys
 import click
 
 # config holds only dataclasses and choice lists (no torch, no pandas): light enough for --help
+from medfeat.commands.model_opts import model_options, parse_model_args
 from medfeat.engine.pipeline.config import (
     ALIGNMENTS,
     GRAY_MODES,
@@ -52,7 +53,9 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.command("extract")
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False), help="Cohort manifest CSV.")
 @click.option("--store", required=True, type=click.Path(file_okay=False), help="Feature store (Zarr v3 directory).")
-@click.option("--model", required=True, help="Registered backbone name (medfeat models list).")
+@click.option("--model", required=True,
+              help="Registered backbone (medfeat models list), or a generic one: timm:NAME, hf:DIR, "
+                   "onnx:FILE, torchscript:FILE, module:PKG.MOD:FACTORY.")
 @click.option("--taps", required=True, help="Comma-separated tap names or indices.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local checkpoint (required unless --random-init).")
@@ -109,6 +112,13 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--atlas", type=click.Path(exists=True), default=None, help="Atlas scan (default: atlas.nii.gz beside the manifest).")
 @click.option("--atlas-mask", type=click.Path(exists=True), default=None, help="Atlas mask for --roi crop.")
 @click.option("--quiet", is_flag=True, help="No progress line.")
+@click.option("--baseline-visit", default=None,
+              help="Visit label of the baseline (pairs, alignment); default: the visit named baseline.")
+@click.option("--followup-visit", default=None, help="Visit label of the follow-up of the pair; default: followup.")
+@click.option("--pairs", type=click.Choice(["consecutive", "all-to-baseline"]), default=None,
+              help="Pair models: every consecutive pair of a subject's visits, or every visit with the baseline "
+                   "(visits ordered by visit_order, else acquisition_date, else the label).")
+@model_options
 def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str | None, random_init: bool,
                 align: str | None, variant_alias: str | None, roi: str,
                 roi_labels: str | None, runtime: str, device: str, precision: str, pooling: str | None,
@@ -116,8 +126,11 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
                 batch_size: int,
                 chunk_items: int | None, workers: int | None, threads_per_worker: int,
                 memory_limit: str | None, scheduler: str | None, malloc: str, scheduler_kind: str,
-                retry_failed: bool, refresh_changed: bool, overwrite: str | None, tiny: bool, input_size: str | None, seed: int, atlas: str | None, atlas_mask: str | None,
-                quiet: bool) -> None:
+                retry_failed: bool, refresh_changed: bool, overwrite: str | None, tiny: bool, input_size: str | None,
+                seed: int, atlas: str | None, atlas_mask: str | None,
+                quiet: bool, baseline_visit: str | None, followup_visit: str | None, pairs: str | None,
+                plugins: tuple[str, ...], input_kind: str | None, intensity: str | None,
+                model_args: tuple[str, ...]) -> None:
     """Extract pooled features of MODEL at TAPS for every item of a manifest into a store."""
     from medfeat.engine.pipeline.config import ExtractConfig
     from medfeat.engine.pipeline.extract import extract
@@ -138,7 +151,9 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,
         retry_failed=retry_failed, random_init=random_init, refresh_changed=refresh_changed,
         overwrite=tuple(v.strip() for v in (overwrite or "").split(",") if v.strip()), atlas=atlas,
-        atlas_mask=atlas_mask, progress=not quiet)
+        atlas_mask=atlas_mask, progress=not quiet,
+        baseline_visit=baseline_visit, followup_visit=followup_visit, pairs=pairs,
+        plugins=plugins, input_kind=input_kind, intensity=intensity, model_args=parse_model_args(model_args))
     record = extract(cfg)
     _summary(record)
     if record.items.remain_failed:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from medfeat.commands.model_opts import load_plugins, model_inputs, model_options, parse_model_args, parse_size
+
 if TYPE_CHECKING:  # the registry imports torch: only the commands that run need it
     from medfeat.export.backbones.spec import BackboneSpec, TapSpec
 
@@ -64,8 +66,13 @@ def register(groups: dict[str, click.Group]) -> None:
 
     @models.command("list")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-    def list_cmd(as_json: bool) -> None:
-        """List registered backbones: input kind and size, number of taps."""
+    @click.option("--plugin", "plugins", multiple=True, help="A .py file or module that registers backbones.")
+    def list_cmd(as_json: bool, plugins: tuple[str, ...]) -> None:
+        """List registered backbones: input kind and size, number of taps.
+
+        Generic models need no registration: timm:NAME, hf:DIR, onnx:FILE, torchscript:FILE,
+        module:PKG.MOD:FACTORY (see `medfeat models show`)."""
+        load_plugins(plugins)
         rows = model_rows()
         if as_json:
             click.echo(json.dumps(rows, indent=2))
@@ -78,20 +85,27 @@ def register(groups: dict[str, click.Group]) -> None:
     @models.command("show")
     @click.argument("name")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-    def show_cmd(name: str, as_json: bool) -> None:
+    @click.option("--input-size", default=None, help="Generic models: input size, e.g. 224,224 or 64,64,64.")
+    @model_options
+    def show_cmd(name: str, as_json: bool, input_size: str | None, plugins: tuple[str, ...],
+                 input_kind: str | None, intensity: str | None, model_args: tuple[str, ...]) -> None:
         """Show NAME's taps with raw output shapes at its input size and pooled dims."""
         from medfeat.export.backbones.registry import get_spec
 
-        spec = get_spec(name)
+        load_plugins(plugins)
+        spec = get_spec(name, model_inputs(input_kind, parse_size(input_size), intensity),
+                        parse_model_args(model_args) or None)
         rows = tap_rows(spec)
         if as_json:
             click.echo(json.dumps({"name": name, "input": spec.input_kind, "input_size": list(spec.input_size),
                                    "in_channels": spec.in_channels, "preprocess": spec.preprocess.rule,
                                    "preprocess_params": spec.preprocess.params,
                                    "weight_formats": list(spec.weight_formats), "licence": spec.licence,
-                                   "taps": rows}, indent=2))
+                                   "store_name": spec.store_key, "taps": rows}, indent=2, default=str))
             return
         click.echo(f"{name}: {spec.description}")
+        if spec.store_key != name:
+            click.echo(f"store name: {spec.store_key} (arrays are {spec.store_key}:TAP:VARIANT)")
         click.echo(f"input: {spec.input_kind} {_fmt(spec.input_size)}, {spec.in_channels} channel(s); "
                    f"preprocess: {spec.preprocess.rule} {spec.preprocess.params or ''}".rstrip())
         click.echo(f"weight formats: {', '.join(spec.weight_formats) or '-'}; licence: {spec.licence or '-'}")

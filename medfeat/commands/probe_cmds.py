@@ -16,8 +16,11 @@ def _cv_options(f: Callable) -> Callable:
     opts = [
         click.option("--store", "store_path", required=True, type=click.Path(exists=True, path_type=Path),
                      help="Feature store (Zarr v3 group)."),
-        click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="Labels CSV: item_id, or subject [+ timepoint], plus the target column."),
+        click.option("--labels", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Labels CSV: item_id, or subject [+ timepoint], plus the target column "
+                          "[default: the store's items table, which carries the cohort manifest's columns]."),
+        click.option("--covariates", default=None,
+                     help="Comma-separated label columns appended to the features (age,sex,site; text one-hot)."),
         click.option("--target", required=True, help="Target column; several comma-separated for multi-label."),
         click.option("--task", type=click.Choice(TASKS), default=None,
                      help="Task [default: multilabel for several target columns, binary for 2 classes, "
@@ -41,6 +44,19 @@ def _cv_options(f: Callable) -> Callable:
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def _labels(labels, store_path):
+    """The labels: the CSV given, else the store's items table."""
+    if labels is not None:
+        return labels
+    from medfeat.probes.features import store_labels
+
+    return store_labels(store_path)
+
+
+def _covs(covariates: str | None) -> list[str]:
+    return [c.strip() for c in (covariates or "").split(",") if c.strip()]
 
 
 def _cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced=False) -> dict:
@@ -138,7 +154,7 @@ def _pair_option(f: Callable) -> Callable:
 @_head_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results JSON here (input of `probe report`).")
-def train(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
+def train(store_path, labels, covariates, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
           split_column, spec, pair_mode, head, out, **head_opts) -> None:
     """Cross-validate a probe (or a trained head) on one feature array; print metrics with 95% CIs.
 
@@ -149,7 +165,8 @@ def train(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci
     from medfeat.probes.features import array_meta, load_features
     from medfeat.probes.sweep import config_record, evaluate_features, write_results
 
-    fs = load_features(store_path, spec, labels, target, pair_mode)
+    labels = _labels(labels, store_path)
+    fs = load_features(store_path, spec, labels, target, pair_mode, _covs(covariates))
     _echo_features(fs)
     kind = probe_kind if head in (None, "linear") else head
     if head == "linear" and fs.X.ndim > 2:
@@ -173,7 +190,7 @@ def train(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci
 @_pair_option
 @click.option("--metric", default=None, help="Metric to compare [default: the task's headline metric].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JSON here.")
-def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
+def compare(store_path, labels, covariates, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
             split_column, specs, pair_mode, metric, out) -> None:
     """Compare two feature sets: paired subject bootstrap (and DeLong's test for binary AUC)."""
     import numpy as np
@@ -183,7 +200,8 @@ def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, 
     from medfeat.probes.features import FeatureSet, load_features
     from medfeat.probes.sweep import evaluate_features
 
-    a, b = (load_features(store_path, s, labels, target, pair_mode) for s in specs)
+    labels = _labels(labels, store_path)
+    a, b = (load_features(store_path, s, labels, target, pair_mode, _covs(covariates)) for s in specs)
     common = sorted(set(a.item_ids) & set(b.item_ids))
     if len(common) < len(a.item_ids) or len(common) < len(b.item_ids):
         click.echo(f"comparing on the {len(common)} items both arrays have "
@@ -220,13 +238,14 @@ def compare(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, 
               help="Pair modes to try (repeatable) [default: none, rows as stored].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json, results.csv and results.parquet.")
-def sweep(store_path, labels, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
+def sweep(store_path, labels, covariates, target, task, folds, seeds, probe_kind, n_boot, ci_method, balanced,
           split_column, specs, models, pair_modes, out) -> None:
     """Probe every selected (model, tap, variant) array; write a tidy results table."""
     from medfeat.probes.sweep import sweep_store, write_results
 
-    configs = sweep_store(store_path, labels, target, specs=specs or None, models=models or None,
-                          pair_modes=pair_modes or (None,), split_column=split_column, log=click.echo,
+    configs = sweep_store(store_path, _labels(labels, store_path), target, specs=specs or None,
+                          models=models or None, pair_modes=pair_modes or (None,), split_column=split_column,
+                          log=click.echo, covariates=_covs(covariates),
                           **_cv_kwargs(task, folds, seeds, probe_kind, n_boot, ci_method, balanced))
     for path in write_results(configs, out, tables=True):
         click.echo(f"wrote {path}")

@@ -22,14 +22,16 @@ def _print_outputs(paths: dict, start: float) -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: runs/<name>).")
 @click.option("--weights-dir", type=click.Path(file_okay=False), help="Folder holding the models' checkpoints.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def run(experiment: str, out: str | None, weights_dir: str | None, progress: bool) -> None:
+@click.option("--plugin", "plugins", multiple=True,
+              help="A .py file or module that registers backbones (repeatable; adds to the file's plugins:).")
+def run(experiment: str, out: str | None, weights_dir: str | None, progress: bool, plugins: tuple[str, ...]) -> None:
     """Run a whole experiment grid: extraction (reusing the store), probes, report."""
     from medfeat.studies.experiment import load_experiment, run_experiment
 
     start = time.perf_counter()
     exp = load_experiment(experiment)
     paths = run_experiment(exp, out or Path("runs") / exp.name, weights_dir=weights_dir, log=click.echo,
-                           progress=progress)
+                           progress=progress, plugins=list(plugins))
     _print_outputs(paths, start)
     if paths["failed"]:
         raise SystemExit(1)

@@ -4,8 +4,15 @@ Required columns: ``subject`` and ``path``. Optional columns, validated when
 present:
 
 ``timepoint``
-    ``baseline`` or ``followup`` (``follow-up`` / ``follow_up`` are accepted and
-    normalised, case-insensitive). ``(subject, timepoint)`` must be unique.
+    the visit label: any text (``bl``, ``m12``, ``00m``, a BIDS session);
+    ``baseline`` and ``followup`` (``follow-up`` / ``follow_up`` are normalised,
+    case-insensitive) are the default pair. ``(subject, timepoint)`` must be unique.
+    How visits are ordered and paired: :mod:`medfeat.io.visits`.
+``visit_order``
+    a number ordering a subject's visits; may be empty.
+``acquisition_date``
+    the date of the scan (``YYYY-MM-DD`` or DICOM's ``YYYYMMDD``), normalised to
+    ``YYYY-MM-DD``; orders visits when there is no ``visit_order``; may be empty.
 ``mask_path``
     label map with the same grid as ``path``; may be empty.
 ``label``
@@ -48,7 +55,9 @@ TIMEPOINTS = ("baseline", "followup")
 _TIMEPOINT_ALIASES = {"baseline": "baseline", "followup": "followup",
                       "follow-up": "followup", "follow_up": "followup"}
 PATH_COLUMNS = ("path", "mask_path")
-NUMBER_COLUMNS = ("jsn_mm", "jsn_lateral_mm", "misalign_deg", "misalign_mm")
+NUMBER_COLUMNS = ("jsn_mm", "jsn_lateral_mm", "misalign_deg", "misalign_mm", "visit_order")
+# what the pipeline reads itself; every other column is carried into the store's items table
+KNOWN_COLUMNS = ("item_id", "subject", "timepoint", "path", "mask_path", "transform", "atlas_transform")
 
 
 def format_transform(matrix: np.ndarray) -> str:
@@ -218,7 +227,24 @@ def _validate(df: pd.DataFrame, p: Path, root: Path, check_files: bool) -> pd.Da
     for column in NUMBER_COLUMNS:
         if column in df.columns:
             out[column] = [_number(v, p, i, column) for i, v in zip(df.index, df[column])]
+    if "acquisition_date" in df.columns:
+        out["acquisition_date"] = [_date(v, p, i) for i, v in zip(df.index, df["acquisition_date"])]
     return out
+
+
+def _date(value: str, p: Path, row: int) -> str:
+    """``YYYY-MM-DD`` (ISO, optionally with a time) or ``YYYYMMDD`` -> ``YYYY-MM-DD``."""
+    import datetime as dt
+
+    if not value:
+        return ""
+    text = value.strip()
+    for fmt in ("%Y%m%d", "%Y-%m-%d"):
+        try:
+            return dt.datetime.strptime(text[:10] if fmt == "%Y-%m-%d" else text, fmt).date().isoformat()
+        except ValueError:
+            continue
+    raise ManifestError(f"{_where(p, row, 'acquisition_date')}: '{value}' is not a date (YYYY-MM-DD or YYYYMMDD)")
 
 
 def _resolve(value: str, root: Path, p: Path, row: int, column: str,
@@ -234,11 +260,10 @@ def _resolve(value: str, root: Path, p: Path, row: int, column: str,
 
 
 def _timepoint(value: str, p: Path, row: int) -> str:
-    tp = _TIMEPOINT_ALIASES.get(value.lower())
-    if tp is None:
-        raise ManifestError(
-            f"{_where(p, row, 'timepoint')}: '{value}' is not one of {', '.join(TIMEPOINTS)}")
-    return tp
+    """The visit label; the spellings of baseline and follow-up normalised."""
+    if any(c in value for c in "/:"):  # item ids are SUBJECT/VISIT and store keys split on ':'
+        raise ManifestError(f"{_where(p, row, 'timepoint')}: '{value}' may not contain '/' or ':'")
+    return _TIMEPOINT_ALIASES.get(value.lower(), value)
 
 
 def _label(value: str, p: Path, row: int) -> int | None:

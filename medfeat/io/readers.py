@@ -2,7 +2,7 @@
 
 3D: NIfTI (``.nii``, ``.nii.gz``), a scan in a Zarr cohort store (a directory holding
 ``zarr.json``, written by ``medfeat cohort ingest``), or a DICOM series (a directory of
-``.dcm`` files, or one file of the series). 2D: PNG, JPEG, TIFF, BMP through Pillow, and
+DICOM files, or one file of the series, or an enhanced multi-frame file). 2D: PNG, JPEG, TIFF, BMP through Pillow, and
 single-frame DICOM. Every failure is an :class:`~medfeat.errors.InputError` naming the path.
 """
 from __future__ import annotations
@@ -22,9 +22,11 @@ def _is_zarr(p: Path) -> bool:
 
 
 def _is_dicom(p: Path) -> bool:
+    from medfeat.io.dicom import is_dicom_file
+
     if p.is_dir():
-        return any(f.suffix.lower() == ".dcm" for f in p.iterdir())
-    return p.suffix.lower() == ".dcm"
+        return any(is_dicom_file(f) for f in p.iterdir())
+    return is_dicom_file(p)
 
 
 def read_scan(path: str | Path) -> Volume:

@@ -15,6 +15,11 @@ Feature specs are ``MODEL:TAP[:VARIANT]``. A multi-layer feature set joins taps 
 tap pooled ``cls+mean``: DINOv2's own linear-evaluation feature, see :func:`multi_layer_spec`): each item's vectors of every part, concatenated in the order
 given, over the items done in all parts. Token arrays (``TAP@tokens``) load as
 (n, [views,] tokens, dim) for token heads.
+
+Without a labels manifest, the store's own items table is one: it carries every column of
+the cohort manifest the items came from (age, sex, site, KL grade, ...), joined on
+``item_id``. Covariates are further columns appended to the features: numbers as they are,
+text one-hot (one column per value); items missing a covariate are dropped.
 """
 from __future__ import annotations
 
@@ -26,10 +31,12 @@ import numpy as np
 import pandas as pd
 
 from medfeat.errors import InputError, ManifestError, UnknownNameError
+from medfeat.export.backbones.provenance import random_weights
 from medfeat.probes.pairs import pair_scans
 
 __all__ = ["FeatureSet", "parse_spec", "resolve_key", "read_labels", "features_from_arrays", "load_features",
-           "column_for_items", "array_meta", "multi_layer_spec", "read_spec"]
+           "column_for_items", "array_meta", "multi_layer_spec", "read_spec", "labels_from_items",
+           "covariate_matrix", "store_labels"]
 
 
 _TIMEPOINT_ALIASES = {"baseline": "baseline", "followup": "followup", "follow-up": "followup",
@@ -74,8 +81,22 @@ def resolve_key(store, spec: str):
     raise UnknownNameError(f"{spec} matches {len(hits)} variants ({', '.join(k.variant for k in hits)}): add :VARIANT")
 
 
-def read_labels(path: str | Path) -> pd.DataFrame:
+def labels_from_items(items: pd.DataFrame) -> pd.DataFrame:
+    """A store's items table as a labels manifest: empty text is a missing value."""
+    return items.drop(columns=[c for c in ("kind", "source") if c in items]).replace("", np.nan)
+
+
+def store_labels(store_path: str | Path) -> pd.DataFrame:
+    """The items table of the store at ``store_path`` as a labels manifest."""
+    from medfeat.engine.store.feature_store import FeatureStore
+
+    return labels_from_items(FeatureStore.open(store_path, mode="r").items())
+
+
+def read_labels(path: str | Path | pd.DataFrame) -> pd.DataFrame:
     """A labels manifest as strings (keys) and raw values; errors name the file."""
+    if isinstance(path, pd.DataFrame):
+        return path
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: labels manifest not found")
@@ -120,10 +141,27 @@ def _label_values(values: pd.DataFrame, cols: list[str]) -> np.ndarray:
     return v.astype(str).to_numpy()
 
 
+def covariate_matrix(values: pd.DataFrame) -> np.ndarray:
+    """(n, k) float32 of covariate columns: numeric columns as they are, others one-hot."""
+    parts = []
+    for column in values.columns:
+        num = pd.to_numeric(values[column], errors="coerce")
+        if num.notna().all():
+            parts.append(num.to_numpy(np.float64)[:, None])
+        else:
+            text = values[column].astype(str)
+            parts.append(np.stack([(text == v).to_numpy(np.float64) for v in sorted(text.unique())], axis=1))
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
 def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.ndarray, labels: pd.DataFrame,
-                         target: str, pair_mode: str | None = None) -> FeatureSet:
-    """Join feature rows with labels (pure function; :func:`load_features` reads the store)."""
-    cols = _target_columns(labels, target)
+                         target: str, pair_mode: str | None = None,
+                         covariates: Sequence[str] = ()) -> FeatureSet:
+    """Join feature rows with labels (pure function; :func:`load_features` reads the store);
+    ``covariates``: label columns appended to the features (:func:`covariate_matrix`)."""
+    targets = _target_columns(labels, target)
+    covs = _target_columns(labels, ",".join(covariates)) if covariates else []
+    cols = targets + [c for c in covs if c not in targets]
     item_ids = [str(i) for i in item_ids]
     meta = items.astype({"item_id": str}).set_index("item_id").loc[item_ids]
     kinds = set(meta["kind"].astype(str)) if "kind" in meta else {"scan"}
@@ -141,25 +179,31 @@ def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.nda
         joined = keys.merge(_per_subject(labels, cols).reset_index(), on="subject", how="left")
     have = joined[cols].notna().all(axis=1).to_numpy()
     if not have.any():
-        raise ManifestError(f"no item in the store has a {target!r} label in the manifest")
-    y = _label_values(joined.loc[have], cols)
+        raise ManifestError(f"no item in the store has a {target!r} label"
+                            f"{' and the covariates ' + ', '.join(covs) if covs else ''} in the manifest")
+    y = _label_values(joined.loc[have], targets)
     groups = joined.loc[have, "subject"].astype(str).to_numpy()
     ids = [i for i, h in zip(item_ids, have) if h]
     same_kind = items["kind"].astype(str).isin(kinds) if "kind" in items else np.ones(len(items), bool)
     dropped = {"without a label": int((~have).sum()),
                "without features (failed or not extracted)": int(same_kind.sum()) - len(meta)}
-    return FeatureSet(np.asarray(X, dtype=np.float32)[have], y, groups, ids, dropped)
+    features = np.asarray(X, dtype=np.float32)[have]
+    if covs:
+        features = np.concatenate([features, covariate_matrix(joined.loc[have, covs])], axis=1)
+    return FeatureSet(features, y, groups, ids, dropped)
 
 
-def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path, target: str,
-                  pair_mode: str | None = None) -> FeatureSet:
+def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path | pd.DataFrame | None,
+                  target: str, pair_mode: str | None = None, covariates: Sequence[str] = ()) -> FeatureSet:
     """X, y, groups, item ids for one array (or a multi-layer set of arrays) of a feature store.
 
     Parameters
     ----------
     store_path : a store written by :class:`medfeat.engine.store.feature_store.FeatureStore`.
     spec : ``MODEL:TAP[:VARIANT]``, or ``MODEL:TAP+TAP+...[:VARIANT]``.
-    labels_manifest : CSV with the target column(s), see the module docstring.
+    labels_manifest : CSV with the target column(s), see the module docstring; None: the
+        store's items table (the cohort manifest's columns).
+    covariates : label columns appended to the features.
     pair_mode : combine per-scan rows into baseline/follow-up pairs
         (``concat``, ``diff``, ``absdiff``, ``concat+diff``); pair items pass through.
     """
@@ -167,8 +211,10 @@ def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path
 
     store = FeatureStore.open(store_path, mode="r")
     item_ids, X = read_spec(store, spec)
-    fs = features_from_arrays(store.items(), item_ids, X, read_labels(labels_manifest), target, pair_mode)
-    random = any(store.provenance(resolve_key(store, p)).get("weights_sha256") is None for p in _parts(spec))
+    items = store.items()
+    labels = labels_from_items(items) if labels_manifest is None else read_labels(labels_manifest)
+    fs = features_from_arrays(items, item_ids, X, labels, target, pair_mode, covariates)
+    random = any(random_weights(store.provenance(resolve_key(store, p))) for p in _parts(spec))
     return fs._replace(random_weights=random)
 
 

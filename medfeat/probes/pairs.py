@@ -7,13 +7,13 @@ and store one row per pair (item kind ``"pair"``); those pass through.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from medfeat.errors import InputError, UnknownNameError
+from medfeat.errors import InputError, ManifestError, UnknownNameError
+from medfeat.io.visits import label_rank, order_visits
 
 __all__ = ["PAIR_MODES", "combine_pair", "timepoint_rank", "pair_scans"]
 
@@ -35,24 +35,14 @@ def combine_pair(base: np.ndarray, follow: np.ndarray, mode: str) -> np.ndarray:
     raise UnknownNameError(f"unknown pair mode {mode!r}: use one of {', '.join(PAIR_MODES)}")
 
 
-_NAMED = {"baseline": 0.0, "bl": 0.0, "sc": 0.0, "screening": 0.0, "followup": 1.0,
-          "follow-up": 1.0, "follow_up": 1.0, "fu": 1.0}
-
-
 def timepoint_rank(tp: object) -> float:
-    """Sortable position of a timepoint: numbers as they are, ``baseline`` 0,
-    ``followup`` 1, otherwise the first number in the text (``m12`` -> 12)."""
-    text = str(tp).strip().lower()
-    if text in _NAMED:
-        return _NAMED[text]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    match = re.search(r"\d+(\.\d+)?", text)
-    if match is None:
+    """Sortable position of a timepoint label: numbers as they are, ``baseline`` 0,
+    ``followup`` 1, otherwise the first number in the text (``m12`` -> 12); see
+    :func:`medfeat.io.visits.label_rank`."""
+    rank = label_rank(tp)
+    if rank is None:
         raise InputError(f"cannot order timepoint {tp!r}: use numbers or baseline/followup")
-    return float(match.group())
+    return rank
 
 
 def pair_scans(items: pd.DataFrame, item_ids: Sequence[str], X: np.ndarray, mode: str,
@@ -67,15 +57,25 @@ def pair_scans(items: pd.DataFrame, item_ids: Sequence[str], X: np.ndarray, mode
     X : (n, d) per-scan features.
     mode : one of :data:`PAIR_MODES`.
     baseline, followup : timepoint names to use; by default each subject's
-        earliest and latest timepoint. Subjects with fewer than two scans are skipped.
+        earliest and latest visit, ordered as :mod:`medfeat.io.visits` orders them (the
+        items table's ``visit_order``, else ``acquisition_date``, else the label).
+        Subjects with fewer than two scans are skipped.
 
     Returns
     -------
     (n_pairs, d') features, (n_pairs,) subjects and pair ids ``"base->follow"``.
     """
-    meta = items.set_index("item_id").loc[list(item_ids), ["subject", "timepoint"]]
+    cols = ["subject", "timepoint"] + [c for c in ("visit_order", "acquisition_date") if c in items.columns]
+    meta = items.set_index("item_id").loc[list(item_ids), cols]
     frame = meta.assign(row=np.arange(len(meta)))
-    frame["rank"] = [timepoint_rank(t) for t in frame["timepoint"]]
+    frame["rank"] = 0
+    for subject, g in frame.groupby("subject", sort=False):
+        try:
+            ordered = order_visits(g.replace("", np.nan).to_dict("records"), str(subject))
+        except ManifestError as exc:
+            raise InputError(str(exc)) from None
+        position = {r["row"]: k for k, r in enumerate(ordered)}
+        frame.loc[g.index, "rank"] = [position[r] for r in g["row"]]
     b_rows, f_rows, subjects, ids = [], [], [], []
     for subject, g in frame.groupby("subject", sort=True):
         b, f = _choose(g, baseline, followup)

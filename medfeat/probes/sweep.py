@@ -16,7 +16,7 @@ import pandas as pd
 
 from medfeat.errors import InputError
 from medfeat.probes.evaluate import ProbeResult, cross_validate_probe, holdout_probe
-from medfeat.probes.features import FeatureSet, column_for_items, load_features, parse_spec
+from medfeat.probes.features import FeatureSet, column_for_items, load_features, parse_spec, store_labels
 
 __all__ = ["evaluate_features", "natural_key", "tap_depths", "config_record", "tidy_rows", "sweep_store",
            "write_results", "read_results"]
@@ -103,19 +103,24 @@ def evaluate_features(fs: FeatureSet, *, labels=None, split_column: str | None =
     return cross_validate_probe(fs.X, fs.y, fs.groups, item_ids=fs.item_ids, **cv_kwargs)
 
 
-def sweep_store(store_path: str | Path, labels: str | Path, target: str, *, specs: Sequence[str] | None = None,
+def sweep_store(store_path: str | Path, labels, target: str, *, specs: Sequence[str] | None = None,
                 pair_modes: Sequence[str | None] = (None,), models: Sequence[str] | None = None,
-                split_column: str | None = None, log=None, **cv_kwargs) -> list[dict]:
+                split_column: str | None = None, log=None, covariates: Sequence[str] = (),
+                **cv_kwargs) -> list[dict]:
     """Cross-validate a probe on each selected array (and pair mode) of a store.
 
     ``specs`` selects arrays (``MODEL:TAP[:VARIANT]``); by default all arrays,
     optionally only those of ``models``. ``cv_kwargs`` go to
     :func:`cross_validate_probe`; ``split_column`` switches to the manifest's fixed
     split (see :func:`evaluate_features`). ``log`` (callable) receives one line per config.
+    ``labels``: a CSV path, a frame, or None for the store's items table; ``covariates``:
+    label columns appended to the features.
     """
     from medfeat.engine.store.feature_store import FeatureStore
 
     store = FeatureStore.open(store_path, mode="r")
+    if labels is None:
+        labels = store_labels(store_path)
     keys = list(store.arrays())
     depths = tap_depths(keys)
     if specs:
@@ -128,7 +133,7 @@ def sweep_store(store_path: str | Path, labels: str | Path, target: str, *, spec
     for key in sorted(chosen, key=lambda k: (k.model, k.variant, natural_key(k.tap))):
         spec = f"{key.model}:{key.tap}:{key.variant}"
         for mode in pair_modes:
-            fs: FeatureSet = load_features(store_path, spec, labels, target, mode)
+            fs: FeatureSet = load_features(store_path, spec, labels, target, mode, covariates)
             res = evaluate_features(fs, labels=labels, split_column=split_column, **cv_kwargs)
             configs.append(config_record(spec, res, pair_mode=mode, depth=depths[(key.model, key.tap)], fs=fs))
             if log is not None:

@@ -22,6 +22,11 @@ An experiment file::
     pair_modes: [diff, concat+diff]    # per-scan models; pair models give one row per pair
     probe: {n_splits: 5, seeds: [0, 1, 2], probe: linear}
     extract: {batch_size: 4, scheduler_kind: threads}
+    plugins: [my_models.py]            # files or modules that register backbones (optional)
+
+A model may be generic (``timm:resnet50``, ``hf:DIR``, ``onnx:FILE``, ``torchscript:FILE``,
+``module:PKG.MOD:FACTORY``) with ``input_kind``, ``input_size``, ``intensity`` and build
+``args`` (a mapping) where the model does not declare them.
 
 A model may set ``pooling`` (one pooling for its taps, e.g. ``token1``). A 2D cohort may set
 ``normalize``: ``model`` (the default: each model's own intensity rule), ``dataset`` (the
@@ -62,6 +67,14 @@ class ModelEntry:
     input_size: list[int] | None = None
     pooling: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    input_kind: str | None = None
+    intensity: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """The model's extract settings beyond name and taps."""
+        return {"tiny": self.tiny, "input_size": tuple(self.input_size) if self.input_size else None,
+                "input_kind": self.input_kind, "intensity": self.intensity, "model_args": self.args}
 
 
 @dataclass
@@ -80,6 +93,7 @@ class Experiment:
     source: Path
     # the transfer study's training settings (studies/transfer.py), kind transfer2d only
     transfer: dict[str, Any] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -103,10 +117,13 @@ def load_experiment(path: str | Path) -> Experiment:
     for i, m in enumerate(doc["models"]):
         if not isinstance(m, dict) or "name" not in m or "taps" not in m:
             raise InputError(f"{path}: models[{i}] needs a name and taps")
-        known = {"name", "taps", "weights", "train", "tiny", "input_size", "pooling"}
-        models.append(ModelEntry(m["name"], [str(t) for t in m["taps"]], m.get("weights"), bool(m.get("train")),
+        known = {"name", "taps", "weights", "train", "tiny", "input_size", "pooling", "input_kind", "intensity", "args"}
+        if not isinstance(m.get("args", {}), dict):
+            raise InputError(f"{path}: models[{i}].args is a mapping of build arguments")
+        models.append(ModelEntry(str(m["name"]), [str(t) for t in m["taps"]], m.get("weights"), bool(m.get("train")),
                                  bool(m.get("tiny")), m.get("input_size"), m.get("pooling"),
-                                 {k: v for k, v in m.items() if k not in known}))
+                                 {k: v for k, v in m.items() if k not in known},
+                                 m.get("input_kind"), m.get("intensity"), dict(m.get("args", {}))))
     variants = doc.get("variants", {})
     unknown = set(doc.get("extract", {})) - ExtractConfig.settings()
     if unknown:
@@ -119,6 +136,7 @@ def load_experiment(path: str | Path) -> Experiment:
         pair_modes=[None if p in (None, "none") else str(p) for p in doc.get("pair_modes", ["diff"])],
         probe=dict(doc.get("probe", {})), extract=dict(doc.get("extract", {})), source=path,
         transfer=_transfer_block(doc, path),
+        plugins=[_plugin_path(str(p), path) for p in doc.get("plugins", []) or []],
     )
 
 
@@ -130,6 +148,13 @@ def _transfer_block(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     from medfeat.studies.transfer import check_block
 
     return check_block(dict(doc["transfer"] or {}), path)
+
+
+def _plugin_path(spec: str, path: Path) -> str:
+    """A plugin file relative to the experiment file, or a module name as it is."""
+    if spec.endswith(".py") and not Path(spec).is_absolute():
+        return str((path.parent / spec).resolve())
+    return spec
 
 
 def _variants(spec: Any, path: Path) -> list[tuple[str, str]]:
@@ -241,8 +266,14 @@ def _dice_line(dice: dict[str, float | None]) -> str:
 
 
 def run_experiment(exp: Experiment, out: str | Path, *, weights_dir: str | Path | None = None,
-                   log: Log = print, progress: bool = False) -> dict[str, Path]:
-    """Run the whole grid; returns the paths of the (first) manifest and store, results and report."""
+                   log: Log = print, progress: bool = False, plugins: list[str] | None = None) -> dict[str, Path]:
+    """Run the whole grid; returns the paths of the (first) manifest and store, results and report.
+
+    ``plugins`` add to the experiment's own ``plugins:``."""
+    from medfeat.export.backbones.plugins import load_plugins
+
+    exp.plugins = [*exp.plugins, *(plugins or [])]
+    load_plugins(exp.plugins)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,24 +309,27 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, store: 
     probe = {**exp.probe, **cohort.get("probe", {})}
     configs: list[dict] = []
     failed = 0
-    settings = {"progress": progress, **exp.extract}
+    from medfeat.export.backbones.generic import ModelInputs
+
+    settings = {"progress": progress, "plugins": tuple(exp.plugins), **exp.extract}
     mean_std = cohort_mean_std(exp, cohort)
     if mean_std is not None:
         settings["mean_std"] = mean_std
     for entry in exp.models:
-        spec = get_spec(entry.name)
+        spec = get_spec(entry.name, ModelInputs(entry.input_kind, tuple(entry.input_size) if entry.input_size else None,
+                                                entry.intensity), entry.args or None)
         weights = resolve_weights(entry, wdir, manifest, folder, log)
         for align, roi in exp.variants:
             cfg = ExtractConfig.from_settings(
                 str(manifest), str(store), entry.name, tuple(entry.taps), weights=weights, align=align,
-                roi=roi, tiny=entry.tiny, input_size=tuple(entry.input_size) if entry.input_size else None,
-                random_init=weights is None, **{**settings, **({"pooling": entry.pooling} if entry.pooling else {})})
+                roi=roi, random_init=weights is None, **entry.settings(),
+                **{**settings, **({"pooling": entry.pooling} if entry.pooling else {})})
             record = extract(cfg)
             failed += record.items.remain_failed
             log(f"{entry.name} {align}-{roi}{' (RANDOM weights)' if weights is None else ''}: "
                 f"{_summary_line(record)}")
         pair_modes = [None] if spec.input_kind != "volume3d" else exp.pair_modes
-        specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a, r in exp.variants]
+        specs = [f"{spec.store_key}:{t}:{a}-{r}" for t in entry.taps for a, r in exp.variants]
         found = sweep_store(store, manifest, target, specs=specs, pair_modes=pair_modes, log=log, **probe)
         configs += [{**c, "weights": weights or "random"} for c in found]
         if exp.transfer:

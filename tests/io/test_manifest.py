@@ -103,7 +103,7 @@ def test_missing_empty_and_columnless_manifests(tmp_path):
 @pytest.mark.parametrize("row,column,match", [
     (f"B,baseline,,,0,{EYE}", "path", "empty path"),
     (f",baseline,b.nii,,0,{EYE}", "subject", "empty subject"),
-    (f"B,week12,b.nii,,0,{EYE}", "timepoint", "not one of baseline, followup"),
+    (f"B,week/12,b.nii,,0,{EYE}", "timepoint", "may not contain"),
     (f"B,baseline,b.nii,,0.5,{EYE}", "label", "not an integer"),
     ("B,followup,b.nii,,0,1 0 0 1 0 1 0 0 0 0 1", "transform", "expected 16 numbers"),
 ])

@@ -65,6 +65,12 @@ class ModelConfig:
     augment: str = field(default="none", compare=False)
     token_dtype: str = field(default="float16", compare=False)
 
+    # Generic models (timm:, hf:, onnx:, torchscript:, module:): what their file does not
+    # declare, and build arguments ((key, value) pairs; any model's build config overrides).
+    input_kind: str | None = None
+    intensity: str | None = None
+    model_args: tuple[tuple[str, Any], ...] = ()
+
     def __post_init__(self) -> None:
         if self.gray is not None and self.gray not in GRAY_MODES:
             raise UnknownNameError(f"unknown gray mode {self.gray!r}; modes: {', '.join(GRAY_MODES)}")
@@ -161,9 +167,10 @@ def parse_memory_limit(text: str) -> float | None:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """One extraction run: manifest and store, the model, the variant, the cluster, and
-    how the driver batches (``batch_size`` items per task, ``chunk_items`` per store chunk
-    for new stores, at most ``window`` batches in flight)."""
+    """One extraction run: manifest and store, the model, the variant, the cluster, how the
+    driver batches (``batch_size`` items per task, ``chunk_items`` per store chunk for new
+    stores, at most ``window`` batches in flight), plugins to load, and which visits pair up
+    (:mod:`medfeat.io.visits`)."""
 
     manifest: str
     store: str
@@ -180,6 +187,11 @@ class ExtractConfig:
     refresh_changed: bool = False
     # Items to extract again although done: their ids, or ("all",).
     overwrite: tuple[str, ...] = ()
+    plugins: tuple[str, ...] = ()
+    # which visits pair up (pair models) and which is the baseline (alignment): io.visits
+    baseline_visit: str | None = None
+    followup_visit: str | None = None
+    pairs: str | None = None
     atlas: str | None = None
     atlas_mask: str | None = None
     progress: bool = True
@@ -213,6 +225,8 @@ class ExtractConfig:
                 pick[key] = tuple(pick[key])
         if pick.get("mean_std") is not None:
             pick["mean_std"] = parse_mean_std(pick["mean_std"])
+        if pick.get("model_args") is not None:
+            pick["model_args"] = frozen_args(pick["model_args"])
         mcfg = ModelConfig(str(model), tuple(str(t) for t in taps), **pick)
         vpick = {k: settings[k] for k in _VARIANT_KEYS if k in settings}
         if vpick.get("roi_labels") is not None:
@@ -221,6 +235,8 @@ class ExtractConfig:
         own = {k: v for k, v in settings.items() if k not in _MODEL_KEYS | _VARIANT_KEYS | _CLUSTER_KEYS}
         if "overwrite" in own:
             own["overwrite"] = tuple(own["overwrite"])
+        if own.get("plugins") is not None:
+            own["plugins"] = tuple(str(p) for p in own["plugins"])
         return cls(str(manifest), str(store), mcfg, Variant(**vpick), ClusterConfig(**cpick), **own)
 
     def with_model(self, **changes: Any) -> ExtractConfig:
@@ -230,6 +246,20 @@ class ExtractConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested form (tuples as lists), for run records."""
         return _jsonable(asdict(self))
+
+
+def frozen_args(args: Any) -> tuple[tuple[str, Any], ...]:
+    """Build arguments (a mapping or pairs) as sorted, hashable ``(key, value)`` pairs (lists
+    become tuples), so a model config stays a cache key."""
+    def freeze(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return tuple(freeze(x) for x in v)
+        if isinstance(v, dict):
+            return tuple(sorted((str(k), freeze(x)) for k, x in v.items()))
+        return v
+
+    pairs = args.items() if isinstance(args, dict) else args
+    return tuple(sorted((str(k), freeze(v)) for k, v in pairs))
 
 
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"name", "taps", "torch_threads"}

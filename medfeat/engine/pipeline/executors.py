@@ -38,6 +38,9 @@ class Executor:
         done, pending = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
         return set(done), set(pending)
 
+    def ship(self, files: list[str]) -> None:
+        """Make plugin ``files`` importable where tasks run (this process: already imported)."""
+
     def close(self) -> None:
         pass
 
@@ -81,6 +84,16 @@ class DaskExecutor(Executor):
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.client.submit(fn, *args, pure=False)
+
+    def ship(self, files: list[str]) -> None:
+        """Upload each plugin file to every worker (and to workers that join later), which
+        saves it beside its other files and imports it under its stem."""
+        for path in files:
+            try:
+                self.client.upload_file(path)
+            except Exception as exc:
+                raise RuntimeUnavailableError(f"plugin {path}: the workers could not import it "
+                                              f"({type(exc).__name__}: {one_line(exc)})") from exc
 
     def wait_first(self, futures: set[Any]) -> tuple[set[Any], set[Any]]:
         from distributed import wait

@@ -33,8 +33,11 @@ from medfeat.engine.pipeline.worker import BatchResult, get_model, run_batch
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore, check_store_location
 from medfeat.engine.store.lock import StoreLock
 from medfeat.errors import InputError, ManifestError, StoreError, one_line
+from medfeat.export.backbones.plugins import load_plugins
+from medfeat.export.backbones.provenance import random_weights
 from medfeat.export.backbones.registry import Backbone
 from medfeat.io.manifest import read_manifest_rows
+from medfeat.io.visits import VisitPairing
 from medfeat.timeutil import utc_now
 from medfeat.version import __version__
 
@@ -56,7 +59,7 @@ def _provenance(cfg: ExtractConfig, backbone: Backbone, tap: str, dim: int,
     prov = backbone.provenance
     variant = cfg.variant
     out = {
-        "model": cfg.model.name, "config": prov.get("config", {}), "seed": prov.get("seed"),
+        "model": backbone.spec.store_key, "config": prov.get("config", {}), "seed": prov.get("seed"),
         "weights": prov.get("weights"), "weights_sha256": prov.get("weights_sha256"),
         "tap": tap, "pooling": backbone.poolings[tap], "dim": dim,
         "input_kind": backbone.spec.input_kind,
@@ -67,6 +70,10 @@ def _provenance(cfg: ExtractConfig, backbone: Backbone, tap: str, dim: int,
         "precision": cfg.model.precision, "runtime": cfg.model.runtime, "device": cfg.model.device,
         "versions": _versions(), "created": utc_now(),
     }
+    if "source" in prov:  # a generic model: its full name, file sha256, factory, versions
+        out["source"] = {"name": cfg.model.name, **prov["source"]}
+    if "weights_filled" in prov:
+        out["weights_filled"] = prov["weights_filled"]
     if variant.roi == "crop" and variant.roi_labels is not None:
         # only when set: arrays cropped around every label keep the provenance they had
         out["preprocessing"]["roi_labels"] = [int(v) for v in variant.roi_labels]
@@ -106,17 +113,22 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
     """
     t_start = time.perf_counter()
     started = utc_now()
-    if cfg.model.weights is None and not cfg.random_init:
-        raise InputError(f"{cfg.model.name}: no weights given: pass --weights FILE (a local checkpoint), "
-                         "or --random-init to extract with seeded random weights")
+    plugins = load_plugins(cfg.plugins)  # in the driver first: they may register the model
+    if plugins:
+        cfg = cfg.with_model(modules=tuple(dict.fromkeys([*cfg.model.modules, *(p.module for p in plugins)])))
     manifest = read_manifest_rows(cfg.manifest)
     model = get_model(cfg.model)  # fails fast on unknown model / tap / pooling / device / bad weights
+    if random_weights(model.backbone.provenance) and not cfg.random_init:
+        raise InputError(f"{cfg.model.name}: no weights given: pass --weights FILE (a local checkpoint), "
+                         "or --random-init to extract with seeded random weights")
+    spec = model.backbone.spec
     atlas = Atlas.beside(cfg.manifest, cfg.atlas, cfg.atlas_mask)
-    items, plan_failures = plan_items(manifest.frame, model.backbone.spec.input_kind, cfg.variant, atlas)
+    visits = VisitPairing(cfg.baseline_visit, cfg.followup_visit, cfg.pairs)
+    items, plan_failures = plan_items(manifest.frame, spec.input_kind, cfg.variant, atlas, visits)
     _check_unique_ids(items)
     dims = model.backbone.output_dims()
     plans = plan_arrays(cfg.model, model.backbone, model.size)  # token arrays: names, layouts, grids
-    keys = {tap: ArrayKey(cfg.model.name, plans[tap].name, cfg.variant.name) for tap in model.backbone.tap_names}
+    keys = {tap: ArrayKey(spec.store_key, plans[tap].name, cfg.variant.name) for tap in model.backbone.tap_names}
     provenances = {tap: {**_provenance(cfg, model.backbone, tap, dims[tap], model.size), **plans[tap].provenance}
                    for tap in keys}
     store_path = Path(cfg.store)
@@ -135,7 +147,7 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
             early = [{"item_id": i, "reason": r} for i, r in manifest.bad + plan_failures]
             store.record_failures({"array": str(k), **f} for k in keys.values() for f in early)
             pending = _pending(store, keys, items, indices, cfg.retry_failed)
-            record = _run(cfg, store, keys, items, indices, pending, executor)
+            record = _run(cfg, store, keys, items, indices, pending, executor, [p.file for p in plugins if p.file])
             record.started, record.wall_s = started, time.perf_counter() - t_start
             record.failures = early + record.failures
             record.items.failed = len(record.failures)
@@ -216,7 +228,10 @@ def _pending(store: FeatureStore, keys: dict[str, ArrayKey], items: list[Item], 
 
 
 def _run(cfg: ExtractConfig, store: FeatureStore, keys: dict[str, ArrayKey], items: list[Item],
-         indices: np.ndarray, pending: np.ndarray, executor: Executor) -> RunRecord:
+         indices: np.ndarray, pending: np.ndarray, executor: Executor,
+         plugin_files: list[str] | None = None) -> RunRecord:
+    if plugin_files and len(pending):
+        executor.ship(plugin_files)  # worker processes import them before building the model
     mcfg = cfg.model
     if cfg.cluster.scheduler_kind == "local" and not cfg.cluster.scheduler:
         mcfg = cfg.with_model(torch_threads=torch_threads_per_worker(cfg.cluster.workers or 1)).model

@@ -34,7 +34,8 @@ import pandas as pd
 
 from medfeat.engine.pipeline.config import Variant
 from medfeat.errors import InputError, ManifestError, RuntimeUnavailableError, UnknownNameError, one_line
-from medfeat.io.manifest import parse_transform
+from medfeat.io.manifest import KNOWN_COLUMNS, parse_transform
+from medfeat.io.visits import VisitPairing, baseline_of, pair_id, visit_pairs
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,15 @@ class Item:
     kind: str
     channels: tuple[Channel, ...]
     label: str = ""
+    extra: tuple[tuple[str, str], ...] = ()  # the manifest's other columns (age, sex, site, ...)
 
     @property
     def source(self) -> str:
         return ";".join(c.path for c in self.channels)
 
     def record(self) -> dict[str, str]:
-        return {"item_id": self.item_id, "subject": self.subject, "timepoint": self.timepoint,
-                "kind": self.kind, "source": self.source}
+        return {**dict(self.extra), "item_id": self.item_id, "subject": self.subject,
+                "timepoint": self.timepoint, "kind": self.kind, "source": self.source}
 
 
 @dataclass
@@ -116,15 +118,17 @@ def _scan_id(row: dict[str, Any], unique_subjects: bool) -> str:
     return str(row["subject"]) if unique_subjects else f"{row['subject']}/{Path(row['path']).name}"
 
 
-def plan_items(df: pd.DataFrame, input_kind: str, variant: Variant,
-               atlas: Atlas) -> tuple[list[Item], list[tuple[str, str]]]:
+def plan_items(df: pd.DataFrame, input_kind: str, variant: Variant, atlas: Atlas,
+               visits: VisitPairing | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
     """Items for a manifest frame (from ``read_manifest``), plus ``(item_id, reason)`` for
     rows that cannot make an item (no baseline for an alignment, no atlas, ...).
 
     ``variant.roi_labels``: mask labels whose bounding box is the ``crop`` ROI (None: all
-    non-zero).
+    non-zero). ``visits``: which visits pair up (pair models) and which is each subject's
+    baseline (alignment to the baseline); see :mod:`medfeat.io.visits`. Every manifest
+    column the pipeline does not read itself is carried in each item's ``extra``.
     """
-    items, bad = _plan(df, input_kind, variant.align, variant.roi, atlas)
+    items, bad = _plan(df, input_kind, variant.align, variant.roi, atlas, visits or VisitPairing())
     if variant.roi != "crop":
         return items, bad
     croppable = [it for it in items if all(c.mask for c in it.channels)]
@@ -140,8 +144,29 @@ def plan_items(df: pd.DataFrame, input_kind: str, variant: Variant,
     return croppable, bad
 
 
+def _extra(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The row's carried columns as text (empty for missing values)."""
+    out = []
+    for key, value in row.items():
+        if key in KNOWN_COLUMNS or key == "label":
+            continue
+        missing = value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+        out.append((str(key), "" if missing else str(value)))
+    if "label" in row:
+        out.append(("label", _label(row)))
+    return tuple(out)
+
+
+def _pair_extra(base: dict[str, Any], follow: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A pair's columns: the baseline row's, plus ``followup_<column>`` where the follow-up differs."""
+    b, f = dict(_extra(base)), dict(_extra(follow))
+    if f.get("label"):  # a pair's label is the follow-up's (progression), else the baseline's
+        b["label"] = f["label"]
+    return tuple(b.items()) + tuple((f"followup_{k}", v) for k, v in f.items() if k != "label" and b.get(k) != v)
+
+
 def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
-          atlas: Atlas) -> tuple[list[Item], list[tuple[str, str]]]:
+          atlas: Atlas, visits: VisitPairing) -> tuple[list[Item], list[tuple[str, str]]]:
     if input_kind == "image2d" and align != "none":
         raise UnknownNameError(f"alignment {align!r} is for 3D cohorts; 2D models take 'none'")
     if input_kind == "image2d" and roi != "whole":
@@ -158,15 +183,17 @@ def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
     if align in ("rigid", "affine", "atlas") and not (input_kind == "pair3d" and align == "atlas"):
         check_alignment_available(align)
     if input_kind == "pair3d" and align != "atlas":
-        return _plan_pairs(rows, align, crop, amask, bad), bad
+        return _plan_pairs(rows, align, crop, amask, bad, visits), bad
     items = []
-    by_subject = {(r["subject"], r.get("timepoint")): r for r in rows}
+    subject_rows: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        subject_rows.setdefault(str(r["subject"]), []).append(r)
     for r in rows:
         iid = _scan_id(r, unique)
         own_mask = (r.get("mask_path") or amask) if crop else None
         kind = "image" if input_kind == "image2d" else "scan"
-        meta = dict(item_id=iid, subject=str(r["subject"]), timepoint=str(r.get("timepoint") or ""),
-                    label=_label(r))
+        meta: dict[str, Any] = dict(item_id=iid, subject=str(r["subject"]), timepoint=str(r.get("timepoint") or ""),
+                    label=_label(r), extra=_extra(r))
         if input_kind == "pair3d":  # atlas pairs: (scan, atlas)
             ch = (Channel(r["path"], mask=own_mask), Channel(atlas.image, mask=amask))
             items.append(Item(kind="pair", channels=ch, **meta))
@@ -181,7 +208,12 @@ def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
                          estimate="" if t else "affine")
             items.append(Item(kind=kind, channels=(ch,), **meta))
         else:
-            ch, reason = _to_baseline(r, by_subject.get((r["subject"], "baseline")), align, crop, amask)
+            try:
+                base = baseline_of(subject_rows[str(r["subject"])], visits, str(r["subject"]))
+            except ManifestError as exc:
+                bad.append((iid, str(exc)))
+                continue
+            ch, reason = _to_baseline(r, base, align, crop, amask)
             if ch is None:
                 bad.append((iid, reason))
                 continue
@@ -203,35 +235,44 @@ def _to_baseline(r: dict[str, Any], base: dict[str, Any] | None, align: str, cro
     if r is base:
         return Channel(r["path"], mask=mask), ""
     if align == "oracle":
-        t = _tuple(r.get("transform"))
-        if t is None:
+        t = r.get("transform")
+        if t is None or (isinstance(t, float) and np.isnan(t)):
             return None, "no recorded transform in the manifest for the oracle alignment"
-        return Channel(r["path"], ref=base["path"], mask=mask, transform=t), ""
+        tb = base.get("transform")
+        if isinstance(tb, np.ndarray):  # transforms are from the subject's first scan: compose to base
+            t = np.asarray(t, np.float64) @ np.linalg.inv(tb)
+        return Channel(r["path"], ref=base["path"], mask=mask, transform=_tuple(t)), ""
     return Channel(r["path"], ref=base["path"], mask=mask, estimate=align), ""
 
 
 def _plan_pairs(rows: list[dict[str, Any]], align: str, crop: bool, amask: str | None,
-                bad: list[tuple[str, str]]) -> list[Item]:
-    """One item per subject: channel 0 the follow-up (moving), channel 1 the baseline (fixed)."""
-    by_subject: dict[str, dict[str, dict[str, Any]]] = {}
+                bad: list[tuple[str, str]], visits: VisitPairing) -> list[Item]:
+    """One item per visit pair of a subject (:mod:`medfeat.io.visits`): channel 0 the
+    follow-up (moving), channel 1 the baseline (fixed)."""
+    by_subject: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        by_subject.setdefault(str(r["subject"]), {})[str(r.get("timepoint") or "")] = r
+        by_subject.setdefault(str(r["subject"]), []).append(r)
     items = []
-    for subject, tps in by_subject.items():
-        base, follow = tps.get("baseline"), tps.get("followup")
-        if base is None or follow is None:
-            bad.append((subject, f"subject {subject} lacks a {'baseline' if base is None else 'followup'} scan for a pair"))
+    for subject, subject_rows in by_subject.items():
+        try:
+            pairs, reason = visit_pairs(subject_rows, visits, subject)
+        except ManifestError as exc:
+            pairs, reason = [], str(exc)
+        if not pairs:
+            bad.append((subject, reason))
             continue
-        fixed = Channel(base["path"], mask=(base.get("mask_path") or amask) if crop else None)
-        if align == "none":
-            moving = Channel(follow["path"], mask=(follow.get("mask_path") or amask) if crop else None)
-        else:
-            moving, reason = _to_baseline(follow, base, align, crop, amask)
-            if moving is None:
-                bad.append((subject, reason))
-                continue
-        items.append(Item(subject, subject, "baseline+followup", "pair", (moving, fixed),
-                          label=_label(follow) or _label(base)))
+        for base, follow in pairs:
+            iid, timepoint = pair_id(subject, base, follow)
+            fixed = Channel(base["path"], mask=(base.get("mask_path") or amask) if crop else None)
+            if align == "none":
+                moving = Channel(follow["path"], mask=(follow.get("mask_path") or amask) if crop else None)
+            else:
+                moving, reason = _to_baseline(follow, base, align, crop, amask)
+                if moving is None:
+                    bad.append((iid, reason))
+                    continue
+            items.append(Item(iid, subject, timepoint, "pair", (moving, fixed),
+                              label=_label(follow) or _label(base), extra=_pair_extra(base, follow)))
     return items
 
 

@@ -24,6 +24,7 @@ from medfeat.engine.pipeline.items import Item
 from medfeat.engine.pipeline.preprocess import image_rule
 from medfeat.engine.pipeline.views import fill_views
 from medfeat.errors import InputError, MedfeatError, one_line
+from medfeat.export.backbones.generic import ModelInputs
 from medfeat.export.backbones.registry import Backbone, create_backbone, get_spec
 from medfeat.export.runtimes.factory import Runtime, make_runtime
 
@@ -84,10 +85,22 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
         raise InputError(f"{cfg.name}: gray, resize and mean_std are settings of 2D models only")
     backbone = create_backbone(cfg.name, list(cfg.taps), weights=cfg.weights, tiny=cfg.tiny,
                                pooling=cfg.pooling, seed=cfg.seed,
-                               config={"gray": cfg.gray} if cfg.gray is not None else None)
+                               config={**model_args(cfg), **({"gray": cfg.gray} if cfg.gray is not None else {})} or None,
+                               inputs=model_inputs(cfg))
     size = tuple(cfg.input_size or backbone.spec.input_size)
     runtime = make_runtime(backbone, cfg.runtime, device=cfg.device, precision=cfg.precision)
     return LoadedModel(backbone, runtime, size)
+
+
+def model_inputs(cfg: ModelConfig) -> ModelInputs:
+    """What a generic model's file may not declare, from the config."""
+    return ModelInputs(cfg.input_kind, cfg.input_size, cfg.intensity)
+
+
+def model_args(cfg: ModelConfig) -> dict:
+    """The build arguments as a dict (nested pairs back to dicts are not needed: values are
+    scalars or tuples)."""
+    return dict(cfg.model_args)
 
 
 @dataclass

@@ -5,6 +5,8 @@ Layout::
     store.zarr/                     group; attrs["medfeat"] = format, version, created
       items/<column>                1-D string arrays: item_id, subject, timepoint, kind, source,
                                     source_sig (JSON: each source file's path, size, mtime, hash)
+                                    then the manifest's own columns (age, sex, site, ...; attrs
+                                    ["item_extra"] lists them in order)
       features/<model>/<tap>/<variant>/
           data                      (items, dim) float32, chunked along items; NaN = not written
                                     (token arrays: (items, [views,] tokens, dim) float16/bfloat16;
@@ -47,6 +49,7 @@ from zarr.codecs import ZstdCodec
 from medfeat.engine.store.layout import ArrayLayout
 from medfeat.engine.store.lock import LOCK_NAME
 from medfeat.errors import StoreError, UnknownNameError, one_line, os_error_reason
+from medfeat.export.backbones.provenance import random_weights
 from medfeat.timeutil import utc_now
 from medfeat.version import __version__
 
@@ -165,19 +168,48 @@ class FeatureStore:
 
     # -- items -----------------------------------------------------------------------
     def items(self) -> pd.DataFrame:
-        """The items table, one row per item, in store order.
+        """The items table, one row per item, in store order: :data:`ITEM_COLUMNS`, then the
+        extra columns carried from manifests (text; empty where an item had none).
 
         A run killed while registering items may leave columns of different lengths; the
         shortest is the table (the rest is rewritten by the next registration).
         """
+        names = [*ITEM_COLUMNS, *self.extra_columns()]
         cols = {c: np.asarray(self.group[f"items/{c}"][:]).astype(object)
-                for c in ITEM_COLUMNS if f"items/{c}" in self.group}
-        n = min(len(v) for v in cols.values())
-        table = pd.DataFrame({c: v[:n] for c, v in cols.items()})
-        for c in ITEM_COLUMNS:  # stores made before a column existed
-            if c not in table:
-                table[c] = ""
-        return table[list(ITEM_COLUMNS)]
+                for c in names if f"items/{c}" in self.group}
+        n = min(len(cols[c]) for c in ITEM_COLUMNS if c in cols)
+        table = pd.DataFrame({c: pd.Series(v[:n], dtype=object) for c, v in cols.items()}, index=range(n))
+        for c in names:  # stores made before a column existed; extra columns shorter than the table
+            table[c] = table[c].where(table[c].notna(), "") if c in table else ""
+        return table[names]
+
+    def extra_columns(self) -> list[str]:
+        """Names of the items table's columns beyond :data:`ITEM_COLUMNS`, in order."""
+        extra: Any = self.group.attrs.get("item_extra", [])
+        return [str(c) for c in extra]
+
+    def _write_extra(self, records: list[dict[str, Any]], index: dict[str, int]) -> None:
+        """Write the records' extra columns (created on first use, ``""`` for other items)."""
+        names = list(dict.fromkeys(k for r in records for k in r if k not in ITEM_COLUMNS))
+        if not names:
+            return
+        group: Any = self.group
+        n = group["items/item_id"].shape[0]
+        extra = self.extra_columns()
+        for name in names:
+            if name not in extra:
+                self.group.create_array(f"items/{name}", shape=(n,), dtype=str, chunks=(4096,), fill_value="")
+                extra.append(name)
+            arr = group[f"items/{name}"]
+            if arr.shape[0] < n:
+                arr.resize((n,))
+            values = np.asarray(arr[:]).astype(object)
+            values[values == None] = ""  # noqa: E711 - zarr's str fill reads back as None
+            for r in records:
+                if name in r:
+                    values[index[r["item_id"]]] = str(r[name] or "")
+            arr[:] = np.array(values.tolist(), dtype=str)
+        self.group.attrs["item_extra"] = extra
 
     @_writes
     def add_items(self, records: Iterable[dict[str, Any]]) -> np.ndarray:
@@ -196,8 +228,12 @@ class FeatureStore:
                 arr = self._item_column(column, start)
                 arr.resize((start + len(new),))
                 arr[start:] = np.array([str(by_id[i].get(column, "") or "") for i in new], dtype=str)
+            group: Any = self.group
+            for column in self.extra_columns():  # new items have none of the older extra values
+                group[f"items/{column}"].resize((start + len(new),))
             existing.update({iid: start + k for k, iid in enumerate(new)})
             self._grow_arrays(len(existing))
+        self._write_extra(records, existing)
         return np.array([existing[r["item_id"]] for r in records], dtype=np.int64)
 
     @_writes
@@ -489,7 +525,7 @@ class FeatureStore:
                            "dtype": layout.dtype, "bytes": _disk_bytes(self.path / key.path),
                            "done": int(self.done_mask(key).sum()), "pooling": prov.get("pooling"),
                            "weights_sha256": prov.get("weights_sha256"), "runtime": prov.get("runtime"),
-                           "random_weights": prov.get("weights_sha256") is None})
+                           "random_weights": random_weights(prov)})
         runs = self.runs()
         return {"path": str(self.path), "format": FORMAT, "items": n, "chunk_items": self.chunk_items,
                 "arrays": arrays, "failed_items": len(self.failed_items()), "runs": len(runs),

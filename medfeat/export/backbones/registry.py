@@ -5,7 +5,10 @@ They are imported on first use, and only as many as needed: :func:`get_spec` loo
 name up in the static index :data:`medfeat.export.backbones.models.BACKBONE_MODULES` and imports
 that one family (so building ``dinov2_vitb14`` does not import open_clip or monai);
 :func:`list_backbones` imports them all. Backbones registered at run time with
-:func:`register_backbone` (plugins, tests) are found without the index.
+:func:`register_backbone` (plugins, tests) are found without the index; installed plugins
+(entry-point group ``medfeat.backbones``, :mod:`~medfeat.export.backbones.plugins`) load
+with the families. Generic names (``timm:``, ``hf:``, ``onnx:``, ``torchscript:``,
+``module:``) resolve through :mod:`~medfeat.export.backbones.generic`.
 """
 from __future__ import annotations
 
@@ -19,13 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfeat.errors import UnknownNameError, WeightsError, one_line
+from medfeat.errors import InputError, UnknownNameError, WeightsError, one_line
+from medfeat.export.backbones.generic import ModelInputs, generic_spec, is_generic
 from medfeat.export.backbones.models import BACKBONE_MODULES
+from medfeat.export.backbones.plugins import load_entry_points
 from medfeat.export.backbones.pooling import check_pooling, pool, pooled_dim, split_normed
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
 from medfeat.export.backbones.weights import (
     checkpoint_config,
     checkpoint_model,
+    fill_norm_counters,
     load_strict,
     read_checkpoint,
     sha256_file,
@@ -39,11 +45,17 @@ _LOAD_LOCK = threading.RLock()  # Dask worker threads may list backbones at once
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add ``spec`` to the registry (a name may be registered once)."""
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
-        raise ValueError(f"backbone {spec.name!r} is registered twice")
+    """Add ``spec`` to the registry (a name may be registered once; the same module
+    registering it again, as a plugin imported a second time, replaces it)."""
+    old = _REGISTRY.get(spec.name)
+    if old is not None and old is not spec and _module_of(old) != _module_of(spec):
+        raise ValueError(f"backbone {spec.name!r} is registered twice ({_module_of(old)}, {_module_of(spec)})")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def _module_of(spec: BackboneSpec) -> str:
+    return str(getattr(spec.build, "__module__", ""))
 
 
 def _import_family(module: str) -> None:
@@ -72,6 +84,9 @@ def _load_families() -> None:
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
                 _import_family(info.name)
+        for entry, why in load_entry_points().items():  # installed plugins (medfeat.backbones)
+            if why:
+                _UNAVAILABLE[f"plugin {entry}"] = f"failed to load ({why})"
         _LOADED = True  # only now: another thread must not see a half-filled registry
 
 
@@ -81,12 +96,21 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_spec(name: str) -> BackboneSpec:
+def get_spec(name: str, inputs: ModelInputs | None = None, config: dict[str, Any] | None = None) -> BackboneSpec:
     """The spec of ``name``, importing only its family when the index knows it.
 
-    An unknown name imports every family and lists the known ones; a name whose family's
-    package is missing says which package to install.
+    Generic names (``timm:...``, ``hf:...``, ``onnx:...``, ``torchscript:...``,
+    ``module:...``; see :mod:`medfeat.export.backbones.generic`) are resolved with
+    ``inputs`` and the build ``config``. Registered models declare their own input kind
+    and intensity rule: ``inputs`` giving either is refused. An unknown name imports every
+    family and lists the known ones; a name whose family's package is missing says which
+    package to install.
     """
+    if is_generic(name):
+        return generic_spec(name, inputs, config)
+    if inputs is not None and inputs.given:
+        raise InputError(f"model {name!r} declares its own input kind and intensity rule; "
+                         "--input-kind and --intensity are for generic models (onnx:, torchscript:, module:, ...)")
     if name in _REGISTRY:
         return _REGISTRY[name]
     module = BACKBONE_MODULES.get(name)
@@ -172,6 +196,7 @@ def create_backbone(
     seed: int = 0,
     tiny: bool = False,
     config: dict[str, Any] | None = None,
+    inputs: ModelInputs | None = None,
 ) -> Backbone:
     """Build ``name`` truncated after the last of ``taps``, with pooling per tap.
 
@@ -185,9 +210,10 @@ def create_backbone(
     pooling : one pooling for all taps, a per-tap dict, or None for each tap's default.
     seed : seed of the random init.
     tiny : use the spec's tiny config (tests).
-    config : further build overrides.
+    config : further build overrides (a generic model's build arguments).
+    inputs : input kind, size and intensity of a generic model (see :func:`get_spec`).
     """
-    spec = get_spec(name)
+    spec = get_spec(name, inputs, config)
     stored = checkpoint_config(weights) if weights is not None else {}
     if weights is not None:
         _check_checkpoint_config(name, spec, weights, stored)
@@ -205,12 +231,17 @@ def create_backbone(
         raise WeightsError(f"{weights}: checkpoint's build config ({', '.join(sorted(stored))}) does not fit "
                            f"model {name!r}: it was made for another architecture ({one_line(exc, 80)})") from exc
     provenance: dict[str, Any] = {"model": name, "config": cfg, "seed": seed, "weights": None, "weights_sha256": None}
+    if spec.identity:  # a generic model: its file's sha256, factory, package version
+        provenance["source"] = spec.identity
     if weights is not None:
         state = read_checkpoint(weights)
         if spec.convert_checkpoint is not None:
             state = spec.convert_checkpoint(state)
+        filled = fill_norm_counters(trunk, state)
         load_strict(trunk, state, name, source=str(weights))
         provenance.update(weights=str(weights), weights_sha256=sha256_file(weights))
+        if filled:  # an old (PyTorch < 0.4.1) checkpoint: say what was added to it
+            provenance["weights_filled"] = f"{len(filled)} num_batches_tracked counter(s) absent, set to 0"
     poolings = _poolings(chosen, pooling)
     # a norm- pooling needs the final norm, which truncation would otherwise delete
     trunk.keep_final_norm = any(split_normed(p)[0] for p in poolings.values())

@@ -114,6 +114,10 @@ class BackboneSpec:
     taps_for : optional ``taps_for(**config) -> tuple[TapSpec, ...]`` when the tap table depends
         on the config (depth, widths); defaults to ``taps``.
     description : one line for ``medfeat models list``.
+    array_name : the model's name in a feature store's array keys (``MODEL:TAP:VARIANT``),
+        when ``name`` cannot be one (generic models: ``timm:resnet50`` -> ``timm-resnet50``).
+    identity : what identifies a generic model beyond its name (its file's sha256, the
+        factory, the package version); recorded in provenance and artefact keys.
     """
 
     name: str
@@ -129,6 +133,13 @@ class BackboneSpec:
     licence: str = ""
     taps_for: Callable[..., tuple[TapSpec, ...]] | None = None
     description: str = ""
+    array_name: str = ""
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store_key(self) -> str:
+        """The model's name in feature store keys: ``array_name``, else ``name``."""
+        return self.array_name or self.name
 
     def tap_table(self, **config: Any) -> tuple[TapSpec, ...]:
         """The tap table for a given build config."""

@@ -1,19 +1,50 @@
 """Local checkpoint loading: safetensors or ``torch.load(weights_only=True)``, strict.
 
 Nothing is ever downloaded. The sha256 of the file goes into the store's provenance.
+
+Published training checkpoints often pickle small objects beside the tensors (SAM-Med3D's
+hold an ``argparse.Namespace`` of the training arguments, numpy scalars, epoch counters).
+``torch.load(weights_only=True)`` refuses every global it does not know; medfeat widens
+that by an explicit allow-list of plain data types (:data:`SAFE_GLOBALS`), never by
+``weights_only=False``, and a checkpoint holding any other class is refused with its name.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import pathlib
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from medfeat.errors import WeightsError
 
 _NESTING_KEYS = ("state_dict", "model", "module", "net", "model_state_dict")
+
+
+def _numpy_globals() -> list[object]:
+    """numpy's pickle entry points for scalars, arrays and dtypes (``numpy._core`` since 2.0)."""
+    core = getattr(np, "_core", None) or np.core
+    found: list[object] = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:  # numpy >= 1.25 pickles some dtypes by their class
+        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return found
+
+
+# Plain data a training script pickles beside its weights: the argument namespace, numpy
+# scalars / arrays / dtypes, paths. None of them runs code when unpickled.
+SAFE_GLOBALS: tuple[Any, ...] = (
+    argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
+    pathlib.PureWindowsPath, *_numpy_globals(),
+)
+_SAFE_NAMES = frozenset(f"{g.__module__}.{getattr(g, '__name__', '')}" for g in SAFE_GLOBALS)
+_LOAD_LOCK = threading.Lock()  # safe_globals() swaps a process-wide list: one load at a time
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -41,11 +72,43 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
             obj: object = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, pickle with code, truncated file, ...
+            obj = load_pickled(path)
+    except WeightsError:
+        raise
+    except Exception as exc:  # corrupt zip, truncated file, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"{path}: cannot read checkpoint ({reason})") from None
     return _flatten(obj, path)
+
+
+def load_pickled(path: str | Path) -> object:
+    """``torch.load(path, weights_only=True)`` with :data:`SAFE_GLOBALS` allowed.
+
+    A checkpoint that pickles any other global (a class of the training code, a function)
+    raises :class:`WeightsError` naming it; nothing of it is run.
+    """
+    try:
+        with _LOAD_LOCK, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        refused = _refused_globals(path)
+        if not refused:
+            raise
+        raise WeightsError(
+            f"{path}: cannot read checkpoint: it pickles {', '.join(refused)}, which is not on medfeat's "
+            "allow-list of safe globals (argparse.Namespace, numpy scalars/arrays/dtypes, paths); "
+            "medfeat never unpickles code: re-save the state dict alone (torch.save(model.state_dict()))"
+        ) from exc
+
+
+def _refused_globals(path: str | Path) -> list[str]:
+    """Globals the pickle names that are neither torch's defaults nor :data:`SAFE_GLOBALS`
+    (read from the pickle's opcodes, nothing unpickled)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip/pickle checkpoint: the load error says why
+        return []
+    return sorted(g for g in found if g not in _SAFE_NAMES)
 
 
 CONFIG_METADATA_KEY = "medfeat_config"
@@ -104,6 +167,22 @@ def _is_state_dict(obj: Mapping) -> bool:
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Keep the keys under ``prefix`` (e.g. ``"image_encoder."``), without it."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def fill_norm_counters(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Add the ``num_batches_tracked`` buffers that checkpoints of PyTorch < 0.4.1 lack.
+
+    Only counters of batch-norm layers whose running statistics are in ``state`` are added
+    (as 0: they only matter with ``momentum=None`` in training). Returns the keys filled, for
+    the provenance; ``state`` is changed in place.
+    """
+    filled = []
+    for key, _ in module.named_buffers():
+        prefix = key[: -len("num_batches_tracked")]
+        if key.endswith("num_batches_tracked") and key not in state and f"{prefix}running_mean" in state:
+            state[key] = torch.tensor(0, dtype=torch.long)
+            filled.append(key)
+    return filled
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], model: str, source: str = "") -> None:

@@ -136,6 +136,9 @@ def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[in
         raise InputError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
     path = Path(path)
     outputs = sanitise_names(backbone.tap_names)
+    if hasattr(backbone.trunk, "raw_onnx"):  # a model that is a graph already (onnx:, torchscript:)
+        compose_onnx(backbone, path, outputs, input_size=input_size, opset=opset, precision=precision)
+        return _meta(backbone, outputs, input_size, opset, precision, "composed")
     # reduced precision traces on the GPU when there is one: the CPU lacks half kernels for
     # some ops (avg_pool3d, ...); the graph itself does not depend on the tracing device
     device = "cuda" if precision != "fp32" and torch.cuda.is_available() else "cpu"
@@ -156,6 +159,13 @@ def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[in
         raise RuntimeUnavailableError(f"{backbone.spec.name}: ONNX export failed at opset {opset} ({precision}): "
                                       f"{_first_line(exc)}{hint}") from exc
     onnx.checker.check_model(str(path), full_check=False)
+    return _meta(backbone, outputs, input_size, opset, precision, "torchscript")
+
+
+def _meta(backbone: Backbone, outputs: dict[str, str], input_size: Sequence[int] | int | None, opset: int,
+          precision: str, exporter: str) -> dict[str, Any]:
+    import onnx
+
     return {
         "model": backbone.spec.name,
         "input": {"name": INPUT_NAME, "shape": ["batch", *input_shape(backbone, 1, input_size)[1:]],
@@ -164,10 +174,69 @@ def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[in
         "output_dims": backbone.output_dims(),
         "opset": opset,
         "precision": precision,
-        "exporter": "torchscript",
+        "exporter": exporter,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
         "provenance": _jsonable(backbone.provenance),
     }
+
+
+class _PoolTaps(nn.Module):
+    """The pooling of every tap as a module of the raw tap tensors (exported on its own)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.taps = list(backbone.taps)
+        self.poolings = dict(backbone.poolings)
+
+    def forward(self, *raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from medfeat.export.backbones.pooling import pool
+
+        return tuple(pool(r, t.kind, self.poolings[t.name], t.prefix_tokens).float() for r, t in zip(raw, self.taps))
+
+
+def compose_onnx(backbone: Backbone, path: Path, outputs: dict[str, str], *,
+                 input_size: Sequence[int] | int | None, opset: int, precision: str) -> None:
+    """Write the model's own graph (``trunk.raw_onnx``: raw tap outputs) followed by the
+    pooling graph, merged into one ONNX file with medfeat's input and output names."""
+    import io
+
+    import onnx
+    from onnx import compose
+
+    if precision != "fp32":
+        raise RuntimeUnavailableError(f"{backbone.spec.name}: a model that is already a graph exports at fp32 only")
+    example = random_input(backbone, EXPORT_BATCH, input_size, seed=1234)
+    trunk: Any = backbone.trunk
+    raw, raw_input, names = trunk.raw_onnx(example, opset)
+    dims = raw.graph.input[0].type.tensor_type.shape.dim if raw.graph.input else []
+    if dims and dims[0].HasField("dim_value"):
+        raise RuntimeUnavailableError(f"{backbone.spec.name}: its graph fixes the batch at {dims[0].dim_value}; "
+                                      "export needs a dynamic batch axis")
+    version = max(13, next((o.version for o in raw.opset_import if o.domain in ("", "ai.onnx")), opset))
+    raw = onnx.version_converter.convert_version(raw, version) if version != _opset_of(raw) else raw
+    with torch.no_grad():
+        tensors = trunk.forward_taps(example, backbone.tap_names)
+    pool_in = [f"pool_in_{i}" for i in range(len(outputs))]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_PoolTaps(backbone).eval(), tuple(tensors[t] for t in backbone.tap_names), buf,  # type: ignore[arg-type]
+                          input_names=pool_in, output_names=list(outputs.values()), opset_version=version,
+                          dynamic_axes={n: {0: "batch"} for n in [*pool_in, *outputs.values()]}, dynamo=False)
+    pooling = onnx.load_from_string(buf.getvalue())
+    raw = compose.add_prefix(raw, "raw/")
+    raw.ir_version = pooling.ir_version = max(raw.ir_version, pooling.ir_version)
+    io_map = [(f"raw/{names[t]}", p) for t, p in zip(backbone.tap_names, pool_in)]
+    merged = compose.merge_models(raw, pooling, io_map=io_map)
+    for node in merged.graph.node:  # medfeat's input name, as every exported model has
+        node.input[:] = [INPUT_NAME if i == f"raw/{raw_input}" else i for i in node.input]
+    merged.graph.input[0].name = INPUT_NAME
+    onnx.checker.check_model(merged, full_check=False)
+    onnx.save(merged, str(path))
+
+
+def _opset_of(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 @contextlib.contextmanager
