@@ -100,7 +100,9 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--malloc", type=click.Choice(MALLOC_MODES), default="retain", show_default=True,
               help="retain: workers keep freed memory for the next batch (no page faults on large tensors; "
                    "memory stays at its peak); system: the C allocator's defaults. Existing clusters are left alone.")
-@click.option("--scheduler-kind", type=click.Choice(SCHEDULER_KINDS), default="local", show_default=True)
+@click.option("--scheduler-kind", type=click.Choice(SCHEDULER_KINDS), default="auto", show_default=True,
+              help="auto: threads in this process on one machine, a Dask LocalCluster with --workers N, the "
+                   "cluster at --scheduler ADDR; or local, threads, sync explicitly.")
 @click.option("--retry-failed", is_flag=True, help="Take items recorded as failed again.")
 @click.option("--refresh-changed", is_flag=True,
               help="Extract again the items whose source files changed since extraction (else such a rerun is refused).")

@@ -11,14 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from medfeat.errors import InputError
-from medfeat.probes.linear import make_probe
+from medfeat.probes.linear import make_probe, shared_preconditioner
 from medfeat.probes.metrics import METRICS_BY_TASK, best_f1_threshold, prepared_auc, roc_curve_points
 from medfeat.probes.splits import repeated_grouped_kfold
-from medfeat.probes.stats import CI, PairedResult, bootstrap_ci, delong_test, paired_bootstrap
+from medfeat.probes.stats import CI, PairedResult, bootstrap_cis, delong_test, paired_bootstrap
 
 __all__ = ["TASKS", "ProbeResult", "cross_validate_probe", "holdout_probe", "compare_probes", "infer_task",
            "score_predictions"]
@@ -141,14 +142,14 @@ def _encode(y: np.ndarray, task: str) -> tuple[np.ndarray, list]:
 
 
 def _fold_predict(probe, X: np.ndarray, y: np.ndarray, groups: np.ndarray, train: np.ndarray,
-                  test: np.ndarray, task: str, n_cols: int,
-                  val: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                  test: np.ndarray, task: str, n_cols: int, val: np.ndarray | None = None,
+                  fit_params: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fit on train rows (trained heads select their epoch on ``val`` rows when given);
     return test scores (t, C), test predictions and fold info."""
     if val is not None:
         probe.fit(X[train], y[train], groups[train], X_val=X[val], y_val=y[val])
     else:
-        probe.fit(X[train], y[train], groups[train])
+        probe.fit(X[train], y[train], groups[train], **(fit_params or {}))
     score = _full_proba(probe, probe.predict_proba(X[test]), task, n_cols)
     info: dict = {"C": _py_list(getattr(probe, "C_", None))}
     if hasattr(probe, "best_epoch_"):
@@ -192,8 +193,9 @@ def _full_proba(probe, proba: np.ndarray, task: str, n_cols: int) -> np.ndarray:
 
 
 def _metric_stat(task: str, name: str, y: np.ndarray, score: np.ndarray,
-                 pred: np.ndarray) -> Callable[[np.ndarray | None], float]:
-    """A metric of one seed's OOF predictions as a function of row weights."""
+                 pred: np.ndarray) -> Callable[[np.ndarray | None], Any]:
+    """A metric of one seed's OOF predictions as a function of row weights: (n,) gives a
+    float, a block of bootstrap replicates (B, n) gives (B,) values."""
     kind, fn = METRICS_BY_TASK[task][name]
     if name == "auc":
         if task == "binary":
@@ -201,21 +203,33 @@ def _metric_stat(task: str, name: str, y: np.ndarray, score: np.ndarray,
         cols = [(y == k) if task != "multilabel" else y[:, k] for k in range(score.shape[1])]
         fs = [prepared_auc(c, score[:, k]) for k, c in enumerate(cols) if 0 < np.sum(c) < len(c)]
         # Classes absent from a bootstrap replicate are skipped, as in the point estimate.
-        return lambda w=None: _finite_mean([f(w) for f in fs])
+        return _vectorised(lambda w=None: _finite_mean([f(w) for f in fs]))
     arr = score if kind == "score" else pred
-    return lambda w=None: fn(y, arr, w)
+    return _vectorised(lambda w=None: fn(y, arr, w))
 
 
-def _finite_mean(vals: list[float]) -> float:
-    vals = [v for v in vals if np.isfinite(v)]
-    return float(np.mean(vals)) if vals else float("nan")
+def _vectorised(fn: Callable[[np.ndarray | None], Any]) -> Callable[[np.ndarray | None], Any]:
+    """Mark a weighted statistic as taking weight blocks (B, n) too (see medfeat.probes.stats)."""
+    fn.vectorised = True  # type: ignore[attr-defined]
+    return fn
 
 
-def _seed_mean(stats: list[Callable]) -> Callable[[np.ndarray], float]:
-    def mean(w: np.ndarray) -> float:
-        vals = [f(w) for f in stats]
-        return float(np.mean(vals)) if np.all(np.isfinite(vals)) else float("nan")
-    return mean
+def _finite_mean(vals: list) -> Any:
+    """Mean over the list of (scalar or (B,)) values, skipping non-finite ones; NaN if all are."""
+    stacked = np.stack([np.asarray(v, dtype=np.float64) for v in vals], axis=-1)
+    finite = np.isfinite(stacked)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(finite, stacked, 0.0).sum(axis=-1) / finite.sum(axis=-1)
+    return float(out) if out.ndim == 0 else out
+
+
+def _seed_mean(stats: list[Callable]) -> Callable[[np.ndarray], Any]:
+    """The mean over seeds of a metric; NaN where any seed's is undefined."""
+    def mean(w: np.ndarray) -> Any:
+        vals = np.stack([np.asarray(f(w), dtype=np.float64) for f in stats])
+        out = np.where(np.isfinite(vals).all(axis=0), vals.mean(axis=0), np.nan)
+        return float(out) if out.ndim == 0 else out
+    return _vectorised(mean)
 
 
 def cross_validate_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, *,
@@ -247,10 +261,12 @@ def cross_validate_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None
     scores = np.zeros((len(seeds), len(X), score_cols))
     preds = np.zeros((len(seeds), len(X)) + ((n_cols,) if task == "multilabel" else ()), dtype=np.int64)
     folds = []
+    fit_params = _shared_fit_params(probe, X)
     for split in repeated_grouped_kfold(y_enc, groups, n_splits, seeds):
         s = seeds.index(split.seed)
         est = make_probe(probe, **(_with_seed(probe, probe_params, split.seed, task)))
-        sc, pr, info = _fold_predict(est, X, y_enc, groups, split.train, split.test, task, n_cols)
+        sc, pr, info = _fold_predict(est, X, y_enc, groups, split.train, split.test, task, n_cols,
+                                     fit_params=fit_params)
         scores[s, split.test], preds[s, split.test] = sc, pr
         folds.append({"seed": split.seed, "fold": split.fold, "n_train": int(len(split.train)),
                       "n_test": int(len(split.test)), **info})
@@ -303,6 +319,13 @@ def holdout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, split
     return result
 
 
+def _shared_fit_params(probe: str, X: np.ndarray) -> dict:
+    """What every fold's fit can share: the linear probe's solver preconditioner."""
+    if probe != "linear" or X.ndim != 2:
+        return {}
+    return {"preconditioner": shared_preconditioner(X)}
+
+
 def _with_seed(probe: str, params: dict | None, seed: int, task: str | None = None) -> dict:
     params = dict(params or {})
     if probe == "linear":
@@ -319,14 +342,13 @@ def _is_head(probe: str) -> bool:
 
 def _summarise(r: ProbeResult, n_boot: int, ci_method: str, level: float) -> dict[str, dict]:
     out = {}
-    for name in METRICS_BY_TASK[r.task]:
-        stats = [_metric_stat(r.task, name, r.y, r.scores[i], r.preds[i]) for i in range(len(r.seeds))]
-        per_seed = [f(None) for f in stats]
-        if n_boot > 0:
-            ci = bootstrap_ci(_seed_mean(stats), len(r.y), groups=r.groups, n_boot=n_boot,
-                              level=level, method=ci_method)
-        else:
-            ci = CI(float(np.mean(per_seed)), float("nan"), float("nan"), level, ci_method, 0)
+    stats = {name: _seed_mean([_metric_stat(r.task, name, r.y, r.scores[i], r.preds[i])
+                               for i in range(len(r.seeds))]) for name in METRICS_BY_TASK[r.task]}
+    cis = bootstrap_cis(stats, len(r.y), groups=r.groups, n_boot=n_boot, level=level, method=ci_method) \
+        if n_boot > 0 else {}
+    for name in stats:
+        per_seed = [float(_metric_stat(r.task, name, r.y, r.scores[i], r.preds[i])(None)) for i in range(len(r.seeds))]
+        ci = cis.get(name) or CI(float(np.mean(per_seed)), float("nan"), float("nan"), level, ci_method, 0)
         out[name] = {"value": float(np.mean(per_seed)), "ci_low": ci.low, "ci_high": ci.high,
                      "level": level, "ci_method": ci_method, "n_boot": n_boot,
                      "seed_std": float(np.std(per_seed)), "per_seed": [float(v) for v in per_seed]}

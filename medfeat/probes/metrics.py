@@ -1,9 +1,12 @@
 """Classification metrics with sample weights.
 
-Every metric takes an optional ``sample_weight`` (n,) so that a bootstrap
-replicate is a weight vector (how often each row was drawn) rather than a
-copy of the data: AUC then costs one ``bincount`` over a pre-sorted order
-instead of a sort per replicate (see :mod:`medfeat.probes.stats`).
+Every metric takes an optional ``sample_weight`` so that a bootstrap replicate is
+a weight vector (how often each row was drawn) rather than a copy of the data. A
+weight *matrix* (B, n) evaluates B replicates at once and returns (B,) values:
+each metric is a few weighted sums, so a block of replicates is one product of
+the weight matrix with a sparse indicator matrix (rows to confusion cells, or to
+blocks of tied scores for AUC), with no sort and no Python loop per replicate
+(see :mod:`medfeat.probes.stats`).
 
 Conventions: ``y`` holds integer class labels (n,) or a 0/1 indicator
 matrix (n, L) for multi-label tasks; scores are probabilities or any
@@ -12,8 +15,10 @@ monotone score. The tests check each function against scikit-learn.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from medfeat.errors import InputError
 
@@ -36,15 +41,32 @@ __all__ = [
 
 
 def _weights(n: int, sample_weight: np.ndarray | None) -> np.ndarray:
+    """(n,) or (B, n) float64 weights; ones when None."""
     if sample_weight is None:
         return np.ones(n, dtype=np.float64)
     w = np.asarray(sample_weight, dtype=np.float64)
-    if w.shape != (n,):
-        raise InputError(f"sample_weight has shape {w.shape}, expected ({n},)")
+    if w.shape[-1:] != (n,) or w.ndim > 2:
+        raise InputError(f"sample_weight has shape {w.shape}, expected ({n},) or (replicates, {n})")
     return w
 
 
-def roc_auc(y: np.ndarray, score: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+def _out(values: np.ndarray) -> Any:
+    """A float for one weight vector, the (B,) array for a weight matrix."""
+    return float(values) if np.ndim(values) == 0 else values
+
+
+def _indicator(codes: np.ndarray, n_codes: int) -> sparse.csr_matrix:
+    """(n, n_codes) 0/1 matrix with one 1 per row, at column ``codes[i]``."""
+    n = len(codes)
+    return sparse.csr_matrix((np.ones(n), (np.arange(n), codes)), shape=(n, n_codes))
+
+
+def _sums(w: np.ndarray, onehot: sparse.csr_matrix) -> np.ndarray:
+    """Weighted counts per column: (n_codes,) for w (n,), (B, n_codes) for w (B, n)."""
+    return np.asarray(onehot.T @ w.T).T
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray, sample_weight: np.ndarray | None = None) -> Any:
     """ROC AUC of a binary problem; ties count one half (the Mann-Whitney statistic).
 
     Parameters
@@ -61,93 +83,120 @@ def roc_auc(y: np.ndarray, score: np.ndarray, sample_weight: np.ndarray | None =
     return _auc_from_blocks(inv, len(uniq), y, w)
 
 
-def _auc_from_blocks(inv: np.ndarray, n_blocks: int, y: np.ndarray, w: np.ndarray) -> float:
-    """AUC from rows already mapped to their rank block (tied scores share a block)."""
-    pos = np.bincount(inv, weights=w * y, minlength=n_blocks)
-    neg = np.bincount(inv, weights=w * ~y, minlength=n_blocks)
-    total_pos, total_neg = pos.sum(), neg.sum()
-    if total_pos <= 0 or total_neg <= 0:
-        return float("nan")
-    neg_below = np.cumsum(neg) - neg  # negatives with strictly lower scores
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (total_pos * total_neg))
+def _auc_from_blocks(inv: np.ndarray, n_blocks: int, y: np.ndarray, w: np.ndarray,
+                     onehot: sparse.csr_matrix | None = None) -> Any:
+    """AUC from rows already mapped to their rank block (tied scores share a block); a
+    weight matrix (B, n) gives (B,) AUCs."""
+    if w.ndim == 1:
+        pos = np.bincount(inv, weights=w * y, minlength=n_blocks)
+        neg = np.bincount(inv, weights=w * ~y, minlength=n_blocks)
+    else:
+        onehot = _indicator(inv, n_blocks) if onehot is None else onehot
+        pos, neg = _sums(w * y, onehot), _sums(w * ~y, onehot)
+    total_pos, total_neg = pos.sum(axis=-1), neg.sum(axis=-1)
+    neg_below = np.cumsum(neg, axis=-1) - neg  # negatives with strictly lower scores
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (neg_below + 0.5 * neg)).sum(axis=-1) / (total_pos * total_neg)
+    return _out(np.where((total_pos > 0) & (total_neg > 0), auc, np.nan))
 
 
-def prepared_auc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray | None], float]:
+def prepared_auc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray | None], Any]:
     """``roc_auc(y, score, w)`` as a function of ``w`` alone, sorting once.
 
-    Bootstrap replicates then cost O(n) each (two bincounts) instead of a sort.
+    Bootstrap replicates then cost O(n) each instead of a sort; a weight matrix (B, n)
+    evaluates B replicates in one sparse product.
     """
     y = np.asarray(y).astype(bool)
     uniq, inv = np.unique(np.asarray(score, dtype=np.float64), return_inverse=True)
+    onehot = _indicator(inv, len(uniq))
 
-    def auc(w: np.ndarray | None = None) -> float:
-        return _auc_from_blocks(inv, len(uniq), y, _weights(len(y), w))
+    def auc(w: np.ndarray | None = None) -> Any:
+        return _auc_from_blocks(inv, len(uniq), y, _weights(len(y), w), onehot)
 
+    auc.vectorised = True  # type: ignore[attr-defined]
     return auc
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, n_classes: int,
               sample_weight: np.ndarray | None = None) -> np.ndarray:
-    """Weighted confusion matrix (n_classes, n_classes): rows true, columns predicted."""
+    """Weighted confusion matrix (n_classes, n_classes): rows true, columns predicted; a
+    weight matrix (B, n) gives (B, n_classes, n_classes)."""
     y = np.asarray(y, dtype=np.int64)
     pred = np.asarray(pred, dtype=np.int64)
     w = _weights(len(y), sample_weight)
-    flat = np.bincount(y * n_classes + pred, weights=w, minlength=n_classes * n_classes)
-    return flat.reshape(n_classes, n_classes)
+    codes = y * n_classes + pred
+    if w.ndim == 1:
+        flat = np.bincount(codes, weights=w, minlength=n_classes * n_classes)
+    else:
+        flat = _sums(w, _indicator(codes, n_classes * n_classes))
+    return flat.reshape(*w.shape[:-1], n_classes, n_classes)
 
 
-def accuracy(y: np.ndarray, pred: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+def accuracy(y: np.ndarray, pred: np.ndarray, sample_weight: np.ndarray | None = None) -> Any:
     """Weighted fraction of correct predictions."""
     w = _weights(len(y), sample_weight)
-    return float((w * (np.asarray(y) == np.asarray(pred))).sum() / w.sum())
+    correct = (np.asarray(y) == np.asarray(pred)).astype(np.float64)
+    return _out(w @ correct / w.sum(axis=-1))
+
+
+def _diag(cm: np.ndarray) -> np.ndarray:
+    return np.diagonal(cm, axis1=-2, axis2=-1)
+
+
+def _masked_mean(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of ``values`` where ``keep``; NaN where nothing is kept."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(keep, values, 0.0).sum(axis=-1) / keep.sum(axis=-1)
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int | None = None,
-                      sample_weight: np.ndarray | None = None) -> float:
+                      sample_weight: np.ndarray | None = None) -> Any:
     """Macro recall: mean over classes present in ``y`` of the per-class recall."""
     k = _n_classes(y, pred, n_classes)
     cm = confusion(y, pred, k, sample_weight)
-    support = cm.sum(axis=1)
-    present = support > 0
-    return float(np.mean(np.diag(cm)[present] / support[present]))
+    support = cm.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = _diag(cm) / support
+    return _out(_masked_mean(recall, support > 0))
 
 
 def quadratic_weighted_kappa(y: np.ndarray, pred: np.ndarray, n_classes: int | None = None,
-                             sample_weight: np.ndarray | None = None) -> float:
+                             sample_weight: np.ndarray | None = None) -> Any:
     """Cohen's kappa with quadratic weights (ordinal grades 0..K-1)."""
     k = _n_classes(y, pred, n_classes)
     cm = confusion(y, pred, k, sample_weight)
-    total = cm.sum()
-    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)) / total
+    total = cm.sum(axis=(-2, -1))[..., None, None]
+    expected = cm.sum(axis=-1)[..., :, None] * cm.sum(axis=-2)[..., None, :] / total
     i, j = np.indices((k, k))
     weights = (i - j) ** 2 / max((k - 1) ** 2, 1)
-    denom = (weights * expected).sum()
-    if denom == 0:
-        return float("nan")
-    return float(1.0 - (weights * cm).sum() / denom)
+    denom = (weights * expected).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kappa = 1.0 - (weights * cm).sum(axis=(-2, -1)) / denom
+    return _out(np.where(denom != 0, kappa, np.nan))
 
 
-def f1_binary(y: np.ndarray, pred: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+def f1_binary(y: np.ndarray, pred: np.ndarray, sample_weight: np.ndarray | None = None) -> Any:
     """F1 of the positive class; 0 when there are no predicted and no true positives."""
     y = np.asarray(y).astype(bool)
     pred = np.asarray(pred).astype(bool)
     w = _weights(len(y), sample_weight)
-    tp = (w * (y & pred)).sum()
-    fp = (w * (~y & pred)).sum()
-    fn = (w * (y & ~pred)).sum()
+    tp = w @ (y & pred).astype(np.float64)
+    fp = w @ (~y & pred).astype(np.float64)
+    fn = w @ (y & ~pred).astype(np.float64)
     denom = 2 * tp + fp + fn
-    return float(2 * tp / denom) if denom > 0 else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _out(np.where(denom > 0, 2 * tp / denom, 0.0))
 
 
 def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int | None = None,
-             sample_weight: np.ndarray | None = None) -> float:
+             sample_weight: np.ndarray | None = None) -> Any:
     """Unweighted mean of per-class F1 over the classes seen in ``y`` or ``pred``."""
     k = _n_classes(y, pred, n_classes)
     cm = confusion(y, pred, k, sample_weight)
-    tp = np.diag(cm)
-    denom = cm.sum(axis=0) + cm.sum(axis=1)
-    seen = denom > 0
-    return float(np.mean(2 * tp[seen] / denom[seen]))
+    denom = cm.sum(axis=-2) + cm.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * _diag(cm) / denom
+    return _out(_masked_mean(f1, denom > 0))
 
 
 def best_f1_threshold(y: np.ndarray, score: np.ndarray) -> float:
@@ -171,17 +220,21 @@ def best_f1_threshold(y: np.ndarray, score: np.ndarray) -> float:
     return float(s[last][best])
 
 
-def multiclass_auc(y: np.ndarray, proba: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+def _nanmean_over(aucs: list) -> Any:
+    """Mean over the list of (scalar or (B,)) AUCs, skipping NaN ones; NaN if all are."""
+    stacked = np.stack([np.asarray(a, dtype=np.float64) for a in aucs], axis=-1)
+    return _out(_masked_mean(np.nan_to_num(stacked), ~np.isnan(stacked)))
+
+
+def multiclass_auc(y: np.ndarray, proba: np.ndarray, sample_weight: np.ndarray | None = None) -> Any:
     """Macro one-vs-rest AUC over classes present in ``y``; ``proba`` is (n, K)."""
     y = np.asarray(y, dtype=np.int64)
-    aucs = [roc_auc(y == k, proba[:, k], sample_weight) for k in range(proba.shape[1])]
-    return float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
+    return _nanmean_over([roc_auc(y == k, proba[:, k], sample_weight) for k in range(proba.shape[1])])
 
 
-def mean_label_auc(Y: np.ndarray, S: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+def mean_label_auc(Y: np.ndarray, S: np.ndarray, sample_weight: np.ndarray | None = None) -> Any:
     """Mean per-label AUC of a multi-label problem; labels with one class only are skipped."""
-    aucs = [roc_auc(Y[:, j], S[:, j], sample_weight) for j in range(Y.shape[1])]
-    return float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
+    return _nanmean_over([roc_auc(Y[:, j], S[:, j], sample_weight) for j in range(Y.shape[1])])
 
 
 def roc_curve_points(y: np.ndarray, score: np.ndarray, max_points: int = 200) -> tuple[list, list]:
@@ -228,8 +281,8 @@ METRICS_BY_TASK: dict[str, dict[str, tuple[str, MetricFn]]] = {
     },
     "multilabel": {
         "auc": ("score", lambda y, s, w=None: mean_label_auc(y, s, w)),
-        "f1": ("pred", lambda y, p, w=None: float(np.mean(
-            [f1_binary(y[:, j], p[:, j], w) for j in range(y.shape[1])]))),
+        "f1": ("pred", lambda y, p, w=None: _out(np.mean(
+            np.stack([np.asarray(f1_binary(y[:, j], p[:, j], w)) for j in range(y.shape[1])]), axis=0))),
     },
 }
 

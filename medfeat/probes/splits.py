@@ -2,17 +2,18 @@
 
 Every split keeps all items of one subject (group) on one side, so scans of
 the same knee or images of the same patient never sit in train and test at
-once. Stratified by label where the data allow it (StratifiedGroupKFold);
-otherwise groups are shuffled and dealt to folds by size.
+once. Stratified by label where the data allow it: groups are sorted by their
+(majority) label in a seeded random order and dealt to the folds in turn, so
+each label's subjects spread evenly (within one subject per fold) in O(subjects)
+numpy work, fast at 100,000 subjects; otherwise groups are shuffled and dealt to
+folds by size.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from medfeat.errors import InputError
 
@@ -67,13 +68,25 @@ def grouped_kfold(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -
         raise InputError(f"only {n_groups} subjects for {n_splits} folds: lower --folds")
     strat = stratification_labels(y)
     if _can_stratify(strat, groups, n_splits):
-        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            folds = list(cv.split(np.zeros(len(strat)), strat, groups))
-        if all(len(te) > 0 for _, te in folds):
-            return folds
+        return _stratified_group_folds(strat, groups, n_splits, seed)
     return _shuffled_group_folds(groups, n_splits, seed)
+
+
+def _stratified_group_folds(strat: np.ndarray, groups: np.ndarray, n_splits: int,
+                            seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Groups sorted by majority label in a seeded random order, dealt to folds in turn."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    labels, lab = np.unique(strat, return_inverse=True)
+    counts = np.zeros((len(uniq), len(labels)), dtype=np.int64)
+    np.add.at(counts, (inv, lab), 1)
+    majority = counts.argmax(axis=1)
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(uniq)), majority))  # by label, randomly within a label
+    fold_of_group = np.empty(len(uniq), dtype=np.int64)
+    fold_of_group[order] = (np.arange(len(uniq)) + rng.integers(n_splits)) % n_splits
+    fold = fold_of_group[inv]
+    idx = np.arange(len(groups))
+    return [(idx[fold != f], idx[fold == f]) for f in range(n_splits)]
 
 
 def _can_stratify(strat: np.ndarray, groups: np.ndarray, n_splits: int) -> bool:

@@ -19,7 +19,8 @@ from scipy import stats as sps
 
 from medfeat.errors import InputError
 
-__all__ = ["CI", "bootstrap_weights", "bootstrap_ci", "paired_bootstrap", "delong_test", "PairedResult"]
+__all__ = ["CI", "bootstrap_weights", "bootstrap_ci", "bootstrap_cis", "paired_bootstrap", "delong_test",
+           "PairedResult"]
 
 #: A metric over a weight vector: ``fn(sample_weight) -> float`` (NaN if undefined).
 WeightedStat = Callable[[np.ndarray], float]
@@ -64,9 +65,23 @@ def bootstrap_weights(groups: np.ndarray | None, n: int, n_boot: int,
 
 
 def _replicates(stat: WeightedStat, groups: np.ndarray | None, n: int, n_boot: int, seed: int) -> np.ndarray:
+    return _replicates_of({"_": stat}, groups, n, n_boot, seed)["_"]
+
+
+def _replicates_of(stats: dict[str, WeightedStat], groups: np.ndarray | None, n: int, n_boot: int,
+                   seed: int) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of several statistics on the same resampled subjects. A stat
+    marked ``vectorised`` takes a whole block of weights (B, n) at once; others one vector
+    at a time."""
     rng = np.random.default_rng(seed)
-    out = [stat(w) for block in bootstrap_weights(groups, n, n_boot, rng) for w in block]
-    return np.asarray(out, dtype=np.float64)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in stats}
+    for block in bootstrap_weights(groups, n, n_boot, rng):
+        for name, stat in stats.items():
+            if getattr(stat, "vectorised", False):
+                out[name].append(np.atleast_1d(np.asarray(stat(block), dtype=np.float64)))
+            else:
+                out[name].append(np.asarray([stat(w) for w in block], dtype=np.float64))
+    return {name: np.concatenate(v) for name, v in out.items()}
 
 
 def bootstrap_ci(stat: WeightedStat, n: int, *, groups: np.ndarray | None = None, n_boot: int = 1000,
@@ -82,8 +97,20 @@ def bootstrap_ci(stat: WeightedStat, n: int, *, groups: np.ndarray | None = None
         acceleration from a delete-one-group jackknife, over at most 200 blocks
         of groups to bound its cost).
     """
+    return _ci_of(stat, _replicates(stat, groups, n, n_boot, seed), groups, n, n_boot, level, method)
+
+
+def bootstrap_cis(stats: dict[str, WeightedStat], n: int, *, groups: np.ndarray | None = None, n_boot: int = 1000,
+                  level: float = 0.95, method: str = "percentile", seed: int = 0) -> dict[str, CI]:
+    """:func:`bootstrap_ci` of several statistics from one set of replicates (the weights are
+    drawn once; the same ``seed`` gives each statistic the replicates it would get alone)."""
+    reps = _replicates_of(stats, groups, n, n_boot, seed)
+    return {name: _ci_of(stat, reps[name], groups, n, n_boot, level, method) for name, stat in stats.items()}
+
+
+def _ci_of(stat: WeightedStat, reps: np.ndarray, groups: np.ndarray | None, n: int, n_boot: int, level: float,
+           method: str) -> CI:
     point = float(stat(np.ones(n)))
-    reps = _replicates(stat, groups, n, n_boot, seed)
     reps = reps[np.isfinite(reps)]
     if len(reps) < max(10, n_boot // 2):  # the metric was undefined in most replicates
         return CI(point, float("nan"), float("nan"), level, method, n_boot)
@@ -151,7 +178,8 @@ def paired_bootstrap(stat_a: WeightedStat, stat_b: WeightedStat, n: int, *, grou
     """
     ones = np.ones(n)
     a, b = float(stat_a(ones)), float(stat_b(ones))
-    diffs = _replicates(lambda w: stat_a(w) - stat_b(w), groups, n, n_boot, seed)
+    reps = _replicates_of({"a": stat_a, "b": stat_b}, groups, n, n_boot, seed)
+    diffs = reps["a"] - reps["b"]
     diffs = diffs[np.isfinite(diffs)]
     if len(diffs) == 0:
         return PairedResult(a, b, a - b, float("nan"), float("nan"), float("nan"), "paired_bootstrap", n_boot)

@@ -65,3 +65,29 @@ def test_roc_points_match_sklearn():
     ref_fpr, ref_tpr, _ = skm.roc_curve(Y_BIN, SCORE, drop_intermediate=False)
     np.testing.assert_allclose(fpr, ref_fpr, atol=1e-5)
     np.testing.assert_allclose(tpr, ref_tpr, atol=1e-5)
+
+
+def test_every_metric_takes_a_block_of_replicate_weights():
+    """A (B, n) weight matrix gives the B values that B single weight vectors give."""
+    from medfeat.probes.metrics import METRICS_BY_TASK
+
+    rng = np.random.default_rng(7)
+    n, k = 80, 4
+    W = rng.poisson(1.0, size=(6, n)).astype(float)
+    W[0, :] = 0.0
+    W[0, :3] = 1.0  # a replicate where most classes are absent
+    data = {
+        "binary": (rng.integers(0, 2, n), rng.random((n, 1)), None),
+        "multiclass": (rng.integers(0, k, n), rng.dirichlet(np.ones(k), n), None),
+        "ordinal": (rng.integers(0, k, n), rng.dirichlet(np.ones(k), n), None),
+        "multilabel": (rng.integers(0, 2, (n, 3)), rng.random((n, 3)), None),
+    }
+    for task, metrics in METRICS_BY_TASK.items():
+        y, score, _ = data[task]
+        pred = (score >= 0.5).astype(int) if task == "multilabel" else (
+            (score[:, 0] >= 0.5).astype(int) if task == "binary" else score.argmax(1))
+        for name, (kind, fn) in metrics.items():
+            arr = score[:, 0] if (task == "binary" and kind == "score") else (score if kind == "score" else pred)
+            block = np.asarray(fn(y, arr, W))
+            single = np.array([fn(y, arr, w) for w in W])
+            np.testing.assert_allclose(block, single, rtol=1e-12, equal_nan=True, err_msg=f"{task} {name}")

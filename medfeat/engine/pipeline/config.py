@@ -25,7 +25,7 @@ ALIGNMENTS = ("none", "rigid", "affine", "oracle", "atlas", "oracle_atlas")
 GRAY_MODES = ("repeat", "first_channel")
 RESIZE_MODES = ("shorter", "square")
 ROIS = ("whole", "crop")
-SCHEDULER_KINDS = ("local", "threads", "sync")
+SCHEDULER_KINDS = ("auto", "local", "threads", "sync")
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,17 @@ class Variant:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where batches run: a scheduler kind (``local``, ``threads``, ``sync``) or the address
-    of an existing Dask scheduler, with workers, threads per worker, a per-worker memory
-    limit (``"2GB"``) and the allocator mode of the processes it starts."""
+    """Where batches run: a scheduler kind (``auto``, ``local``, ``threads``, ``sync``) or the
+    address of an existing Dask scheduler, with workers, threads per worker, a per-worker
+    memory limit (``"2GB"``) and the allocator mode of the processes it starts.
 
-    scheduler_kind: str = "local"
+    ``auto`` (the default) runs on threads in this process on one machine, where Dask
+    worker processes only add their start (imports, a second model build: seconds) and
+    the transfer of every batch; it becomes a Dask ``LocalCluster`` when workers are asked
+    for (``workers``) and connects when an address is given.
+    """
+
+    scheduler_kind: str = "auto"
     scheduler: str | None = None
     workers: int | None = None
     threads_per_worker: int = 2
@@ -141,6 +147,13 @@ class ClusterConfig:
             raise InputError(f"workers={self.workers}: need at least 1")
         if self.threads_per_worker < 1:
             raise InputError(f"threads_per_worker={self.threads_per_worker}: need at least 1")
+
+    @property
+    def kind(self) -> str:
+        """The scheduler kind that runs: ``auto`` resolved (see the class docstring)."""
+        if self.scheduler_kind != "auto":
+            return self.scheduler_kind
+        return "local" if self.scheduler or self.workers else "threads"
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

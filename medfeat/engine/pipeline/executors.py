@@ -117,14 +117,14 @@ def make_executor(cluster: ClusterConfig, device: str = "cpu") -> Executor:
     """
     if cluster.scheduler:
         return _connect(cluster.scheduler)
-    if cluster.scheduler_kind == "sync":
+    if cluster.kind == "sync":
         apply_malloc_mode(cluster.malloc)
         return SyncExecutor()
-    if cluster.scheduler_kind == "threads":
+    if cluster.kind == "threads":
         apply_malloc_mode(cluster.malloc)
         return ThreadExecutor((cluster.workers or 1) * cluster.threads_per_worker)
-    if cluster.scheduler_kind != "local":  # pragma: no cover - ClusterConfig checks the kind
-        raise UnknownNameError(f"unknown scheduler kind {cluster.scheduler_kind!r}; "
+    if cluster.kind != "local":  # pragma: no cover - ClusterConfig checks the kind
+        raise UnknownNameError(f"unknown scheduler kind {cluster.kind!r}; "
                                f"kinds: {', '.join(SCHEDULER_KINDS)}")
     executor = _local_cluster(cluster.workers or 1, cluster.threads_per_worker, cluster.memory_limit, device)
     executor.client.run(apply_malloc_mode, cluster.malloc)  # before the workers' task threads start

@@ -233,7 +233,7 @@ def _run(cfg: ExtractConfig, store: FeatureStore, keys: dict[str, ArrayKey], ite
     if plugin_files and len(pending):
         executor.ship(plugin_files)  # worker processes import them before building the model
     mcfg = cfg.model
-    if cfg.cluster.scheduler_kind == "local" and not cfg.cluster.scheduler:
+    if cfg.cluster.kind == "local" and not cfg.cluster.scheduler:
         mcfg = cfg.with_model(torch_threads=torch_threads_per_worker(cfg.cluster.workers or 1)).model
     times = StageTimes()
     progress = Progress(len(pending), enabled=cfg.progress)
