@@ -9,6 +9,8 @@ RUNTIME = [
     "numpy>=1.26",
     "scipy>=1.11",
     "nibabel>=5",
+    "isal>=1.6",  # ISA-L's igzip: faster .nii.gz inflate
+    "xxhash>=3",  # source-file signatures of feature-store items
     "pydicom>=3",
     # pydicom's pixel-data plugins: JPEG and JPEG-LS (compressed DICOM as PACS export it)
     "pylibjpeg>=2",
