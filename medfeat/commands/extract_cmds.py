@@ -68,7 +68,9 @@ def _labels(text: str | None) -> tuple[int, ...] | None:
 @click.option("--roi", type=click.Choice(ROIS), default="whole", show_default=True, help="Whole field of view or a crop around the mask.")
 @click.option("--roi-labels", default=None,
               help="Comma-separated mask labels whose box is the crop ROI, e.g. 3,4 (default: every non-zero label).")
-@click.option("--runtime", default="eager", show_default=True, help="eager, or another runtime of medfeat.export.runtimes.factory.")
+@click.option("--runtime", default="auto", show_default=True,
+              help="auto (the fastest measured here for this model, export cost counted), eager, compiled, "
+                   "onnxruntime, ort-tensorrt or tensorrt.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", default="fp32", show_default=True)
 @click.option("--pooling", default=None,

@@ -38,7 +38,7 @@ class ModelConfig:
     tiny: bool = False
     pooling: str | None = None
     seed: int = 0
-    runtime: str = "eager"
+    runtime: str = "auto"
     device: str = "cpu"
     precision: str = "fp32"
     input_size: tuple[int, ...] | None = None

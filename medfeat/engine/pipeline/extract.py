@@ -29,13 +29,14 @@ from medfeat.engine.pipeline.items import Atlas, Item, plan_items
 from medfeat.engine.pipeline.progress import Progress, StageTimes
 from medfeat.engine.pipeline.sources import check_sources, describe_changes
 from medfeat.engine.pipeline.tokens import plan_arrays
-from medfeat.engine.pipeline.worker import BatchResult, get_model, run_batch
+from medfeat.engine.pipeline.worker import BatchResult, LoadedModel, adopt_model, get_model, run_batch
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore, check_store_location
 from medfeat.engine.store.lock import StoreLock
 from medfeat.errors import InputError, ManifestError, StoreError, one_line
 from medfeat.export.backbones.plugins import load_plugins
 from medfeat.export.backbones.provenance import random_weights
 from medfeat.export.backbones.registry import Backbone
+from medfeat.export.runtimes.auto import choose_runtime
 from medfeat.io.manifest import read_manifest_rows
 from medfeat.io.visits import VisitPairing
 from medfeat.timeutil import utc_now
@@ -117,7 +118,8 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
     if plugins:
         cfg = cfg.with_model(modules=tuple(dict.fromkeys([*cfg.model.modules, *(p.module for p in plugins)])))
     manifest = read_manifest_rows(cfg.manifest)
-    model = get_model(cfg.model)  # fails fast on unknown model / tap / pooling / device / bad weights
+    # fails fast on unknown model / tap / pooling / device / bad weights
+    model = get_model(cfg.with_model(runtime="eager").model if cfg.model.runtime == "auto" else cfg.model)
     if random_weights(model.backbone.provenance) and not cfg.random_init:
         raise InputError(f"{cfg.model.name}: no weights given: pass --weights FILE (a local checkpoint), "
                          "or --random-init to extract with seeded random weights")
@@ -126,6 +128,9 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
     visits = VisitPairing(cfg.baseline_visit, cfg.followup_visit, cfg.pairs)
     items, plan_failures = plan_items(manifest.frame, spec.input_kind, cfg.variant, atlas, visits)
     _check_unique_ids(items)
+    notes = list(manifest.notes)
+    if cfg.model.runtime == "auto":
+        cfg, model = _auto_runtime(cfg, model, len(items), notes)
     dims = model.backbone.output_dims()
     plans = plan_arrays(cfg.model, model.backbone, model.size)  # token arrays: names, layouts, grids
     keys = {tap: ArrayKey(spec.store_key, plans[tap].name, cfg.variant.name) for tap in model.backbone.tap_names}
@@ -153,12 +158,27 @@ def extract(cfg: ExtractConfig, *, executor: Executor | None = None) -> RunRecor
             record.items.failed = len(record.failures)
             record.items.remain_failed = len(store.failed_items(str(k) for k in keys.values())
                                              & {i.item_id for i in items} | {f["item_id"] for f in early})
-            record.notes, record.refreshed = manifest.notes, redo
+            record.notes, record.refreshed = notes, redo
             store.add_run_record(record.to_dict())
     finally:
         if own:
             executor.close()
     return record
+
+
+def _auto_runtime(cfg: ExtractConfig, eager: LoadedModel, n_items: int,
+                  notes: list[str]) -> tuple[ExtractConfig, LoadedModel]:
+    """Resolve ``--runtime auto`` by measurement (:mod:`medfeat.export.runtimes.auto`); the
+    chosen runtime reuses the backbone built for the measurement."""
+    choice = choose_runtime(eager.backbone, device=cfg.model.device, precision=cfg.model.precision,
+                            input_size=eager.size, batch_size=cfg.batch_size, n_items=n_items)
+    notes.append(choice.reason)
+    if cfg.progress:
+        print(choice.reason, flush=True)
+    cfg = cfg.with_model(runtime=choice.name)
+    if choice.name == "eager":
+        return cfg, eager
+    return cfg, adopt_model(cfg.model, eager, choice.runtime)
 
 
 def _check_unique_ids(items: list[Item]) -> None:

@@ -64,6 +64,20 @@ def _stamp(path: str | None) -> tuple[int, int] | None:
     return None if st is None else (st.st_size, st.st_mtime_ns)
 
 
+def adopt_model(cfg: ModelConfig, base: LoadedModel, runtime: Runtime | None) -> LoadedModel:
+    """Cache ``base``'s backbone under ``cfg`` (another runtime of the same model) with
+    ``runtime`` (built already, e.g. while ``--runtime auto`` timed it), so the model is not
+    built twice; without a runtime, one is made for the backbone."""
+    key = (cfg, _stamp(cfg.weights))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            if runtime is None:
+                runtime = make_runtime(base.backbone, cfg.runtime, device=cfg.device, precision=cfg.precision,
+                                       input_size=base.size)
+            _MODELS[key] = LoadedModel(base.backbone, runtime, base.size)
+        return _MODELS[key]
+
+
 def clear_models() -> None:
     """Forget the cached models of this process (tests; a fresh run in a long-lived worker)."""
     with _MODELS_LOCK:

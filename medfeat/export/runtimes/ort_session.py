@@ -83,6 +83,22 @@ def operator_error(exc: BaseException, runtime: str) -> RuntimeUnavailableError:
     return RuntimeUnavailableError(f"{runtime} failed: {first}")
 
 
+def bound_cpu_memory(options: Any) -> None:
+    """Session options that keep ONNX Runtime's CPU memory near eager PyTorch's.
+
+    By default ORT keeps an arena that grows to the largest batch and never shrinks, and
+    plans one buffer for all of a run's intermediates (memory patterns): on a 3D encoder
+    that doubled the peak against eager PyTorch (SwinUNETR 96^3: 11.5 against 5.9 GB).
+    Without both, intermediates are freed as soon as their last consumer ran, as in
+    PyTorch. One inter-op thread, and no spinning between ops: the pipeline's reading and
+    preprocessing run beside the model and need the cores it would spin on.
+    """
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+
 def create_session(path: str | Path, ep: str = "cpu", *, device_id: int = 0, threads: int | None = None,
                    trt_cache_dir: str | None = None) -> Any:
     """An ``InferenceSession`` on ``ep`` with full graph optimisation."""
@@ -92,6 +108,8 @@ def create_session(path: str | Path, ep: str = "cpu", *, device_id: int = 0, thr
     options.log_severity_level = 3  # errors only: ORT warns about every CPU-placed shape op
     if threads:
         options.intra_op_num_threads = threads
+    if ep == "cpu":
+        bound_cpu_memory(options)
     providers = providers_for(ep, device_id, trt_cache_dir)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)

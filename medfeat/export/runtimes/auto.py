@@ -1,0 +1,152 @@
+"""``--runtime auto``: the fastest runtime measured for this model, precision and device.
+
+For each runtime this machine offers (:func:`~medfeat.export.runtimes.factory.choose_auto`),
+a short timing on random input of the run's batch size is taken the first time the model is
+seen, and cached beside the exports (keyed by the model's content, input size, precision,
+device, batch, threads and library versions, so a new version measures again). A runtime
+that needs an export first (ONNX Runtime, TensorRT) has its cost counted against the
+cohort: when even a 3x speed-up over the measured eager rate could not pay back the
+estimated export over the items of the run, it is not exported and eager runs. The choice
+and why are returned as one line for the run record and the console.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfeat.errors import MedfeatError, one_line
+from medfeat.export.backbones.registry import Backbone
+from medfeat.export.runtimes.artefacts import ArtefactCache, artefact_key, onnx_key_fields
+from medfeat.export.runtimes.factory import Runtime, check_device, choose_auto, make_runtime
+
+TIMING_FILE = "timing.json"
+MIN_SECONDS = 0.5  # time each runtime for at least this long (and at least MIN_REPEATS batches)
+MIN_REPEATS = 2
+BEST_SPEEDUP = 3.0  # the most a compiled runtime has gained over eager here (RESULTS.md): bounds the payback
+EXPORT_PASSES = 6  # an export traces, checks and times the model: about this many eager batches
+NEEDS_EXPORT = ("onnxruntime", "tensorrt", "ort-tensorrt")
+
+
+@dataclass
+class RuntimeChoice:
+    """The runtime chosen, why, and the measured seconds per item of each runtime timed."""
+
+    name: str
+    reason: str
+    seconds_per_item: dict[str, float] = field(default_factory=dict)
+    runtime: Runtime | None = None  # the chosen runtime, built (reuse it rather than build again)
+
+
+def choose_runtime(backbone: Backbone, *, device: str, precision: str, input_size: Sequence[int],
+                   batch_size: int, n_items: int, cache_dir: str | Path | None = None,
+                   log: Callable[[str], None] | None = None) -> RuntimeChoice:
+    """Measure (or read the cached timings of) each candidate runtime; pick the one that
+    finishes ``n_items`` items first, export costs counted."""
+    candidates = choose_auto(device, precision, None)
+    if device == "cpu" and precision == "fp32" and "onnxruntime" not in candidates:
+        candidates = ["onnxruntime", *candidates] if _has_ort() else candidates
+    cache = ArtefactCache(cache_dir)
+    timings: dict[str, float] = {}
+    built: dict[str, Runtime] = {}
+    eager_s = _timed(backbone, "eager", device, precision, input_size, batch_size, cache, timings, built)
+    skipped: list[str] = []
+    for name in [c for c in candidates if c != "eager"]:
+        export_cached = name in NEEDS_EXPORT and _exported(backbone, input_size, precision, cache)
+        if name in NEEDS_EXPORT and not export_cached and not _timing_cached(
+                backbone, name, device, precision, input_size, batch_size, cache):
+            export_est = EXPORT_PASSES * eager_s * batch_size + 1.0
+            best_gain = n_items * eager_s * (1.0 - 1.0 / BEST_SPEEDUP)
+            if best_gain < export_est:
+                skipped.append(f"{name} not exported (about {export_est:.0f} s; at most {best_gain:.0f} s to "
+                               f"gain over {n_items} items)")
+                continue
+        try:
+            _timed(backbone, name, device, precision, input_size, batch_size, cache, timings, built)
+        except MedfeatError as exc:  # not available here, or its export fails parity: say so, go on
+            skipped.append(f"{name} unavailable ({one_line(exc, 100)})")
+    best = min(timings, key=lambda k: timings[k])
+    others = ", ".join(f"{k} {v * 1000:.1f}" for k, v in sorted(timings.items(), key=lambda kv: kv[1]))
+    reason = f"runtime auto: {best} (ms/item measured: {others})"
+    if skipped:
+        reason += "; " + "; ".join(skipped)
+    if log is not None:
+        log(reason)
+    return RuntimeChoice(best, reason, timings, built.get(best))
+
+
+def _has_ort() -> bool:
+    from medfeat.export.runtimes.ort_session import available_providers
+
+    return "CPUExecutionProvider" in available_providers()
+
+
+def _exported(backbone: Backbone, input_size: Sequence[int], precision: str, cache: ArtefactCache) -> bool:
+    fields = onnx_key_fields(backbone, input_size=tuple(input_size), precision=precision)
+    return cache.lookup(artefact_key(fields)) is not None
+
+
+def _timing_fields(backbone: Backbone, name: str, device: str, precision: str, input_size: Sequence[int],
+                   batch_size: int) -> dict[str, Any]:
+    from medfeat.export.runtimes.ort_session import available_providers
+
+    model = onnx_key_fields(backbone, input_size=tuple(input_size), precision=precision)
+    dev = check_device(device)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor()} x{os.cpu_count()}"
+    ort = None
+    if available_providers():
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    return {"kind": "timing", "model": model, "runtime": name, "device": where, "batch": int(batch_size),
+            "threads": torch.get_num_threads(), "onnxruntime": ort}
+
+
+def _timing_cached(backbone: Backbone, name: str, device: str, precision: str, input_size: Sequence[int],
+                   batch_size: int, cache: ArtefactCache) -> bool:
+    fields = _timing_fields(backbone, name, device, precision, input_size, batch_size)
+    return cache.lookup(artefact_key(fields)) is not None
+
+
+def _timed(backbone: Backbone, name: str, device: str, precision: str, input_size: Sequence[int],
+           batch_size: int, cache: ArtefactCache, timings: dict[str, float], built: dict[str, Runtime]) -> float:
+    """Seconds per item of ``name`` (cached, else measured now); the built runtime goes
+    into ``built`` when it had to be built."""
+    fields = _timing_fields(backbone, name, device, precision, input_size, batch_size)
+    found = cache.lookup(artefact_key(fields))
+    if found is not None:
+        timings[name] = float(json.loads((found / TIMING_FILE).read_text())["seconds_per_item"])
+        return timings[name]
+    runtime = make_runtime(backbone, name, device=device, precision=precision, input_size=tuple(input_size),
+                           cache_dir=str(cache.root))
+    built[name] = runtime
+    seconds = _measure(runtime, backbone, input_size, batch_size)
+
+    def write(tmp: Path) -> None:
+        (tmp / TIMING_FILE).write_text(json.dumps({"seconds_per_item": seconds}) + "\n")
+
+    cache.get_or_build(fields, write)
+    timings[name] = seconds
+    return seconds
+
+
+def _measure(runtime: Runtime, backbone: Backbone, input_size: Sequence[int], batch_size: int) -> float:
+    """Median seconds per item over repeated batches of seeded random input (one warm-up)."""
+    shape = (batch_size, backbone.spec.in_channels, *input_size)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+    runtime(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < MIN_REPEATS or time.perf_counter() - start < MIN_SECONDS:
+        t0 = time.perf_counter()
+        runtime(x)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / batch_size
