@@ -71,7 +71,7 @@ class PipelineBenchConfig:
     repeats: int = 3
 
     def model_config(self, torch_threads: int | None = None) -> ModelConfig:
-        return ModelConfig(self.model, tuple(self.taps), tiny=self.tiny, device=self.device,
+        return ModelConfig(self.model, tuple(self.taps), tiny=self.tiny, device=self.device, runtime="eager",
                            input_size=self.input_size, torch_threads=torch_threads)
 
     def cluster(self, kind: str, workers: int) -> ClusterConfig:

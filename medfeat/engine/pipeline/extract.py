@@ -93,7 +93,7 @@ def _interpolation(backbone: Backbone, resize: str = "shorter") -> str:
         gray = backbone.provenance.get("config", {}).get("gray", "repeat")
         sides = "both sides" if resize == "square" else ""
         return f"bilinear resize (no antialias) {sides + ' ' if sides else ''}to round(s*256/224), centre crop s; gray {gray}"
-    return "linear, world space, zero outside"
+    return pp.BORDER_DESCRIPTION
 
 
 def _chunks(indices: np.ndarray, items: list[Item], chunk: int, batch: int) -> dict[int, list[Batch]]:

@@ -94,7 +94,8 @@ def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: ScanCach
         grid = edge_box_grid(ref.affine, lo, hi, size)
     else:
         grid = fov_grid(ref.shape, ref.affine, size)
-    pp.prepare_volume_into(out[None], k, vol.data, vol.affine, grid, spec.preprocess, transform)
+    mode = pp.border_mode(mask is None and transform is None and ch.ref is None)
+    pp.prepare_volume_into(out[None], k, vol.data, vol.affine, grid, spec.preprocess, transform, mode)
     timer.preprocess += time.perf_counter() - t0
 
 

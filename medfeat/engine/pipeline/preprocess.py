@@ -59,8 +59,9 @@ def mask_box(mask: np.ndarray, mask_affine: np.ndarray, ref_affine: np.ndarray,
 
 
 def resample(data: np.ndarray, data_affine: np.ndarray, grid: Grid,
-             world_transform: np.ndarray | None = None, order: int = 1) -> np.ndarray:
-    """Sample a (D, H, W) volume on ``grid``; outside the volume is 0.
+             world_transform: np.ndarray | None = None, order: int = 1, mode: str = "constant") -> np.ndarray:
+    """Sample a (D, H, W) volume on ``grid``; outside the volume is 0 (``mode="constant"``),
+    or the nearest edge voxel (``mode="nearest"``).
 
     ``world_transform`` (4, 4) maps grid (reference) world mm to the volume's world mm;
     identity when None. Returns float32 of ``grid.shape``.
@@ -70,7 +71,7 @@ def resample(data: np.ndarray, data_affine: np.ndarray, grid: Grid,
         m = m @ np.asarray(world_transform, np.float64)
     m = m @ grid.affine
     out = affine_transform(np.ascontiguousarray(data, np.float32), m[:3, :3], m[:3, 3],
-                           output_shape=grid.shape, order=order, mode="constant", cval=0.0)
+                           output_shape=grid.shape, order=order, mode=mode, cval=0.0)
     return np.asarray(out, dtype=np.float32)
 
 
@@ -111,16 +112,29 @@ def apply_intensity(x: np.ndarray, params: tuple[float, float, float, float]) ->
 
 
 def prepare_volume(data: np.ndarray, affine: np.ndarray, grid: Grid, rule: Preprocess,
-                   world_transform: np.ndarray | None = None) -> np.ndarray:
+                   world_transform: np.ndarray | None = None, mode: str = "constant") -> np.ndarray:
     """One scan -> (D, H, W) float32 model input on ``grid`` with ``rule`` applied.
 
     The rule clamps and scales the source before interpolation (uniGradICON clamps, then
-    resizes); outside the scan is 0 after scaling. Unfused reference of
-    :func:`prepare_volume_into`.
+    resizes); outside the scan is 0 after scaling, or its edge voxels with ``mode="nearest"``
+    (see :func:`border_mode`). Unfused reference of :func:`prepare_volume_into`.
     """
     params = intensity_params(data, rule)
     scaled = apply_intensity(np.array(data, dtype=np.float32), params)
-    return resample(scaled, affine, grid, world_transform)
+    return resample(scaled, affine, grid, world_transform, mode=mode)
+
+
+def border_mode(own_field_of_view: bool) -> str:
+    """How samples outside a scan are filled. A scan resampled over its own field of view
+    (no crop, no alignment) reaches half a voxel past its outer voxel centres: those samples
+    take the edge voxels (``nearest``), as ``F.interpolate``, MONAI's ``Resized`` and
+    uniGradICON's resize to 175^3 do. A crop margin or an aligned scan can reach far beyond
+    the scan, where nothing is known: zero (``constant``)."""
+    return "nearest" if own_field_of_view else "constant"
+
+
+BORDER_DESCRIPTION = ("linear, world space; edge voxels over the border half-voxel of a scan's own field of "
+                      "view, zero beyond a scan")
 
 
 def kernel_rule(rule: Preprocess) -> Any:
@@ -139,12 +153,12 @@ def kernel_rule(rule: Preprocess) -> Any:
 
 
 def prepare_volume_into(out: np.ndarray, channel: int, data: np.ndarray, affine: np.ndarray, grid: Grid,
-                        rule: Preprocess, world_transform: np.ndarray | None = None) -> None:
+                        rule: Preprocess, world_transform: np.ndarray | None = None, mode: str = "constant") -> None:
     """Like :func:`prepare_volume`, written into ``out[0, channel]`` of a (1, C, D, H, W)
     float32 buffer in one fused pass (the kernels' ``resample_normalise``: resample, clamp,
     scale, cast); :func:`prepare_volume` is its unfused reference."""
     resample_normalise([np.ascontiguousarray(data, np.float32)], [affine], grid,
-                       out, transforms=[world_transform], channel=channel, rule=kernel_rule(rule))
+                       out, transforms=[world_transform], channel=channel, rule=kernel_rule(rule), mode=mode)
 
 
 # -- 2D ----------------------------------------------------------------------------------

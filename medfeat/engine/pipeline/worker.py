@@ -102,7 +102,7 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
                                config={**model_args(cfg), **({"gray": cfg.gray} if cfg.gray is not None else {})} or None,
                                inputs=model_inputs(cfg))
     size = tuple(cfg.input_size or backbone.spec.input_size)
-    runtime = make_runtime(backbone, cfg.runtime, device=cfg.device, precision=cfg.precision)
+    runtime = make_runtime(backbone, cfg.runtime, device=cfg.device, precision=cfg.precision, input_size=size)
     return LoadedModel(backbone, runtime, size)
 
 
