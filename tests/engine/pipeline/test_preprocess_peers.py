@@ -24,4 +24,4 @@ def test_whole_scan_input_equals_monai_resized(tmp_path):
         transforms.ScaleIntensityRangePercentilesd(keys="image", lower=0, upper=99, b_min=0.0, b_max=1.0, clip=True),
         transforms.Resized(keys="image", spatial_size=(48, 48, 48), mode="trilinear", align_corners=False),
     ])({"image": df["path"][0]})["image"].as_tensor().numpy()
-    np.testing.assert_allclose(ours, monai, atol=2e-6)  # float32 rounding; borders included
+    np.testing.assert_allclose(ours, monai, atol=5e-6)  # float32 rounding (two interpolation orders); borders too
