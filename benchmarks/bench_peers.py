@@ -49,8 +49,14 @@ def monai_script(manifest: str, out: str, model: str, tap: str, size: int, tiny:
     import torch
     import zarr
     from monai.data import DataLoader, Dataset
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized,
-                                  ScaleIntensityRangePercentilesd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        Resized,
+        ScaleIntensityRangePercentilesd,
+    )
 
     from medfeat.export.backbones.registry import create_backbone
 

@@ -169,7 +169,6 @@ def read_volume(path: str | Path) -> Volume:
         Missing or unreadable file, not NIfTI, truncated or corrupt gzip or
         data, NaN or Inf voxels, not 3D, or a singular / non-finite affine.
     """
-    import nibabel as nib  # heavy import kept local: the CLI starts faster
 
     p = Path(path)
     check_readable_file(p)

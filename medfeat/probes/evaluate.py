@@ -175,7 +175,7 @@ def _fold_predict(probe, X: np.ndarray, y: np.ndarray, groups: np.ndarray, train
     return score, (pred[:, 0] if task == "binary" else pred), info
 
 
-def _py_list(v: object) -> object:
+def _py_list(v: Any) -> Any:
     if v is None:
         return None
     arr = np.atleast_1d(np.asarray(v, dtype=float))
@@ -202,10 +202,17 @@ def _metric_stat(task: str, name: str, y: np.ndarray, score: np.ndarray,
             return prepared_auc(y, score[:, 0])
         cols = [(y == k) if task != "multilabel" else y[:, k] for k in range(score.shape[1])]
         fs = [prepared_auc(c, score[:, k]) for k, c in enumerate(cols) if 0 < np.sum(c) < len(c)]
-        # Classes absent from a bootstrap replicate are skipped, as in the point estimate.
-        return _vectorised(lambda w=None: _finite_mean([f(w) for f in fs]))
+        def mean_auc(w: np.ndarray | None = None) -> Any:
+            # Classes absent from a bootstrap replicate are skipped, as in the point estimate.
+            return _finite_mean([f(w) for f in fs])
+
+        return _vectorised(mean_auc)
     arr = score if kind == "score" else pred
-    return _vectorised(lambda w=None: fn(y, arr, w))
+
+    def metric(w: np.ndarray | None = None) -> Any:
+        return fn(y, arr, w)
+
+    return _vectorised(metric)
 
 
 def _vectorised(fn: Callable[[np.ndarray | None], Any]) -> Callable[[np.ndarray | None], Any]:
@@ -223,9 +230,9 @@ def _finite_mean(vals: list) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
-def _seed_mean(stats: list[Callable]) -> Callable[[np.ndarray], Any]:
+def _seed_mean(stats: list[Callable]) -> Callable[[np.ndarray | None], Any]:
     """The mean over seeds of a metric; NaN where any seed's is undefined."""
-    def mean(w: np.ndarray) -> Any:
+    def mean(w: np.ndarray | None) -> Any:
         vals = np.stack([np.asarray(f(w), dtype=np.float64) for f in stats])
         out = np.where(np.isfinite(vals).all(axis=0), vals.mean(axis=0), np.nan)
         return float(out) if out.ndim == 0 else out
@@ -310,7 +317,7 @@ def holdout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, split
         raise InputError(f"subject {sorted(leak)[0]} is in both the training and the test split")
     est = make_probe(probe, **_with_seed(probe, probe_params, 0, task))
     sc, pr, info = _fold_predict(est, X, y_enc, groups, train, test, task, len(classes), val)
-    ids = [item_ids[i] for i in test] if item_ids is not None else None
+    ids = [item_ids[int(i)] for i in test] if item_ids is not None else None
     result = ProbeResult(task, probe, classes, 0, [0], y_enc[test], groups[test], sc[None], pr[None],
                          folds=[{"seed": 0, "fold": 0, "n_train": int(len(train)), "n_test": int(len(test)), **info}],
                          item_ids=ids)

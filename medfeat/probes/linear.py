@@ -121,7 +121,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         validation computes it once for all its folds); computed here when None.
         """
         self._check_params()
-        X, y = check_xy(X, y)
+        X, y_checked = check_xy(X, y)
+        y = np.asarray(y_checked)
         groups = np.arange(len(X)) if groups is None else np.asarray(groups)
         if len(groups) != len(X):
             raise InputError(f"{len(X)} feature rows but {len(groups)} groups")
@@ -137,7 +138,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 self.C_ = np.array([c for _, c in fits])
             else:
                 self.classes_, y_enc = np.unique(y, return_inverse=True)
-                est, self.C_ = self._fit_one(Z, y_enc, groups, len(self.classes_), pre)
+                est, C = self._fit_one(Z, y_enc, groups, len(self.classes_), pre)
+                self.C_ = np.asarray(C)
                 self.estimators_ = [est]
         self.n_features_in_ = X.shape[1]
         return self

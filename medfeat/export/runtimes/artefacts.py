@@ -120,7 +120,7 @@ def _exporter_source_sha() -> str:
 
     digest = hashlib.sha256()
     for module in (pooling, onnx_export):
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(Path(str(module.__file__)).read_bytes())
     return digest.hexdigest()
 
 

@@ -341,6 +341,6 @@ def make_runtime(backbone: Backbone, name: str = "eager", *, device: str = "cpu"
             log.warning("runtime %s unavailable (%s); falling back to %s", current, exc, chain[0])
             continue
         if reasons or not getattr(runtime, "fallback_reason", None):
-            runtime.fallback_reason = "; ".join(reasons) or None  # type: ignore[union-attr]
+            runtime.fallback_reason = "; ".join(reasons) or None  # type: ignore[attr-defined]
         return runtime
     raise RuntimeUnavailableError(f"no runtime available for {backbone.spec.name}")  # pragma: no cover
