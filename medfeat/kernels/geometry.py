@@ -16,6 +16,7 @@ Conventions
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,12 @@ class Grid:
         """(8, 3) world positions (mm) of the eight corner voxel centres."""
         idx = np.array(np.meshgrid(*[[0, n - 1] for n in self.shape], indexing="ij")).reshape(3, -1)
         return (self.affine[:3, :3] @ idx + self.affine[:3, 3:4]).T
+
+
+def _int3(values: Iterable[float]) -> tuple[int, int, int]:
+    """Three sizes as ints (a grid's shape)."""
+    d, h, w = (int(v) for v in values)
+    return d, h, w
 
 
 def index_map(
@@ -103,7 +110,7 @@ def fov_grid(shape: Any, affine: Any, out_shape: Any) -> Grid:
     s = np.eye(4)
     s[:3, :3] = np.diag(scale)
     s[:3, 3] = 0.5 * scale - 0.5
-    return Grid(tuple(int(v) for v in m), a @ s)
+    return Grid(_int3(m), a @ s)
 
 
 def edge_box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any) -> Grid:
@@ -124,7 +131,7 @@ def edge_box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any) -> Grid:
     to_box = np.eye(4)
     to_box[:3, :3] = np.diag(step)
     to_box[:3, 3] = lo_a + 0.5 * step
-    return Grid(tuple(int(v) for v in m), _checks.check_affine4("affine", affine) @ to_box)
+    return Grid(_int3(m), _checks.check_affine4("affine", affine) @ to_box)
 
 
 def box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any | None = None) -> Grid:
@@ -141,8 +148,7 @@ def box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any | None = None) -> Gri
     a = _checks.check_affine4("affine", affine)
     t = np.eye(4)
     t[:3, 3] = lo_a
-    shape = tuple(int(round(v)) for v in hi_a - lo_a)
-    grid = Grid(shape, a @ t)
+    grid = Grid(_int3(round(v) for v in hi_a - lo_a), a @ t)
     return grid if out_shape is None else fov_grid(grid.shape, grid.affine, out_shape)
 
 

@@ -9,7 +9,7 @@ uniGradICON does (it clamps the scan to [min, p99] and only then resizes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -48,6 +48,12 @@ class IntensityRule:
         for name, q in (("lower", self.lower), ("upper", self.upper)):
             if q is not None and not 0.0 <= float(q) <= 100.0:
                 raise InputError(f"rule.{name}: percentile must lie in [0, 100], got {q!r}")
+
+    def window_bounds(self) -> tuple[float, float]:
+        """(lo, hi) of a 'ct_window' rule, scanner units."""
+        if self.window is None:
+            raise InputError(f"rule.window: a {self.kind!r} rule has no window")
+        return float(self.window[0]), float(self.window[1])
 
 
 def _select_cpu(flat: np.ndarray, ranks: list[int]) -> list[float]:
@@ -90,7 +96,15 @@ def _select_cpu(flat: np.ndarray, ranks: list[int]) -> list[float]:
     return [float(vals[r - before]) for r in ranks]
 
 
-def percentile(x: Any, q: float | list[float]) -> Any:
+@overload
+def percentile(x: Any, q: float) -> float: ...
+
+
+@overload
+def percentile(x: Any, q: list[float]) -> list[float]: ...
+
+
+def percentile(x: Any, q: float | list[float]) -> float | list[float]:
     """Exact percentile(s) of all voxels, with np.percentile's 'linear' method.
 
     numpy input: Numba histogram selection; cupy input: a device sort and a
@@ -151,7 +165,7 @@ def rule_params(volume: Any, rule: IntensityRule) -> tuple[float, float, float, 
         mean, std = _mean_std(volume)
         return -inf, inf, mean, (1.0 / std if std > 0 else 1.0)
     if rule.kind == "ct_window":
-        lo, hi = float(rule.window[0]), float(rule.window[1])
+        lo, hi = rule.window_bounds()
     elif rule.lower is None:
         lo, _ = _min_max(volume)
         hi = percentile(volume, rule.upper)
@@ -168,7 +182,7 @@ def normalise_reference(volume: np.ndarray, rule: IntensityRule) -> np.ndarray:
     if rule.kind == "zscore":
         return (v - v.mean()) / (v.std() or 1.0)
     if rule.kind == "ct_window":
-        lo, hi = rule.window
+        lo, hi = rule.window_bounds()
     else:
         lo = v.min() if rule.lower is None else np.percentile(v, rule.lower)
         hi = np.percentile(v, rule.upper)
