@@ -81,7 +81,7 @@ def load_grid(grid: str) -> list[StageCase]:
     for i, c in enumerate(raw):
         if c.get("stage") not in STAGES:
             raise InputError(f"grid case {i}: unknown stage {c.get('stage')!r}; stages: {', '.join(STAGES)}")
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}  # YAML values
         extra = {k: fields.pop(k) for k in list(fields) if k not in StageCase.__dataclass_fields__}
         cases.append(StageCase(**fields, extra=extra))
     return cases

@@ -12,8 +12,10 @@ import importlib.util
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,6 +61,12 @@ def _row(case: StageCase, impl: str, timing: Timing, items: int, *, nbytes: floa
         if rate:
             row["fraction"] = row["flops_per_s"] / rate
     return row
+
+
+def _shape3(size: tuple[int, ...]) -> tuple[int, int, int]:
+    """A case's 3D size as the three ints it is."""
+    d, h, w = size
+    return d, h, w
 
 
 def _random_volume(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -143,14 +151,16 @@ def stage_fused(case: StageCase, limits: dict[str, float]) -> list[Row]:
     from medfeat.kernels import Grid, IntensityRule, resample_normalise
 
     cpu = case.device == "cpu"
+    xp: ModuleType  # numpy or cupy
     if cpu:
-        import numpy as xp
         import scipy.ndimage as ndi
+        xp = np
     else:
-        import cupy as xp
+        import cupy
         import cupyx.scipy.ndimage as ndi
+        xp = cupy
     vols = [xp.asarray(_random_volume(case.size, seed=i)) for i in range(case.batch)]
-    grid = Grid(tuple(case.out_size), np.diag([*(np.array(case.size) / np.array(case.out_size)), 1.0]))
+    grid = Grid(_shape3(case.out_size), np.diag([*(np.array(case.size) / np.array(case.out_size)), 1.0]))
     out = xp.empty((case.batch, 1, *case.out_size), xp.float32)
     rule = IntensityRule()
     fused = time_call(lambda: resample_normalise(vols, [np.eye(4)] * case.batch, grid, out, rule=rule),
@@ -189,7 +199,7 @@ def stage_infer(case: StageCase, limits: dict[str, float]) -> list[Row]:
         except Exception as exc:  # noqa: BLE001 - a missing runtime is a row, not a crash
             rows.append({"stage": case.stage, "impl": runtime, "model": case.model, "error": str(exc)[:200]})
             continue
-        t = time_call(lambda run=run, x=x: run(x), warmup=1, repeats=case.repeats, device=case.device)
+        t = time_call(partial(run, x), warmup=1, repeats=case.repeats, device=case.device)
         rows.append(_row(case, runtime, t, case.batch, flops=flops, limits=limits, taps=",".join(taps)))
     return _ratios(rows, "eager")
 
@@ -228,7 +238,7 @@ def stage_read(case: StageCase, limits: dict[str, float]) -> list[Row]:
         arr = zarr.create_array(str(Path(tmp) / "v.zarr"), shape=vol.shape, dtype=vol.dtype,
                                 chunks=tuple(min(64, s) for s in vol.shape))
         arr[:] = vol
-        readers = {"nifti_gz": lambda: np.asanyarray(nib.load(nii).dataobj),
+        readers = {"nifti_gz": lambda: np.asanyarray(cast(nib.Nifti1Image, nib.load(nii)).dataobj),
                    "zarr_v3": lambda: zarr.open_array(str(Path(tmp) / "v.zarr"), mode="r")[:]}
         for name, fn in readers.items():
             t = time_call(fn, warmup=1, repeats=case.repeats)
@@ -275,7 +285,7 @@ def stage_pipeline(case: StageCase, limits: dict[str, float]) -> list[Row]:
                                  memory_limit=case.extra.get("memory_limit"), repeats=case.repeats)
     with tempfile.TemporaryDirectory(prefix="medfeat_bench_pipeline_") as tmp:
         manifest = synth_cohort(Path(tmp) / "cohort", subjects=int(case.extra.get("subjects", 6)), seed=0,
-                                shape=tuple(case.size) or (64, 64, 64))
+                                shape=_shape3(case.size) if case.size else (64, 64, 64))
         try:
             result = bp.compare(manifest, Path(tmp), cfg, kinds)
         finally:

@@ -19,7 +19,7 @@ the image. ``split="grouped"`` keeps images of one patient or lesion together in
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -317,7 +317,8 @@ def load_image_csv(csv_path: str | Path, *, path_column: str = "path", label_col
     return _finish(out, csv_path.stem, task, metric, [str(c) for c in classes])
 
 
-DATASETS = {"aptos2019": load_aptos2019, "isic2019": load_isic2019, "ddsm": load_ddsm, "cbis_ddsm": load_cbis_ddsm,
+# name -> loader(root, **options): each loader takes its own keyword options
+DATASETS: dict[str, Callable[..., pd.DataFrame]] = {"aptos2019": load_aptos2019, "isic2019": load_isic2019, "ddsm": load_ddsm, "cbis_ddsm": load_cbis_ddsm,
             "chexpert": load_chexpert}
 
 

@@ -216,7 +216,7 @@ class FeatureStore:
         self.group.attrs["item_extra"] = extra
 
     @_writes
-    def add_items(self, records: Iterable[dict[str, Any]]) -> np.ndarray:
+    def add_items(self, records: Iterable[dict[str, Any]]) -> npt.NDArray[np.int64]:
         """Register items (dicts with ``item_id`` and optional other columns).
 
         Items already present keep their index. Returns the store index of every record.
