@@ -126,7 +126,7 @@ def validate_result(doc: dict[str, Any]) -> None:
             _validate_pipeline_row(i, row)
 
 
-def _check_positive(value: Any, what: str) -> None:
+def _check_positive(value: object, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
         raise ValueError(f"{what} {value!r}")
 

@@ -93,7 +93,7 @@ def stage_resample(case: StageCase, limits: dict[str, float]) -> list[Row]:
     m, off = _oblique_matrix(case.size, case.out_size)
     nbytes = 4.0 * (np.prod(case.size) + np.prod(case.out_size))
     vox = float(np.prod(case.out_size))
-    impls: dict[str, Callable[[], Any]] = {}
+    impls: dict[str, Callable[[], object]] = {}
     device = case.device
     if device == "cpu":
         import scipy.ndimage as ndi
@@ -118,7 +118,7 @@ def stage_resample(case: StageCase, limits: dict[str, float]) -> list[Row]:
 
 
 def _grid_sample_call(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape: tuple[int, ...],
-                      device: str) -> Callable[[], Any]:
+                      device: str) -> Callable[[], torch.Tensor]:
     """torch grid_sample with the same index map (align_corners=True normalised coordinates)."""
     import torch.nn.functional as F
 
@@ -130,7 +130,8 @@ def _grid_sample_call(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape
     return lambda: F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def _sitk_resampler(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape: tuple[int, ...]) -> Callable[[], Any]:
+def _sitk_resampler(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape: tuple[int, ...]
+                    ) -> Callable[[], np.ndarray]:
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(src)  # SimpleITK index order is (x, y, z) = reversed numpy axes
@@ -139,7 +140,7 @@ def _sitk_resampler(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape: 
     tf.SetTranslation(off[::-1].tolist())
     ref = sitk.Image([int(s) for s in out_shape[::-1]], sitk.sitkFloat32)
 
-    def run() -> Any:
+    def run() -> np.ndarray:
         return sitk.GetArrayViewFromImage(sitk.Resample(image, ref, tf, sitk.sitkLinear, 0.0))
 
     return run

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels._checks import Array
 from medfeat.kernels.affine import affine_transform
 
 
@@ -56,7 +57,7 @@ def _int3(values: Iterable[float]) -> tuple[int, int, int]:
 
 
 def index_map(
-    source_affine: Any, target: Grid, transform: Any | None = None
+    source_affine: npt.ArrayLike, target: Grid, transform: npt.ArrayLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Compose ``inv(source_affine) @ transform @ target.affine`` into (matrix (3,3), offset (3,)).
 
@@ -75,16 +76,16 @@ def index_map(
 
 
 def resample_world(
-    volume: Any,
-    source_affine: Any,
+    volume: Array,
+    source_affine: npt.ArrayLike,
     target: Grid,
-    transform: Any | None = None,
+    transform: npt.ArrayLike | None = None,
     *,
     order: int = 1,
     mode: str = "constant",
     cval: float = 0.0,
-    output: Any = None,
-) -> Any:
+    output: Array | None = None,
+) -> Array:
     """Resample a (D, H, W) ``volume`` onto ``target`` in world space.
 
     Returns an array of ``target.shape`` on the volume's device. Points of the
@@ -95,7 +96,7 @@ def resample_world(
     return affine_transform(volume, m, off, output_shape=target.shape, output=output, order=order, mode=mode, cval=cval)
 
 
-def fov_grid(shape: Any, affine: Any, out_shape: Any) -> Grid:
+def fov_grid(shape: npt.ArrayLike, affine: npt.ArrayLike, out_shape: npt.ArrayLike) -> Grid:
     """A grid of ``out_shape`` covering the same field of view as (shape, affine).
 
     Voxel *edges* are matched (half-voxel convention, like
@@ -113,7 +114,7 @@ def fov_grid(shape: Any, affine: Any, out_shape: Any) -> Grid:
     return Grid(_int3(m), a @ s)
 
 
-def edge_box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any) -> Grid:
+def edge_box_grid(affine: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike, out_shape: npt.ArrayLike) -> Grid:
     """Grid of ``out_shape`` spanning the box between voxel-*edge* coordinates ``lo`` and
     ``hi`` (each (3,), continuous, any real values) of a volume with ``affine``.
 
@@ -134,7 +135,8 @@ def edge_box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any) -> Grid:
     return Grid(_int3(m), _checks.check_affine4("affine", affine) @ to_box)
 
 
-def box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any | None = None) -> Grid:
+def box_grid(affine: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike,
+             out_shape: npt.ArrayLike | None = None) -> Grid:
     """Grid of the voxel box [lo, hi) of a volume with ``affine``; optionally resized.
 
     ``lo``/``hi`` are voxel indices of that volume (``hi`` exclusive) and may
@@ -152,7 +154,8 @@ def box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any | None = None) -> Gri
     return grid if out_shape is None else fov_grid(grid.shape, grid.affine, out_shape)
 
 
-def world_box_to_voxels(affine: Any, lo_mm: Any, hi_mm: Any) -> tuple[np.ndarray, np.ndarray]:
+def world_box_to_voxels(affine: npt.ArrayLike, lo_mm: npt.ArrayLike, hi_mm: npt.ArrayLike
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Smallest voxel box [lo, hi) of a volume that contains the world box [lo_mm, hi_mm].
 
     The world box is axis-aligned in world coordinates (mm); with an oblique
@@ -169,7 +172,8 @@ def world_box_to_voxels(affine: Any, lo_mm: Any, hi_mm: Any) -> tuple[np.ndarray
     return np.floor(vox.min(axis=1)).astype(int), np.ceil(vox.max(axis=1)).astype(int) + 1
 
 
-def rigid_matrix(rotvec: Any, translation: Any, center: Any = (0.0, 0.0, 0.0)) -> np.ndarray:
+def rigid_matrix(rotvec: npt.ArrayLike, translation: npt.ArrayLike,
+                 center: npt.ArrayLike = (0.0, 0.0, 0.0)) -> np.ndarray:
     """4x4 rotation (rotation vector, radians) about ``center`` (mm), then translation (mm)."""
     r = np.asarray(rotvec, dtype=np.float64)
     theta = float(np.linalg.norm(r))

@@ -9,12 +9,13 @@ uniGradICON does (it clamps the scan to [min, p99] and only then resizes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import overload
 
 import numpy as np
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels._checks import Array
 
 # The names of the backbone specs' rules (medfeat.export.backbones.spec.Preprocess), so a
 # rule has one name from the registry to the kernel.
@@ -97,14 +98,14 @@ def _select_cpu(flat: np.ndarray, ranks: list[int]) -> list[float]:
 
 
 @overload
-def percentile(x: Any, q: float) -> float: ...
+def percentile(x: Array, q: float) -> float: ...
 
 
 @overload
-def percentile(x: Any, q: list[float]) -> list[float]: ...
+def percentile(x: Array, q: list[float]) -> list[float]: ...
 
 
-def percentile(x: Any, q: float | list[float]) -> float | list[float]:
+def percentile(x: Array, q: float | list[float]) -> float | list[float]:
     """Exact percentile(s) of all voxels, with np.percentile's 'linear' method.
 
     numpy input: Numba histogram selection; cupy input: a device sort and a
@@ -136,12 +137,12 @@ def percentile(x: Any, q: float | list[float]) -> float | list[float]:
     return res if np.ndim(q) else res[0]
 
 
-def _min_max(x: Any) -> tuple[float, float]:
+def _min_max(x: Array) -> tuple[float, float]:
     # NumPy's SIMD reductions beat a scalar Numba loop here.
     return float(x.min()), float(x.max())
 
 
-def _mean_std(x: Any) -> tuple[float, float]:
+def _mean_std(x: Array) -> tuple[float, float]:
     xp = _checks.array_module(x)
     if xp is np:
         from medfeat.kernels import _cpu
@@ -152,7 +153,7 @@ def _mean_std(x: Any) -> tuple[float, float]:
     return float(x64.mean()), float(x64.std())
 
 
-def rule_params(volume: Any, rule: IntensityRule) -> tuple[float, float, float, float]:
+def rule_params(volume: Array, rule: IntensityRule) -> tuple[float, float, float, float]:
     """(lo, hi, shift, scale) of ``rule`` for this volume: out = (clamp(v, lo, hi) - shift) * scale.
 
     A constant volume under 'percentile_clamp' maps to 0 (scale 0) rather than

@@ -123,7 +123,7 @@ def prepare_volume(data: np.ndarray, affine: np.ndarray, grid: Grid, rule: Prepr
     return resample(scaled, affine, grid, world_transform)
 
 
-def kernel_rule(rule: Preprocess) -> Any:
+def kernel_rule(rule: Preprocess) -> IntensityRule:
     """The kernels' :class:`~medfeat.kernels.IntensityRule` equal to a spec's 3D rule."""
     p = rule.params
     if rule.rule == "percentile_clamp":
