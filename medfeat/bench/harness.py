@@ -47,7 +47,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, device: str = "cpu",
+def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, device: str = "cpu",
               min_total_s: float = 0.0) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed ones
     (more until ``min_total_s`` seconds have passed, for very short calls)."""

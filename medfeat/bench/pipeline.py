@@ -38,7 +38,7 @@ from medfeat.engine.pipeline.executors import Executor, make_executor, run_bound
 from medfeat.engine.pipeline.extract import extract, torch_threads_per_worker, write_chunk
 from medfeat.engine.pipeline.inputs import ScanCache, load_item
 from medfeat.engine.pipeline.items import Atlas, Item, plan_items
-from medfeat.engine.pipeline.worker import BatchResult, get_model
+from medfeat.engine.pipeline.worker import BatchResult, LoadedModel, get_model
 from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
 from medfeat.errors import InputError
 from medfeat.io.manifest import read_manifest_rows
@@ -130,13 +130,13 @@ class PeakRSS:
 
 
 # -- sequential loop -----------------------------------------------------------------------
-def _items(manifest: Path, model: Any) -> list[Item]:
+def _items(manifest: Path, model: LoadedModel) -> list[Item]:
     df = read_manifest_rows(manifest).frame
     items, _ = plan_items(df, model.backbone.spec.input_kind, Variant(), Atlas.beside(manifest))
     return items
 
 
-def _open_store(store: Path, cfg: PipelineBenchConfig, model: Any, items: list[Item], chunk: int
+def _open_store(store: Path, cfg: PipelineBenchConfig, model: LoadedModel, items: list[Item], chunk: int
                 ) -> tuple[FeatureStore, np.ndarray, dict[str, ArrayKey]]:
     fs = FeatureStore.create(store, chunk_items=chunk)
     idx = fs.add_items(i.record() for i in items)

@@ -81,7 +81,7 @@ def load_grid(grid: str) -> list[StageCase]:
     for i, c in enumerate(raw):
         if c.get("stage") not in STAGES:
             raise InputError(f"grid case {i}: unknown stage {c.get('stage')!r}; stages: {', '.join(STAGES)}")
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}  # YAML values
         extra = {k: fields.pop(k) for k in list(fields) if k not in StageCase.__dataclass_fields__}
         cases.append(StageCase(**fields, extra=extra))
     return cases
@@ -126,7 +126,7 @@ def validate_result(doc: dict[str, Any]) -> None:
             _validate_pipeline_row(i, row)
 
 
-def _check_positive(value: Any, what: str) -> None:
+def _check_positive(value: object, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
         raise ValueError(f"{what} {value!r}")
 

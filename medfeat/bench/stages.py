@@ -12,8 +12,10 @@ import importlib.util
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,6 +63,12 @@ def _row(case: StageCase, impl: str, timing: Timing, items: int, *, nbytes: floa
     return row
 
 
+def _shape3(size: tuple[int, ...]) -> tuple[int, int, int]:
+    """A case's 3D size as the three ints it is."""
+    d, h, w = size
+    return d, h, w
+
+
 def _random_volume(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.random(shape, dtype=np.float32) * 1000.0
@@ -85,7 +93,7 @@ def stage_resample(case: StageCase, limits: dict[str, float]) -> list[Row]:
     m, off = _oblique_matrix(case.size, case.out_size)
     nbytes = 4.0 * (np.prod(case.size) + np.prod(case.out_size))
     vox = float(np.prod(case.out_size))
-    impls: dict[str, Callable[[], Any]] = {}
+    impls: dict[str, Callable[[], object]] = {}
     device = case.device
     if device == "cpu":
         import scipy.ndimage as ndi
@@ -110,7 +118,7 @@ def stage_resample(case: StageCase, limits: dict[str, float]) -> list[Row]:
 
 
 def _grid_sample_call(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape: tuple[int, ...],
-                      device: str) -> Callable[[], Any]:
+                      device: str) -> Callable[[], torch.Tensor]:
     """torch grid_sample with the same index map (align_corners=True normalised coordinates)."""
     import torch.nn.functional as F
 
@@ -122,7 +130,8 @@ def _grid_sample_call(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape
     return lambda: F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def _sitk_resampler(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape: tuple[int, ...]) -> Callable[[], Any]:
+def _sitk_resampler(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape: tuple[int, ...]
+                    ) -> Callable[[], np.ndarray]:
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(src)  # SimpleITK index order is (x, y, z) = reversed numpy axes
@@ -131,7 +140,7 @@ def _sitk_resampler(src: np.ndarray, m: np.ndarray, off: np.ndarray, out_shape: 
     tf.SetTranslation(off[::-1].tolist())
     ref = sitk.Image([int(s) for s in out_shape[::-1]], sitk.sitkFloat32)
 
-    def run() -> Any:
+    def run() -> np.ndarray:
         return sitk.GetArrayViewFromImage(sitk.Resample(image, ref, tf, sitk.sitkLinear, 0.0))
 
     return run
@@ -143,14 +152,16 @@ def stage_fused(case: StageCase, limits: dict[str, float]) -> list[Row]:
     from medfeat.kernels import Grid, IntensityRule, resample_normalise
 
     cpu = case.device == "cpu"
+    xp: ModuleType  # numpy or cupy
     if cpu:
-        import numpy as xp
         import scipy.ndimage as ndi
+        xp = np
     else:
-        import cupy as xp
+        import cupy
         import cupyx.scipy.ndimage as ndi
+        xp = cupy
     vols = [xp.asarray(_random_volume(case.size, seed=i)) for i in range(case.batch)]
-    grid = Grid(tuple(case.out_size), np.diag([*(np.array(case.size) / np.array(case.out_size)), 1.0]))
+    grid = Grid(_shape3(case.out_size), np.diag([*(np.array(case.size) / np.array(case.out_size)), 1.0]))
     out = xp.empty((case.batch, 1, *case.out_size), xp.float32)
     rule = IntensityRule()
     fused = time_call(lambda: resample_normalise(vols, [np.eye(4)] * case.batch, grid, out, rule=rule),
@@ -189,7 +200,7 @@ def stage_infer(case: StageCase, limits: dict[str, float]) -> list[Row]:
         except Exception as exc:  # noqa: BLE001 - a missing runtime is a row, not a crash
             rows.append({"stage": case.stage, "impl": runtime, "model": case.model, "error": str(exc)[:200]})
             continue
-        t = time_call(lambda run=run, x=x: run(x), warmup=1, repeats=case.repeats, device=case.device)
+        t = time_call(partial(run, x), warmup=1, repeats=case.repeats, device=case.device)
         rows.append(_row(case, runtime, t, case.batch, flops=flops, limits=limits, taps=",".join(taps)))
     return _ratios(rows, "eager")
 
@@ -228,7 +239,7 @@ def stage_read(case: StageCase, limits: dict[str, float]) -> list[Row]:
         arr = zarr.create_array(str(Path(tmp) / "v.zarr"), shape=vol.shape, dtype=vol.dtype,
                                 chunks=tuple(min(64, s) for s in vol.shape))
         arr[:] = vol
-        readers = {"nifti_gz": lambda: np.asanyarray(nib.load(nii).dataobj),
+        readers = {"nifti_gz": lambda: np.asanyarray(cast(nib.Nifti1Image, nib.load(nii)).dataobj),
                    "zarr_v3": lambda: zarr.open_array(str(Path(tmp) / "v.zarr"), mode="r")[:]}
         for name, fn in readers.items():
             t = time_call(fn, warmup=1, repeats=case.repeats)
@@ -275,7 +286,7 @@ def stage_pipeline(case: StageCase, limits: dict[str, float]) -> list[Row]:
                                  memory_limit=case.extra.get("memory_limit"), repeats=case.repeats)
     with tempfile.TemporaryDirectory(prefix="medfeat_bench_pipeline_") as tmp:
         manifest = synth_cohort(Path(tmp) / "cohort", subjects=int(case.extra.get("subjects", 6)), seed=0,
-                                shape=tuple(case.size) or (64, 64, 64))
+                                shape=_shape3(case.size) if case.size else (64, 64, 64))
         try:
             result = bp.compare(manifest, Path(tmp), cfg, kinds)
         finally:

@@ -19,7 +19,7 @@ the image. ``split="grouped"`` keeps images of one patient or lesion together in
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +69,13 @@ def _study_splits(total: int, held_out: float, json_path: Path) -> np.ndarray:
 def grouped_random_split(subjects: Sequence[str], fractions: Sequence[float], seed: int,
                          names: Sequence[str] = ("train", "val", "test")) -> np.ndarray:
     """Split names per row; subjects are shuffled and cut by the cumulative fractions."""
-    subjects = np.asarray(subjects, dtype=object)
-    uniq = np.unique(subjects)
+    subject_of_row = np.asarray(subjects, dtype=object)
+    uniq = np.unique(subject_of_row)
     order = np.random.default_rng(seed).permutation(len(uniq))
     bounds = np.round(np.cumsum(fractions) / np.sum(fractions) * len(uniq)).astype(int)
     part = np.searchsorted(bounds, np.arange(len(uniq)), side="right")
     split_of = dict(zip(uniq[order], np.asarray(names, dtype=object)[part]))
-    return np.array([split_of[s] for s in subjects], dtype=object)
+    return np.array([split_of[s] for s in subject_of_row], dtype=object)
 
 
 def load_aptos2019(root: str | Path, *, split: str = "study", seed: int = 0,
@@ -317,7 +317,8 @@ def load_image_csv(csv_path: str | Path, *, path_column: str = "path", label_col
     return _finish(out, csv_path.stem, task, metric, [str(c) for c in classes])
 
 
-DATASETS = {"aptos2019": load_aptos2019, "isic2019": load_isic2019, "ddsm": load_ddsm, "cbis_ddsm": load_cbis_ddsm,
+# name -> loader(root, **options): each loader takes its own keyword options
+DATASETS: dict[str, Callable[..., pd.DataFrame]] = {"aptos2019": load_aptos2019, "isic2019": load_isic2019, "ddsm": load_ddsm, "cbis_ddsm": load_cbis_ddsm,
             "chexpert": load_chexpert}
 
 

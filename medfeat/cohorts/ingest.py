@@ -29,14 +29,14 @@ def ingest_cohort(manifest: str | Path, out: str | Path, *, chunk: int = 64, cod
     per scan (progress).
     """
     check_codec(codec)
-    rows = read_manifest_rows(manifest)
-    df, failures = rows.frame, rows.bad
+    read = read_manifest_rows(manifest)
+    df, failures = read.frame, read.bad
     out = Path(out)
     root = zarr.open_group(str(out), mode="a", zarr_format=3)
     root.attrs["medfeat_cohort"] = {"format": 1, "source": str(Path(manifest).resolve()),
                                     "created": utc_now()}
     raw = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    rows = []
+    rows: list[dict[str, str]] = []
     for i, r in df.iterrows():
         name = f"{r['subject']}/{r.get('timepoint') or i}"
         try:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +86,7 @@ SHAPE_RANGES: dict[str, tuple] = {
 
 def sample_shape(rng: np.random.Generator) -> KneeShape:
     """Draw one subject's baseline knee from :data:`SHAPE_RANGES`."""
-    values = {}
+    values: dict[str, Any] = {}  # field -> its value (a float or an array, by field)
     for f in fields(KneeShape):  # fixed order keeps the stream of draws stable
         lo, hi = (np.asarray(v, dtype=np.float64) for v in SHAPE_RANGES[f.name])
         v = lo + (hi - lo) * rng.random(lo.shape)
@@ -94,7 +96,7 @@ def sample_shape(rng: np.random.Generator) -> KneeShape:
 
 def mean_shape() -> KneeShape:
     """The knee with every parameter at the middle of its range (the atlas anatomy)."""
-    values = {}
+    values: dict[str, Any] = {}  # field -> its value (a float or an array, by field)
     for f in fields(KneeShape):
         lo, hi = (np.asarray(v, dtype=np.float64) for v in SHAPE_RANGES[f.name])
         v = (lo + hi) / 2
@@ -208,7 +210,7 @@ def structures(s: KneeShape) -> list[Structure]:
         lo, hi = _box(c[k], r)
         hi[2] = c[k, 2] + 0.25 * s.condyle_radii[k, 2]  # weight-bearing and posterior surfaces
         out.append(Structure(f"femoral_cartilage{k}", lab["femoral_cartilage"], CARTILAGE, lo, hi,
-                             lambda x, y, z, ck=c[k], rk=r: _ellipsoid(x, y, z, ck, rk)))
+                             partial(_ellipsoid, centre=c[k], radii=r)))
     # The tibia: below the dips only the (flaring) cross-section matters.
     out.append(Structure("tibia_shaft", lab["tibia"], MARROW, np.array([-inf, -inf, -inf]),
                          np.array([inf, inf, -dip - 0.01]), _tibia_section(s)))
@@ -218,8 +220,7 @@ def structures(s: KneeShape) -> list[Structure]:
                          lambda x, y, z: section(x, y, z) & (z <= _plateau_surface(s, x, y))))
     for k in range(2):
         out.append(Structure(f"condyle{k}", lab["femur"], MARROW, *_box(c[k], s.condyle_radii[k]),
-                             lambda x, y, z, ck=c[k], rk=s.condyle_radii[k]:
-                             _ellipsoid(x, y, z, ck, rk)))
+                             partial(_ellipsoid, centre=c[k], radii=s.condyle_radii[k])))
     # The metaphysis bridges the condyles; its bottom sits 0.3 r_z above theirs (the notch).
     meta_c = (0.0, s.condyle_y, zc + 0.3 * r_mean[2])
     meta_r = (s.condyle_x.mean() + 0.7 * r_mean[0], 0.9 * r_mean[1], r_mean[2])

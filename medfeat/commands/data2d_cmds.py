@@ -43,7 +43,7 @@ def dataset2d(name: str, root: Path, out: Path, split: str | None, seed: int) ->
     """Make a manifest for a local copy of a public 2D dataset, with the study's split and labels."""
     from medfeat.cohorts.datasets2d import DATASETS
 
-    kwargs: dict = {} if name in ("ddsm", "cbis_ddsm") else {"seed": seed}
+    kwargs: dict[str, str | int] = {} if name in ("ddsm", "cbis_ddsm") else {"seed": seed}
     if split is not None:
         kwargs["split"] = split
     df = DATASETS[name](root, **kwargs)

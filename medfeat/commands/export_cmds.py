@@ -3,13 +3,33 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from medfeat.commands.model_opts import load_plugins, model_inputs, model_options, parse_model_args
 from medfeat.errors import InputError
+
+if TYPE_CHECKING:
+    from medfeat.export.backbones.registry import Backbone
+
+
+@dataclass(frozen=True)
+class _ExportOptions:
+    input_size: tuple[int, ...] | None
+    opset: int
+    precision: str
+    cache_dir: str | None
+    profile: tuple[int, ...] | None  # TensorRT min, opt, max batch
+
+
+@dataclass(frozen=True)
+class _Exported:
+    artefact: str
+    cache_key: str
+    cache_hit: bool
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -37,23 +57,23 @@ def _copy_entry(src: Path, out: Path, names: tuple[str, ...] | None = None) -> l
     return written
 
 
-def _export_onnx(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
+def _export_onnx(backbone: Backbone, out: Path, opts: _ExportOptions) -> _Exported:
     from medfeat.export.runtimes.artefacts import ONNX_FILE, PARITY_FILE, onnx_artefact
     from medfeat.export.runtimes.parity import ParityError
 
     try:
-        entry = onnx_artefact(backbone, input_size=opts["input_size"], opset=opts["opset"],
-                              precision=opts["precision"], cache_dir=opts["cache_dir"])
+        entry = onnx_artefact(backbone, input_size=opts.input_size, opset=opts.opset,
+                              precision=opts.precision, cache_dir=opts.cache_dir)
     except ParityError as exc:
         if exc.report is not None:
             out.mkdir(parents=True, exist_ok=True)
             exc.report.write(out / PARITY_FILE)
         raise
     _copy_entry(entry.path, out)
-    return {"artefact": str(out / ONNX_FILE), "cache_key": entry.key, "cache_hit": entry.hit}
+    return _Exported(str(out / ONNX_FILE), entry.key, entry.hit)
 
 
-def _export_tensorrt(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str, Any]:
+def _export_tensorrt(backbone: Backbone, out: Path, opts: _ExportOptions) -> _Exported:
     from medfeat.export.runtimes.artefacts import PARITY_FILE, onnx_artefact
     from medfeat.export.runtimes.parity import check_parity
     from medfeat.export.runtimes.tensorrt import (
@@ -67,21 +87,21 @@ def _export_tensorrt(backbone: Any, out: Path, opts: dict[str, Any]) -> dict[str
 
     require_tensorrt()  # before the export: say what is missing first
     gpu_identity()
-    profile = opts["profile"] or DEFAULT_PROFILE
-    onnx_entry = onnx_artefact(backbone, input_size=opts["input_size"], opset=opts["opset"], precision="fp32",
-                               cache_dir=opts["cache_dir"])
-    entry = engine_artefact(onnx_entry, precision=opts["precision"], profile=profile, cache_dir=opts["cache_dir"])
+    profile = opts.profile or DEFAULT_PROFILE
+    onnx_entry = onnx_artefact(backbone, input_size=opts.input_size, opset=opts.opset, precision="fp32",
+                               cache_dir=opts.cache_dir)
+    entry = engine_artefact(onnx_entry, precision=opts.precision, profile=profile, cache_dir=opts.cache_dir)
     meta = entry.meta()
     runner = TensorRTRunner(entry.path / ENGINE_FILE, meta["outputs"], input_name=meta["input"]["name"],
                             profile=profile)
-    report = check_parity(backbone, runner, runtime="tensorrt", precision=opts["precision"],
-                          input_size=opts["input_size"], device="cuda",
+    report = check_parity(backbone, runner, runtime="tensorrt", precision=opts.precision,
+                          input_size=opts.input_size, device="cuda",
                           batches=[b for b in (1, 3) if profile[0] <= b <= profile[2]] or [profile[0]])
     _copy_entry(onnx_entry.path, out)  # the ONNX file the engine was built from
     _copy_entry(entry.path, out)  # engine, and its meta / key over the ONNX entry's
     (out / PARITY_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     report.raise_if_failed()
-    return {"artefact": str(out / ENGINE_FILE), "cache_key": entry.key, "cache_hit": entry.hit}
+    return _Exported(str(out / ENGINE_FILE), entry.key, entry.hit)
 
 
 def _print_parity(path: Path) -> None:
@@ -144,17 +164,17 @@ def export_cmd(model: str, taps: tuple[str, ...], fmt: str, precision: str, inpu
     profile = _ints(batch_profile, "--batch-profile")
     if profile is not None and len(profile) != 3:
         raise InputError(f"--batch-profile {batch_profile!r} needs three values: min,opt,max")
-    opts = {"input_size": _ints(input_size, "--input-size"), "opset": opset or DEFAULT_OPSET,
-            "precision": precision, "cache_dir": cache_dir, "profile": profile}
+    opts = _ExportOptions(input_size=size, opset=opset or DEFAULT_OPSET, precision=precision,
+                          cache_dir=cache_dir, profile=profile)
     result = (_export_onnx if fmt == "onnx" else _export_tensorrt)(backbone, out, opts)
-    click.echo(f"wrote {result['artefact']} (cache {'hit' if result['cache_hit'] else 'miss'}, "
-               f"key {result['cache_key'][:16]})")
+    click.echo(f"wrote {result.artefact} (cache {'hit' if result.cache_hit else 'miss'}, "
+               f"key {result.cache_key[:16]})")
     _print_parity(out / "parity.json")
     if audit:
         from medfeat.export.runtimes.audit import precision_audit
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        rows = precision_audit(backbone, device=dev, input_size=opts["input_size"], cache_dir=cache_dir)
+        rows = precision_audit(backbone, device=dev, input_size=opts.input_size, cache_dir=cache_dir)
         (out / "audit.json").write_text(json.dumps(rows, indent=2) + "\n")
         _print_audit(rows)
 

@@ -6,9 +6,12 @@ Light at import (click only): the CLI imports this at start-up.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from medfeat.export.backbones.generic import ModelInputs
 
 INPUT_KINDS = ("image2d", "volume3d", "pair3d")  # as medfeat.export.backbones.spec.InputKind
 
@@ -73,7 +76,7 @@ def load_plugins(plugins: tuple[str, ...] | list[str]) -> None:
         load(list(plugins))
 
 
-def model_inputs(input_kind: str | None, input_size: tuple[int, ...] | None, intensity: str | None) -> Any:
+def model_inputs(input_kind: str | None, input_size: tuple[int, ...] | None, intensity: str | None) -> ModelInputs:
     """The :class:`~medfeat.export.backbones.generic.ModelInputs` of the options."""
     from medfeat.export.backbones.generic import ModelInputs
 

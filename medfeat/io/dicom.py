@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medfeat.errors import InputError, one_line
 from medfeat.io.nifti import Volume, affine_spacing, check_affine
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # transfer syntax name (pydicom's UID.name, as it starts) -> the plugin packages that decode it
@@ -48,7 +51,7 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def read_dataset(path: Path, headers_only: bool = False):  # noqa: ANN201 - pydicom Dataset
+def read_dataset(path: Path, headers_only: bool = False) -> Dataset:
     """A DICOM file's dataset (``headers_only``: without the pixel data)."""
     import pydicom
 
@@ -58,8 +61,6 @@ def read_dataset(path: Path, headers_only: bool = False):  # noqa: ANN201 - pydi
         raise InputError(f"{path}: unreadable DICOM ({one_line(exc, 160)})") from exc
 
 
-
-
 def _series_uid(path: Path) -> str | None:
     try:
         return str(getattr(read_dataset(path, headers_only=True), "SeriesInstanceUID", ""))
@@ -67,7 +68,7 @@ def _series_uid(path: Path) -> str | None:
         return None
 
 
-def pixel_data(ds, path: Path) -> np.ndarray:  # noqa: ANN001
+def pixel_data(ds: Dataset, path: Path) -> np.ndarray:
     """The stored pixel values (no rescale), decoded; a missing codec plugin is named."""
     try:
         return ds.pixel_array
@@ -82,7 +83,7 @@ def pixel_data(ds, path: Path) -> np.ndarray:  # noqa: ANN001
         raise InputError(f"{path}: no readable pixel data ({one_line(exc, 160)})") from exc
 
 
-def _pixels(ds, path: Path) -> np.ndarray:  # noqa: ANN001
+def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     arr = pixel_data(ds, path).astype(np.float32)
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
@@ -150,7 +151,7 @@ def stack_slices(frame: Callable[[int], np.ndarray], ipps: np.ndarray, iop: np.n
 # frames share positions.
 
 
-def _group(ds: Any, frame: int, name: str) -> Any:
+def _group(ds: Dataset, frame: int, name: str) -> Dataset | None:
     """Item 0 of functional group ``name`` for ``frame`` (per-frame first, then shared)."""
     per = ds.get("PerFrameFunctionalGroupsSequence")
     if per is not None and name in per[frame]:
@@ -161,19 +162,27 @@ def _group(ds: Any, frame: int, name: str) -> Any:
     return None
 
 
-def read_multiframe(ds: Any, path: Path) -> Volume:
+def _geometry(ds: Dataset, frame: int, name: str, path: Path) -> Dataset:
+    """Functional group ``name`` of ``frame``, which the volume's geometry needs."""
+    item = _group(ds, frame, name)
+    if item is None:
+        raise InputError(f"{path}: missing frame geometry (no {name} for frame {frame})")
+    return item
+
+
+def read_multiframe(ds: Dataset, path: Path) -> Volume:
     """An enhanced multi-frame dataset -> one :class:`Volume` (float32, rescaled)."""
     n = int(ds.NumberOfFrames)
     if "PerFrameFunctionalGroupsSequence" not in ds or len(ds.PerFrameFunctionalGroupsSequence) != n:
         raise InputError(f"{path}: multi-frame without per-frame functional groups: not an enhanced image")
     try:
-        ipps = np.array([_group(ds, i, "PlanePositionSequence").ImagePositionPatient for i in range(n)],
+        ipps = np.array([_geometry(ds, i, "PlanePositionSequence", path).ImagePositionPatient for i in range(n)],
                         dtype=np.float64)
-        iops = np.array([_group(ds, i, "PlaneOrientationSequence").ImageOrientationPatient for i in range(n)],
-                        dtype=np.float64)
-        measures = _group(ds, 0, "PixelMeasuresSequence")
+        iops = np.array([_geometry(ds, i, "PlaneOrientationSequence", path).ImageOrientationPatient
+                         for i in range(n)], dtype=np.float64)
+        measures = _geometry(ds, 0, "PixelMeasuresSequence", path)
         spacing = tuple(float(v) for v in measures.PixelSpacing)
-    except AttributeError as exc:  # a group or tag missing: _group gave None
+    except AttributeError as exc:  # a tag missing from its group
         raise InputError(f"{path}: missing frame geometry ({exc})") from exc
     if not np.allclose(iops, iops[0], atol=1e-4):
         raise InputError(f"{path}: frames of different orientations are not one volume")

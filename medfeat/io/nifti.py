@@ -19,24 +19,29 @@ import os
 import stat
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from medfeat.errors import InputError, one_line
 
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
+_GZIP_ERRORS: tuple[type[Exception], ...] = (EOFError, zlib.error, gzip.BadGzipFile)
 try:  # optional: a faster inflate for .nii.gz (setup installs it)
-    from isal import igzip as _igzip
-    from isal.isal_zlib import error as _IsalError
+    from isal import igzip, isal_zlib
 except ImportError:  # pragma: no cover - without it nibabel inflates with zlib
-    _igzip = None
-
-    class _IsalError(Exception):  # type: ignore[no-redef]
-        """Stands for isal's error where isal is absent (never raised)."""
+    _inflate: Callable[[bytes], bytes] | None = None
+else:
+    _inflate = igzip.decompress
+    # isal_zlib.error is an exception class (isal's stub declares it an instance)
+    _GZIP_ERRORS += (cast("type[Exception]", isal_zlib.error),)
 
 # |det| of the 3x3 part below this (mm^3 per voxel) is treated as singular:
 # no real scanner voxel is smaller than a nanolitre's millionth.
@@ -63,7 +68,7 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.data.shape)  # type: ignore[return-value]
+        return tuple(self.data.shape)
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -90,15 +95,19 @@ def affine_spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
 
 
-def _load(p: Path) -> Any:
+def _load(p: Path) -> SpatialImage:
     """The NIfTI image at ``p``. A ``.nii.gz`` is inflated by ISA-L's igzip when python-isal
     is installed (1.4x zlib's speed on a 160^3 scan here: gzip decoding is the largest CPU
     cost of reading a cohort), then parsed from memory; same bytes, same image."""
     import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
-    if p.suffix == ".gz" and _igzip is not None:
-        return nib.Nifti1Image.from_bytes(_igzip.decompress(p.read_bytes()))
-    return nib.load(str(p))
+    if p.suffix == ".gz" and _inflate is not None:
+        return nib.Nifti1Image.from_bytes(_inflate(p.read_bytes()))
+    img = nib.load(str(p))
+    if not isinstance(img, SpatialImage):
+        raise InputError(f"{p}: not a NIfTI image ({type(img).__name__})")
+    return img
 
 
 def check_readable_file(p: Path) -> None:
@@ -132,10 +141,14 @@ def to_float32(raw: np.ndarray, where: str | Path) -> np.ndarray:
     return data
 
 
-def _check_spacing(p: Path, header_class: Any) -> None:
+def _check_spacing(p: Path, header_class: type) -> None:
     """Refuse zero or non-finite voxel spacing in the header, read as written: nibabel's
     loader would quietly set it to 1 mm."""
     from nibabel.openers import ImageOpener
+    from nibabel.wrapstruct import WrapStruct
+
+    if not issubclass(header_class, WrapStruct):
+        raise InputError(f"{p}: unsupported NIfTI header type {header_class.__name__}")
 
     with ImageOpener(str(p)) as fh:
         header = header_class.from_fileobj(fh, check=False)
@@ -169,7 +182,6 @@ def read_volume(path: str | Path) -> Volume:
         Missing or unreadable file, not NIfTI, truncated or corrupt gzip or
         data, NaN or Inf voxels, not 3D, or a singular / non-finite affine.
     """
-
     p = Path(path)
     check_readable_file(p)
     if not is_nifti(p):
@@ -183,7 +195,7 @@ def read_volume(path: str | Path) -> Volume:
         raw = np.asanyarray(img.dataobj)
     except InputError:
         raise
-    except (EOFError, zlib.error, gzip.BadGzipFile, _IsalError) as exc:
+    except _GZIP_ERRORS as exc:
         raise InputError(f"{p}: truncated or corrupt gzip stream ({one_line(exc, 200)})") from exc
     except Exception as exc:  # nibabel raises ImageFileError, ValueError, OSError for bad files
         raise InputError(f"{p}: unreadable NIfTI ({one_line(exc, 200)})") from exc

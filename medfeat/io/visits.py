@@ -66,7 +66,7 @@ def label_rank(label: object) -> float | None:
     return float(match.group()) if match else None
 
 
-def _key(row: Row) -> tuple[int, Any]:
+def _key(row: Row) -> tuple[int, float | str]:
     order = row.get("visit_order")
     if order is not None and not (isinstance(order, float) and math.isnan(order)) and order != "":
         return (0, float(order))

@@ -18,12 +18,17 @@ sharded (one shard file per scan) so a cohort does not become millions of small 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medfeat.errors import InputError, UnknownNameError, one_line
 from medfeat.io.nifti import Volume, affine_spacing, check_affine
+
+if TYPE_CHECKING:  # zarr and dask are imported where used: the CLI starts without them
+    import dask.array as da
+    import zarr
+    from zarr.abc.codec import BytesBytesCodec
 
 CODECS = ("zstd", "blosc")
 SHARD_MIN_CHUNKS = 8
@@ -39,7 +44,7 @@ def check_codec(codec: str) -> None:
         raise UnknownNameError(f"unknown codec {codec!r}; codecs: {', '.join(CODECS)}")
 
 
-def _compressor(codec: str) -> Any:
+def _compressor(codec: str) -> BytesBytesCodec:
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if codec == "zstd":
@@ -65,7 +70,7 @@ def ngff_attrs(name: str, affine: np.ndarray, shape: tuple[int, ...]) -> dict[st
     }
 
 
-def write_zarr_volume(group: Any, name: str, vol: Volume, *, chunk: int = 64, codec: str = "zstd",
+def write_zarr_volume(group: zarr.Group, name: str, vol: Volume, *, chunk: int = 64, codec: str = "zstd",
                       dtype: str = "float32") -> None:
     """Write ``vol`` as an NGFF image group ``name`` under zarr group ``group``."""
     g = group.require_group(name)
@@ -88,10 +93,12 @@ def read_zarr_volume(path: str | Path) -> Volume:
     by its own task on Dask's thread pool and written straight into the (D, H, W) float32
     result, so a large scan never needs its compressed and decoded copies at once.
     """
+    import dask.array as da
+
     darr, affine, p = zarr_dask_array(path)
     data = np.empty(darr.shape, dtype=np.float32)
     try:  # chunk by chunk into ``data``; chunks do not overlap, so no lock is needed
-        darr.store(data, lock=False, scheduler="threads", num_workers=DECODE_THREADS)
+        da.store([darr], [data], lock=False, scheduler="threads", num_workers=DECODE_THREADS)
     except Exception as exc:  # noqa: BLE001 - a truncated or corrupt chunk
         raise InputError(f"{p}: corrupt chunk ({one_line(exc, 160)})") from exc
     if not np.all(np.isfinite(data)):
@@ -99,7 +106,7 @@ def read_zarr_volume(path: str | Path) -> Volume:
     return Volume(data=data, affine=affine, spacing=affine_spacing(affine), path=p)
 
 
-def zarr_dask_array(path: str | Path) -> tuple[Any, np.ndarray, Path]:
+def zarr_dask_array(path: str | Path) -> tuple[da.Array, np.ndarray, Path]:
     """A lazy float32 Dask array over a cohort scan, its (4, 4) voxel -> world affine, its path.
 
     The Dask chunks are the stored array's chunks (the inner chunks when sharded: zarr
@@ -114,6 +121,8 @@ def zarr_dask_array(path: str | Path) -> tuple[Any, np.ndarray, Path]:
     except Exception as exc:  # noqa: BLE001 - zarr raises several types for bad stores
         raise InputError(f"{p}: unreadable Zarr ({one_line(exc, 160)})") from exc
     group, arr = (node, node["0"]) if isinstance(node, zarr.Group) else (zarr.open_group(str(p.parent), mode="r"), node)
+    if not isinstance(arr, zarr.Array):
+        raise InputError(f"{p}: '0' is a group, expected the scan's array")
     affine = _affine(dict(group.attrs), p)
     if arr.ndim != 3:
         raise InputError(f"{p}: expected a 3D array, got shape {arr.shape}")

@@ -13,6 +13,10 @@ import numpy as np
 
 from medfeat.errors import InputError
 
+#: A NumPy or CuPy array: the kernels take either and answer on the same device. (CuPy has
+#: no type information, so to the checker this is ``Any``.)
+Array = Any
+
 #: Boundary modes with scipy.ndimage's names, mapped to the integer codes the
 #: Numba and CUDA kernels use (the same numbers appear in cuda/resample.cu).
 MODES: dict[str, int] = {
@@ -28,7 +32,7 @@ MODES: dict[str, int] = {
 INPUT_DTYPES = (np.float32, np.float64, np.int16, np.uint16, np.uint8)
 
 
-def array_module(x: Any) -> ModuleType:
+def array_module(x: object) -> ModuleType:
     """Return ``numpy`` or ``cupy`` for an array; the module decides the device."""
     if isinstance(x, np.ndarray):
         return np
@@ -54,7 +58,7 @@ def check_order(order: int) -> int:
     return int(order)
 
 
-def check_volume(name: str, x: Any, ndims: tuple[int, ...], *, finite: bool = True) -> Any:
+def check_volume(name: str, x: Array, ndims: tuple[int, ...], *, finite: bool = True) -> Array:
     """Check an image array: known module, dimensionality, dtype, finiteness.
 
     Parameters

@@ -7,11 +7,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medfeat.errors import RuntimeUnavailableError
+from medfeat.kernels._checks import Array
+
+if TYPE_CHECKING:  # cupy has no type information
+    from cupy import RawKernel, RawModule
 
 _CTYPES = {
     np.dtype(np.float32): "float",
@@ -26,7 +31,7 @@ _BLOCK = 32
 _ROWS = 4
 
 
-def _cupy() -> Any:
+def _cupy() -> ModuleType:
     try:
         import cupy
     except ImportError as e:  # pragma: no cover - depends on the machine
@@ -42,13 +47,13 @@ def cuda_source() -> str:
 
 
 @functools.cache
-def _module(device_id: int, dtype: np.dtype) -> Any:
+def _module(device_id: int, dtype: np.dtype) -> RawModule:
     cp = _cupy()
     # -DTIN picks the source dtype; float64 math with explicit _rn intrinsics keeps CPU parity.
     return cp.RawModule(code=cuda_source(), options=("-std=c++14", f"-DTIN={_CTYPES[dtype]}"))
 
 
-def kernel(name: str, dtype: np.dtype) -> Any:
+def kernel(name: str, dtype: np.dtype) -> RawKernel:
     """The memoised RawKernel ``name`` compiled for source dtype ``dtype``."""
     cp = _cupy()
     return _module(cp.cuda.Device().id, np.dtype(dtype)).get_function(name)
@@ -65,7 +70,7 @@ def _mat12(m: np.ndarray, off: np.ndarray) -> np.ndarray:
     return np.concatenate([m, off[:, None]], axis=1).astype(np.float64).ravel()
 
 
-def affine3d(src: Any, m: np.ndarray, off: np.ndarray, out: Any, order: int, mode: int, cval: float) -> None:
+def affine3d(src: Array, m: np.ndarray, off: np.ndarray, out: Array, order: int, mode: int, cval: float) -> None:
     """Launch the plain resampler: out (D,H,W) float32/float64 from src (n0,n1,n2)."""
     cp = _cupy()
     src = cp.ascontiguousarray(src)
@@ -80,10 +85,10 @@ def affine3d(src: Any, m: np.ndarray, off: np.ndarray, out: Any, order: int, mod
 
 
 def fused3d(
-    srcs: Sequence[Any],
+    srcs: Sequence[Array],
     mats: np.ndarray,
     params: np.ndarray,
-    out_ptr: Any,
+    out_ptr: Array | int,
     out_kind: int,
     out_shape: tuple[int, int, int, int, int],
     channel: int,

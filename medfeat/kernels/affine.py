@@ -1,15 +1,18 @@
 """``affine_transform``: scipy.ndimage's signature, Numba on numpy arrays, CUDA on cupy arrays."""
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels._checks import Array
 
 
-def split_matrix(matrix: Any, offset: Any, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+def split_matrix(matrix: npt.ArrayLike | Array, offset: npt.ArrayLike, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     """Normalise scipy's matrix forms to a (ndim, ndim) linear part and (ndim,) offset.
 
     Accepts, like scipy: a (ndim,) diagonal, a (ndim, ndim) matrix with a
@@ -31,7 +34,7 @@ def split_matrix(matrix: Any, offset: Any, ndim: int) -> tuple[np.ndarray, np.nd
     return _checks.check_matrix("matrix", m, ndim).copy(), off
 
 
-def _as_3d(x: Any, m: np.ndarray, off: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+def _as_3d(x: Array, m: np.ndarray, off: np.ndarray) -> tuple[Array, np.ndarray, np.ndarray]:
     """Lift a 2D problem to 3D with a unit leading axis sampled at exactly 0."""
     if x.ndim == 3:
         return x, m, off
@@ -40,7 +43,8 @@ def _as_3d(x: Any, m: np.ndarray, off: np.ndarray) -> tuple[Any, np.ndarray, np.
     return x[None], m3, np.concatenate([[0.0], off])
 
 
-def _output_array(xp: Any, output: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+def _output_array(xp: ModuleType, output: Any, shape: tuple[int, ...], dtype: npt.DTypeLike) -> Array:
+    """``output`` as scipy takes it: an array to fill, a dtype, or None (the input's)."""
     if output is None or isinstance(output, (type, np.dtype, str)):
         want = np.dtype(dtype if output is None else output)
         if want not in (np.float32, np.float64):
@@ -56,16 +60,16 @@ def _output_array(xp: Any, output: Any, shape: tuple[int, ...], dtype: Any) -> A
 
 
 def affine_transform(
-    input: Any,
-    matrix: Any,
-    offset: Any = 0.0,
+    input: Array,
+    matrix: npt.ArrayLike | Array,
+    offset: npt.ArrayLike = 0.0,
     output_shape: tuple[int, ...] | None = None,
-    output: Any = None,
+    output: Any = None,  # an array to fill, a dtype or None, as scipy
     order: int = 1,
     mode: str = "constant",
     cval: float = 0.0,
     prefilter: bool = True,
-) -> Any:
+) -> Array:
     """Resample ``input`` at ``matrix @ o + offset`` for every output index ``o``.
 
     Same signature and semantics as ``scipy.ndimage.affine_transform`` for

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -81,7 +81,17 @@ def image_source(image: np.ndarray) -> tuple[np.ndarray, float]:
     return (x - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-6)), 1.0
 
 
-def rule_mean_std(rule: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+class NamedRule(Protocol):
+    """An intensity rule by name and its parameters (a backbone spec's ``Preprocess``)."""
+
+    @property
+    def rule(self) -> str: ...
+
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+
+
+def rule_mean_std(rule: NamedRule) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std) on [0, 1] pixels of a 2D model's intensity rule (a backbone
     spec's ``Preprocess``: ``mean_std`` with ``mean``/``std``; ``none``/``minmax``: 0 and 1)."""
     if rule.rule == "mean_std":

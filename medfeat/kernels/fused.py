@@ -16,16 +16,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels._checks import Array
 from medfeat.kernels.geometry import Grid, index_map
 from medfeat.kernels.intensity import IntensityRule, rule_params
 
 DEFAULT_RULE = IntensityRule()  # frozen: one shared default instance is safe
 
 
-def out_kind(out: Any) -> tuple[str, str]:
+def out_kind(out: Any) -> tuple[str, str]:  # out: numpy, cupy or torch
     """(device, dtype name) of the output buffer: numpy, cupy or torch."""
     mod = type(out).__module__
     if mod.startswith("torch"):
@@ -55,12 +57,12 @@ def _default_cval(rule: IntensityRule, lo: float) -> float:
 
 
 def resample_normalise(
-    volumes: Sequence[Any],
-    source_affines: Sequence[Any],
+    volumes: Sequence[Array],
+    source_affines: Sequence[npt.ArrayLike],
     targets: Grid | Sequence[Grid],
-    out: Any,
+    out: Any,  # numpy, cupy or torch
     *,
-    transforms: Sequence[Any | None] | None = None,
+    transforms: Sequence[npt.ArrayLike | None] | None = None,
     channel: int = 0,
     rule: IntensityRule = DEFAULT_RULE,
     order: int = 1,

@@ -16,13 +16,15 @@ Conventions
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels._checks import Array
 from medfeat.kernels.affine import affine_transform
 
 
@@ -48,8 +50,14 @@ class Grid:
         return (self.affine[:3, :3] @ idx + self.affine[:3, 3:4]).T
 
 
+def _int3(values: Iterable[float]) -> tuple[int, int, int]:
+    """Three sizes as ints (a grid's shape)."""
+    d, h, w = (int(v) for v in values)
+    return d, h, w
+
+
 def index_map(
-    source_affine: Any, target: Grid, transform: Any | None = None
+    source_affine: npt.ArrayLike, target: Grid, transform: npt.ArrayLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Compose ``inv(source_affine) @ transform @ target.affine`` into (matrix (3,3), offset (3,)).
 
@@ -68,16 +76,16 @@ def index_map(
 
 
 def resample_world(
-    volume: Any,
-    source_affine: Any,
+    volume: Array,
+    source_affine: npt.ArrayLike,
     target: Grid,
-    transform: Any | None = None,
+    transform: npt.ArrayLike | None = None,
     *,
     order: int = 1,
     mode: str = "constant",
     cval: float = 0.0,
-    output: Any = None,
-) -> Any:
+    output: Array | None = None,
+) -> Array:
     """Resample a (D, H, W) ``volume`` onto ``target`` in world space.
 
     Returns an array of ``target.shape`` on the volume's device. Points of the
@@ -88,7 +96,7 @@ def resample_world(
     return affine_transform(volume, m, off, output_shape=target.shape, output=output, order=order, mode=mode, cval=cval)
 
 
-def fov_grid(shape: Any, affine: Any, out_shape: Any) -> Grid:
+def fov_grid(shape: npt.ArrayLike, affine: npt.ArrayLike, out_shape: npt.ArrayLike) -> Grid:
     """A grid of ``out_shape`` covering the same field of view as (shape, affine).
 
     Voxel *edges* are matched (half-voxel convention, like
@@ -103,10 +111,10 @@ def fov_grid(shape: Any, affine: Any, out_shape: Any) -> Grid:
     s = np.eye(4)
     s[:3, :3] = np.diag(scale)
     s[:3, 3] = 0.5 * scale - 0.5
-    return Grid(tuple(int(v) for v in m), a @ s)
+    return Grid(_int3(m), a @ s)
 
 
-def edge_box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any) -> Grid:
+def edge_box_grid(affine: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike, out_shape: npt.ArrayLike) -> Grid:
     """Grid of ``out_shape`` spanning the box between voxel-*edge* coordinates ``lo`` and
     ``hi`` (each (3,), continuous, any real values) of a volume with ``affine``.
 
@@ -124,10 +132,11 @@ def edge_box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any) -> Grid:
     to_box = np.eye(4)
     to_box[:3, :3] = np.diag(step)
     to_box[:3, 3] = lo_a + 0.5 * step
-    return Grid(tuple(int(v) for v in m), _checks.check_affine4("affine", affine) @ to_box)
+    return Grid(_int3(m), _checks.check_affine4("affine", affine) @ to_box)
 
 
-def box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any | None = None) -> Grid:
+def box_grid(affine: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike,
+             out_shape: npt.ArrayLike | None = None) -> Grid:
     """Grid of the voxel box [lo, hi) of a volume with ``affine``; optionally resized.
 
     ``lo``/``hi`` are voxel indices of that volume (``hi`` exclusive) and may
@@ -141,12 +150,12 @@ def box_grid(affine: Any, lo: Any, hi: Any, out_shape: Any | None = None) -> Gri
     a = _checks.check_affine4("affine", affine)
     t = np.eye(4)
     t[:3, 3] = lo_a
-    shape = tuple(int(round(v)) for v in hi_a - lo_a)
-    grid = Grid(shape, a @ t)
+    grid = Grid(_int3(round(v) for v in hi_a - lo_a), a @ t)
     return grid if out_shape is None else fov_grid(grid.shape, grid.affine, out_shape)
 
 
-def world_box_to_voxels(affine: Any, lo_mm: Any, hi_mm: Any) -> tuple[np.ndarray, np.ndarray]:
+def world_box_to_voxels(affine: npt.ArrayLike, lo_mm: npt.ArrayLike, hi_mm: npt.ArrayLike
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Smallest voxel box [lo, hi) of a volume that contains the world box [lo_mm, hi_mm].
 
     The world box is axis-aligned in world coordinates (mm); with an oblique
@@ -163,7 +172,8 @@ def world_box_to_voxels(affine: Any, lo_mm: Any, hi_mm: Any) -> tuple[np.ndarray
     return np.floor(vox.min(axis=1)).astype(int), np.ceil(vox.max(axis=1)).astype(int) + 1
 
 
-def rigid_matrix(rotvec: Any, translation: Any, center: Any = (0.0, 0.0, 0.0)) -> np.ndarray:
+def rigid_matrix(rotvec: npt.ArrayLike, translation: npt.ArrayLike,
+                 center: npt.ArrayLike = (0.0, 0.0, 0.0)) -> np.ndarray:
     """4x4 rotation (rotation vector, radians) about ``center`` (mm), then translation (mm)."""
     r = np.asarray(rotvec, dtype=np.float64)
     theta = float(np.linalg.norm(r))

@@ -19,6 +19,7 @@ import numpy as np
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels._checks import Array
 from medfeat.kernels.affine import affine_transform
 
 #: Per-model normalisation constants (on [0, 1] pixel values).
@@ -28,7 +29,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resize(images: Any, size: tuple[int, int], *, order: int = 1) -> Any:
+def resize(images: Array, size: tuple[int, int], *, order: int = 1) -> Array:
     """Resize a batch (B, H, W) to (B, h, w) (edge-aligned, bilinear or nearest)."""
     _checks.check_volume("images", images, (3,))
     h, w = _checks.check_shape("size", size, 2)
@@ -38,7 +39,7 @@ def resize(images: Any, size: tuple[int, int], *, order: int = 1) -> Any:
     return affine_transform(images, m, off, output_shape=(images.shape[0], h, w), order=order, mode="nearest")
 
 
-def center_crop(images: Any, size: tuple[int, int], fill: float = 0.0) -> Any:
+def center_crop(images: Array, size: tuple[int, int], fill: float = 0.0) -> Array:
     """Central (h, w) window of the last two axes (torchvision's rounding); pads with ``fill`` when smaller."""
     from medfeat.kernels.roi import crop
 
@@ -51,7 +52,7 @@ def center_crop(images: Any, size: tuple[int, int], fill: float = 0.0) -> Any:
     return crop(images, lo, hi, fill)
 
 
-def normalize(images: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+def normalize(images: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
     """(B, C, H, W) -> (x - mean[c]) / std[c], float32."""
     xp = _checks.array_module(images)
     if images.ndim != 4 or images.shape[1] != len(mean) or len(mean) != len(std):
@@ -61,7 +62,7 @@ def normalize(images: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
     return (images.astype(xp.float32) - m) / s
 
 
-def gray_to_rgb(images: Any) -> Any:
+def gray_to_rgb(images: Array) -> Array:
     """(B, H, W) or (B, 1, H, W) -> (B, 3, H, W) by repeating the channel."""
     xp = _checks.array_module(images)
     if images.ndim == 3:
@@ -88,8 +89,8 @@ def _resize_crop_map(hw: tuple[int, int], resize_to: int, crop: int,
 
 
 def prepare_images(
-    images: Sequence[Any],
-    out: Any,
+    images: Sequence[Array],
+    out: Any,  # numpy, cupy or torch
     *,
     resize_to: int = 256,
     crop: int = 224,

@@ -9,12 +9,13 @@ uniGradICON does (it clamps the scan to [min, p99] and only then resizes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import overload
 
 import numpy as np
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels._checks import Array
 
 # The names of the backbone specs' rules (medfeat.export.backbones.spec.Preprocess), so a
 # rule has one name from the registry to the kernel.
@@ -48,6 +49,12 @@ class IntensityRule:
         for name, q in (("lower", self.lower), ("upper", self.upper)):
             if q is not None and not 0.0 <= float(q) <= 100.0:
                 raise InputError(f"rule.{name}: percentile must lie in [0, 100], got {q!r}")
+
+    def window_bounds(self) -> tuple[float, float]:
+        """(lo, hi) of a 'ct_window' rule, scanner units."""
+        if self.window is None:
+            raise InputError(f"rule.window: a {self.kind!r} rule has no window")
+        return float(self.window[0]), float(self.window[1])
 
 
 def _select_cpu(flat: np.ndarray, ranks: list[int]) -> list[float]:
@@ -90,7 +97,15 @@ def _select_cpu(flat: np.ndarray, ranks: list[int]) -> list[float]:
     return [float(vals[r - before]) for r in ranks]
 
 
-def percentile(x: Any, q: float | list[float]) -> Any:
+@overload
+def percentile(x: Array, q: float) -> float: ...
+
+
+@overload
+def percentile(x: Array, q: list[float]) -> list[float]: ...
+
+
+def percentile(x: Array, q: float | list[float]) -> float | list[float]:
     """Exact percentile(s) of all voxels, with np.percentile's 'linear' method.
 
     numpy input: Numba histogram selection; cupy input: a device sort and a
@@ -122,12 +137,12 @@ def percentile(x: Any, q: float | list[float]) -> Any:
     return res if np.ndim(q) else res[0]
 
 
-def _min_max(x: Any) -> tuple[float, float]:
+def _min_max(x: Array) -> tuple[float, float]:
     # NumPy's SIMD reductions beat a scalar Numba loop here.
     return float(x.min()), float(x.max())
 
 
-def _mean_std(x: Any) -> tuple[float, float]:
+def _mean_std(x: Array) -> tuple[float, float]:
     xp = _checks.array_module(x)
     if xp is np:
         from medfeat.kernels import _cpu
@@ -138,7 +153,7 @@ def _mean_std(x: Any) -> tuple[float, float]:
     return float(x64.mean()), float(x64.std())
 
 
-def rule_params(volume: Any, rule: IntensityRule) -> tuple[float, float, float, float]:
+def rule_params(volume: Array, rule: IntensityRule) -> tuple[float, float, float, float]:
     """(lo, hi, shift, scale) of ``rule`` for this volume: out = (clamp(v, lo, hi) - shift) * scale.
 
     A constant volume under 'percentile_clamp' maps to 0 (scale 0) rather than
@@ -151,7 +166,7 @@ def rule_params(volume: Any, rule: IntensityRule) -> tuple[float, float, float, 
         mean, std = _mean_std(volume)
         return -inf, inf, mean, (1.0 / std if std > 0 else 1.0)
     if rule.kind == "ct_window":
-        lo, hi = float(rule.window[0]), float(rule.window[1])
+        lo, hi = rule.window_bounds()
     elif rule.lower is None:
         lo, _ = _min_max(volume)
         hi = percentile(volume, rule.upper)
@@ -168,7 +183,7 @@ def normalise_reference(volume: np.ndarray, rule: IntensityRule) -> np.ndarray:
     if rule.kind == "zscore":
         return (v - v.mean()) / (v.std() or 1.0)
     if rule.kind == "ct_window":
-        lo, hi = rule.window
+        lo, hi = rule.window_bounds()
     else:
         lo = v.min() if rule.lower is None else np.percentile(v, rule.lower)
         hi = np.percentile(v, rule.upper)

@@ -8,15 +8,20 @@ an ROI on a resampled grid (model input, atlas) is a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels._checks import Array
+
+if TYPE_CHECKING:
+    from medfeat.kernels.geometry import Grid
 
 
-def _box(lo: Any, hi: Any, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+def _box(lo: npt.ArrayLike, hi: npt.ArrayLike, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     lo_a = np.asarray(lo).astype(np.int64)
     hi_a = np.asarray(hi).astype(np.int64)
     if lo_a.shape != (ndim,) or hi_a.shape != (ndim,):
@@ -26,7 +31,7 @@ def _box(lo: Any, hi: Any, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     return lo_a, hi_a
 
 
-def box_from_mask(mask: Any, margin: int | tuple[int, ...] = 0) -> tuple[np.ndarray, np.ndarray]:
+def box_from_mask(mask: Array, margin: int | tuple[int, ...] = 0) -> tuple[np.ndarray, np.ndarray]:
     """Bounding box [lo, hi) of the nonzero voxels of ``mask``, grown by ``margin`` voxels.
 
     The grown box may extend outside the mask's array (crop pads it).
@@ -41,7 +46,7 @@ def box_from_mask(mask: Any, margin: int | tuple[int, ...] = 0) -> tuple[np.ndar
     return lo - m, hi + m
 
 
-def crop(volume: Any, lo: Any, hi: Any, fill: float = 0.0) -> Any:
+def crop(volume: Array, lo: npt.ArrayLike, hi: npt.ArrayLike, fill: float = 0.0) -> Array:
     """Copy of ``volume[lo:hi]`` (any ndim); voxels of the box outside the volume get ``fill``.
 
     Raises InputError when the box does not overlap the volume at all, which
@@ -64,7 +69,7 @@ def crop(volume: Any, lo: Any, hi: Any, fill: float = 0.0) -> Any:
     return out
 
 
-def paste(patch: Any, lo: Any, shape: Any, fill: float = 0.0) -> Any:
+def paste(patch: Array, lo: npt.ArrayLike, shape: npt.ArrayLike, fill: float = 0.0) -> Array:
     """Inverse of :func:`crop`: place ``patch`` with its origin at ``lo`` in a ``fill`` array of ``shape``.
 
     Voxels of the patch that fall outside ``shape`` are dropped, so
@@ -85,7 +90,8 @@ def paste(patch: Any, lo: Any, shape: Any, fill: float = 0.0) -> Any:
     return out
 
 
-def mask_roi_grid(mask: Any, affine: Any, out_shape: Any | None = None, margin: int = 0) -> Any:
+def mask_roi_grid(mask: Array, affine: npt.ArrayLike, out_shape: npt.ArrayLike | None = None,
+                  margin: int = 0) -> Grid:
     """Sampling grid of the bounding box of ``mask`` (grown by ``margin`` voxels), optionally resized.
 
     ``affine`` is the mask's voxel -> world (mm) affine. With an atlas mask

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
@@ -114,8 +113,9 @@ class TransformerHead(nn.Module):
         self.proj = nn.Sequential(nn.Linear(dim, width), nn.LayerNorm(width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_base, width))
-        norm: Any = partial(nn.LayerNorm, eps=1e-6)  # DeiT's LayerNorm(eps=1e-6), as timm builds it
-        self.blocks = nn.ModuleList(Block(width, _heads_for(width, heads), mlp_ratio, qkv_bias=True, norm_layer=norm)
+        norm = partial(nn.LayerNorm, eps=1e-6)  # DeiT's LayerNorm(eps=1e-6), as timm builds it
+        self.blocks = nn.ModuleList(Block(width, _heads_for(width, heads), mlp_ratio, qkv_bias=True,
+                                          norm_layer=norm)  # type: ignore[arg-type]  # timm takes any layer factory
                                     for _ in range(depth))
         self.norm = norm(width)
         self.fc = nn.Linear(width, n_out)

@@ -41,8 +41,7 @@ def dataset_frame(dataset: str | Path) -> tuple[pd.DataFrame, Path]:
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
             raise InputError(f"{name}: no local copy at {root_path}")
-        loader: Callable[..., pd.DataFrame] = DATASETS[name]  # type: ignore[assignment]
-        return loader(root_path), root_path
+        return DATASETS[name](root_path), root_path
     path = Path(text)
     if not path.is_file():
         raise ManifestError(f"{path}: dataset manifest not found (give a CSV or NAME:ROOT, NAME one of "

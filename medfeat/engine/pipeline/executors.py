@@ -16,13 +16,23 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from medfeat.engine.pipeline.config import SCHEDULER_KINDS, ClusterConfig
 from medfeat.engine.pipeline.malloc import apply_malloc_mode
 from medfeat.errors import RuntimeUnavailableError, UnknownNameError, one_line
 
+if TYPE_CHECKING:
+    from distributed import Client, Future
+    from distributed.deploy import Cluster
+
 T = TypeVar("T")
+
+
+class TaskFuture(Protocol):
+    """What ``submit`` returns: a ``concurrent.futures`` or a ``distributed`` future."""
+
+    def result(self) -> Any: ...
 
 
 class Executor:
@@ -31,11 +41,12 @@ class Executor:
     slots: int = 1
     description: str = ""
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> TaskFuture:
         raise NotImplementedError
 
-    def wait_first(self, futures: set[Any]) -> tuple[set[Any], set[Any]]:
-        done, pending = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+    def wait_first(self, futures: set[TaskFuture]) -> tuple[set[TaskFuture], set[TaskFuture]]:
+        # the in-process schedulers' futures are concurrent.futures ones
+        done, pending = cf.wait(cast("set[cf.Future[Any]]", futures), return_when=cf.FIRST_COMPLETED)
         return set(done), set(pending)
 
     def ship(self, files: list[str]) -> None:
@@ -50,8 +61,8 @@ class SyncExecutor(Executor):
 
     description = "sync"
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
-        fut: cf.Future = cf.Future()
+    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+        fut: cf.Future[Any] = cf.Future()
         try:
             fut.set_result(fn(*args))
         except BaseException as exc:  # noqa: BLE001 - surfaced by .result()
@@ -65,7 +76,7 @@ class ThreadExecutor(Executor):
         self.pool = cf.ThreadPoolExecutor(self.slots, thread_name_prefix="medfeat")
         self.description = f"threads ({self.slots})"
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
         return self.pool.submit(fn, *args)
 
     def close(self) -> None:
@@ -75,14 +86,14 @@ class ThreadExecutor(Executor):
 class DaskExecutor(Executor):
     """A ``distributed.Client`` on a new LocalCluster or an existing scheduler."""
 
-    def __init__(self, client: Any, cluster: Any = None) -> None:
+    def __init__(self, client: Client, cluster: Cluster | None = None) -> None:
         self.client, self.cluster = client, cluster
         info = client.scheduler_info()
         workers = info.get("workers", {})
         self.slots = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
         self.description = f"dask {client.scheduler.address} ({len(workers)} workers, {self.slots} threads)"
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self.client.submit(fn, *args, pure=False)
 
     def ship(self, files: list[str]) -> None:
@@ -95,10 +106,11 @@ class DaskExecutor(Executor):
                 raise RuntimeUnavailableError(f"plugin {path}: the workers could not import it "
                                               f"({type(exc).__name__}: {one_line(exc)})") from exc
 
-    def wait_first(self, futures: set[Any]) -> tuple[set[Any], set[Any]]:
+    def wait_first(self, futures: set[TaskFuture]) -> tuple[set[TaskFuture], set[TaskFuture]]:
         from distributed import wait
 
-        done, pending = wait(list(futures), return_when="FIRST_COMPLETED")
+        # this scheduler's futures are distributed ones
+        done, pending = wait(cast("list[Future]", list(futures)), return_when="FIRST_COMPLETED")
         return set(done), set(pending)
 
     def close(self) -> None:
@@ -132,11 +144,11 @@ def make_executor(cluster: ClusterConfig, device: str = "cpu") -> Executor:
 
 
 def run_bounded(executor: Executor, jobs: Iterable[tuple[T, Callable[..., Any], tuple[Any, ...]]],
-                window: int) -> Iterator[tuple[T, Any]]:
+                window: int) -> Iterator[tuple[T, TaskFuture]]:
     """Submit ``fn(*args)`` for each ``(tag, fn, args)`` with at most ``window`` in flight;
     yield ``(tag, future)`` as each completes (completion order)."""
     pending = iter(jobs)
-    in_flight: dict[Any, T] = {}
+    in_flight: dict[TaskFuture, T] = {}
     exhausted = False
     while True:
         while not exhausted and len(in_flight) < max(1, window):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from medfeat.errors import InputError, MedfeatError, one_line
 from medfeat.io.nifti import Volume
 from medfeat.io.readers import read_image, read_scan
 from medfeat.kernels import align, edge_box_grid, fov_grid
+
+if TYPE_CHECKING:
+    from medfeat.export.backbones.spec import BackboneSpec, Preprocess
 
 
 @dataclass
@@ -39,9 +42,9 @@ class ScanCache:
         return self.scans[path]
 
 
-def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: ScanCache,
+def load_item(item: Item, spec: BackboneSpec, size: tuple[int, ...], timer: ScanCache,
               transforms: dict[tuple[str, int], np.ndarray] | None = None,
-              out: np.ndarray | None = None, gray: str = "repeat", rule: Any = None,
+              out: np.ndarray | None = None, gray: str = "repeat", rule: Preprocess | None = None,
               keep_aspect: bool = True) -> np.ndarray:
     """The model input of ``item``: (C, *size) float32, written into ``out`` when given (a
     row of the batch buffer). Raises InputError for bad inputs.
@@ -72,12 +75,12 @@ def load_item(item: Item, spec: Any, size: tuple[int, ...], timer: ScanCache,
     return out
 
 
-def gray_mode(backbone: Any) -> str:
+def gray_mode(backbone: object) -> str:
     """The grey-image mode a 2D backbone was built with (its ``gray`` config; ``repeat``)."""
     return str((getattr(backbone, "provenance", None) or {}).get("config", {}).get("gray", "repeat"))
 
 
-def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: ScanCache,
+def _load_channel(ch: Channel, spec: BackboneSpec, size: tuple[int, ...], timer: ScanCache,
                   estimated: np.ndarray | None, out: np.ndarray, k: int) -> None:
     vol = timer.volume(ch.path)
     ref = timer.volume(ch.ref) if ch.ref else vol
@@ -99,7 +102,7 @@ def _load_channel(ch: Channel, spec: Any, size: tuple[int, ...], timer: ScanCach
     timer.preprocess += time.perf_counter() - t0
 
 
-def estimate_alignment(moving: Any, fixed: Any, kind: str) -> np.ndarray:
+def estimate_alignment(moving: Volume, fixed: Volume, kind: str) -> np.ndarray:
     """(4, 4) fixed world mm -> moving world mm, by the kernels' registration (NCC, pyramid).
 
     ``kind``: ``rigid`` or ``affine``. Scans are aligned one item at a time here.
@@ -114,7 +117,7 @@ def align_batch(items: list[Item], timer: ScanCache) -> tuple[dict[tuple[str, in
     Returns transforms by (item id, channel) and ``(item id, reason)`` for items whose
     scans could not be read (they fail; the rest of the batch goes on).
     """
-    wanted: dict[str, list[tuple[str, int, Any, Any]]] = {}
+    wanted: dict[str, list[tuple[str, int, Volume, Volume]]] = {}
     failures = []
     for item in items:
         for k, ch in enumerate(item.channels):

@@ -94,9 +94,15 @@ class Atlas:
         msk = mask or (str(root / "atlas_mask.nii.gz") if (root / "atlas_mask.nii.gz").exists() else None)
         return cls(img, msk)
 
+    def required_image(self) -> str:
+        """The atlas image; a ManifestError when there is none."""
+        if self.image is None:
+            raise ManifestError("the atlas alignment needs an atlas (atlas.nii.gz beside the manifest, or --atlas)")
+        return self.image
+
 
 # -- planning ----------------------------------------------------------------------------
-def _tuple(m: Any) -> tuple[float, ...] | None:
+def _tuple(m: object) -> tuple[float, ...] | None:
     if m is None or (isinstance(m, float) and np.isnan(m)):
         return None
     return tuple(float(v) for v in np.asarray(m, np.float64).ravel())
@@ -171,8 +177,8 @@ def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
         raise UnknownNameError(f"alignment {align!r} is for 3D cohorts; 2D models take 'none'")
     if input_kind == "image2d" and roi != "whole":
         raise UnknownNameError(f"ROI {roi!r} is for 3D cohorts; 2D models take the whole image")
-    if align in ("atlas", "oracle_atlas") and atlas.image is None:
-        raise ManifestError("the atlas alignment needs an atlas (atlas.nii.gz beside the manifest, or --atlas)")
+    if align in ("atlas", "oracle_atlas"):
+        atlas.required_image()
     if input_kind == "pair3d" and align == "oracle_atlas":
         raise UnknownNameError("pair models take the atlas unaligned: use the 'atlas' alignment")
     rows = df.to_dict("records")
@@ -195,8 +201,8 @@ def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
         meta: dict[str, Any] = dict(item_id=iid, subject=str(r["subject"]), timepoint=str(r.get("timepoint") or ""),
                     label=_label(r), extra=_extra(r))
         if input_kind == "pair3d":  # atlas pairs: (scan, atlas)
-            ch = (Channel(r["path"], mask=own_mask), Channel(atlas.image, mask=amask))
-            items.append(Item(kind="pair", channels=ch, **meta))
+            pair = (Channel(r["path"], mask=own_mask), Channel(atlas.required_image(), mask=amask))
+            items.append(Item(kind="pair", channels=pair, **meta))
         elif align == "none" or input_kind == "image2d":
             items.append(Item(kind=kind, channels=(Channel(r["path"], mask=own_mask),), **meta))
         elif align in ("atlas", "oracle_atlas"):
@@ -213,11 +219,11 @@ def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
             except ManifestError as exc:
                 bad.append((iid, str(exc)))
                 continue
-            ch, reason = _to_baseline(r, base, align, crop, amask)
-            if ch is None:
+            aligned, reason = _to_baseline(r, base, align, crop, amask)
+            if aligned is None:
                 bad.append((iid, reason))
                 continue
-            items.append(Item(kind=kind, channels=(ch,), **meta))
+            items.append(Item(kind=kind, channels=(aligned,), **meta))
     return items, bad
 
 
@@ -264,6 +270,7 @@ def _plan_pairs(rows: list[dict[str, Any]], align: str, crop: bool, amask: str |
         for base, follow in pairs:
             iid, timepoint = pair_id(subject, base, follow)
             fixed = Channel(base["path"], mask=(base.get("mask_path") or amask) if crop else None)
+            moving: Channel | None
             if align == "none":
                 moving = Channel(follow["path"], mask=(follow.get("mask_path") or amask) if crop else None)
             else:

@@ -137,7 +137,7 @@ BORDER_DESCRIPTION = ("linear, world space; edge voxels over the border half-vox
                       "view, zero beyond a scan")
 
 
-def kernel_rule(rule: Preprocess) -> Any:
+def kernel_rule(rule: Preprocess) -> IntensityRule:
     """The kernels' :class:`~medfeat.kernels.IntensityRule` equal to a spec's 3D rule."""
     p = rule.params
     if rule.rule == "percentile_clamp":

@@ -8,7 +8,7 @@ makes the same views bit for bit.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,9 +18,12 @@ from medfeat.errors import InputError, UnknownNameError
 from medfeat.io.readers import read_image
 from medfeat.kernels.augment2d import rule_mean_std, study_view, view_rng
 
+if TYPE_CHECKING:
+    from medfeat.export.backbones.spec import BackboneSpec, Preprocess
 
-def fill_views(item: Item, spec: Any, size: tuple[int, ...], timer: ScanCache, out: np.ndarray, *,
-               gray: str, seed: int, augment: str, rule: Any = None) -> None:
+
+def fill_views(item: Item, spec: BackboneSpec, size: tuple[int, ...], timer: ScanCache, out: np.ndarray, *,
+               gray: str, seed: int, augment: str, rule: Preprocess | None = None) -> None:
     """Write views 1..K of ``item`` into ``out`` (K, 3, s, s) float32, normalised by ``rule``
     (a dataset's own mean/std) or else the model's."""
     if augment != "study":

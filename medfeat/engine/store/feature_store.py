@@ -39,15 +39,17 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import zarr
 from zarr.codecs import ZstdCodec
 
 from medfeat.engine.store.layout import ArrayLayout
 from medfeat.engine.store.lock import LOCK_NAME
+from medfeat.engine.store.nodes import JSONDict, array_at, attr_dict, attr_list, attr_records, group_at
 from medfeat.errors import StoreError, UnknownNameError, one_line, os_error_reason
 from medfeat.export.backbones.provenance import random_weights
 from medfeat.timeutil import utc_now
@@ -70,20 +72,24 @@ def _step(name: str) -> None:
         fault_hook(name)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+#: Store indices of items: a sequence or a 1-D integer array.
+Indices = Sequence[int] | npt.NDArray[np.integer]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def _writes(method: F) -> F:
+def _writes(method: Callable[Concatenate[FeatureStore, P], R]) -> Callable[Concatenate[FeatureStore, P], R]:
     """Turn an OSError of a store write (full disk, read-only file system) into one line."""
 
     @functools.wraps(method)
-    def wrapper(self: FeatureStore, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: FeatureStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(self, *args, **kwargs)
         except OSError as exc:
             raise _write_error(self.path, exc) from exc
 
-    return cast(F, wrapper)
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ class FeatureStore:
         _clear_unpublished(path)
         staging = path / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         try:
-            meta = {"format": FORMAT, "version": __version__, "created": utc_now(), "chunk_items": chunk_items}
+            meta: dict[str, str | int] = {"format": FORMAT, "version": __version__, "created": utc_now(), "chunk_items": chunk_items}
             group = zarr.open_group(str(staging), mode="w", zarr_format=3,
                                     attributes={"medfeat": meta, "failures": [], "runs": []})
             _step("group")
@@ -148,7 +154,7 @@ class FeatureStore:
         return cls.open(path, mode="a")
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+    def open(cls, path: str | Path, mode: Literal["r", "a"] = "r") -> FeatureStore:
         """Open an existing store (``mode`` ``"r"`` or ``"a"``)."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
@@ -164,7 +170,7 @@ class FeatureStore:
 
     @property
     def chunk_items(self) -> int:
-        return int(self.group.attrs["medfeat"]["chunk_items"])
+        return int(attr_dict(self.group.attrs, "medfeat")["chunk_items"])
 
     # -- items -----------------------------------------------------------------------
     def items(self) -> pd.DataFrame:
@@ -175,7 +181,7 @@ class FeatureStore:
         shortest is the table (the rest is rewritten by the next registration).
         """
         names = [*ITEM_COLUMNS, *self.extra_columns()]
-        cols = {c: np.asarray(self.group[f"items/{c}"][:]).astype(object)
+        cols = {c: np.asarray(array_at(self.group, f"items/{c}")[:]).astype(object)
                 for c in names if f"items/{c}" in self.group}
         n = min(len(cols[c]) for c in ITEM_COLUMNS if c in cols)
         table = pd.DataFrame({c: pd.Series(v[:n], dtype=object) for c, v in cols.items()}, index=range(n))
@@ -185,22 +191,20 @@ class FeatureStore:
 
     def extra_columns(self) -> list[str]:
         """Names of the items table's columns beyond :data:`ITEM_COLUMNS`, in order."""
-        extra: Any = self.group.attrs.get("item_extra", [])
-        return [str(c) for c in extra]
+        return [str(c) for c in attr_list(self.group.attrs, "item_extra")]
 
     def _write_extra(self, records: list[dict[str, Any]], index: dict[str, int]) -> None:
         """Write the records' extra columns (created on first use, ``""`` for other items)."""
         names = list(dict.fromkeys(k for r in records for k in r if k not in ITEM_COLUMNS))
         if not names:
             return
-        group: Any = self.group
-        n = group["items/item_id"].shape[0]
+        n = array_at(self.group, "items/item_id").shape[0]
         extra = self.extra_columns()
         for name in names:
             if name not in extra:
                 self.group.create_array(f"items/{name}", shape=(n,), dtype=str, chunks=(4096,), fill_value="")
                 extra.append(name)
-            arr = group[f"items/{name}"]
+            arr = array_at(self.group, f"items/{name}")
             if arr.shape[0] < n:
                 arr.resize((n,))
             values = np.asarray(arr[:]).astype(object)
@@ -212,7 +216,7 @@ class FeatureStore:
         self.group.attrs["item_extra"] = extra
 
     @_writes
-    def add_items(self, records: Iterable[dict[str, Any]]) -> np.ndarray:
+    def add_items(self, records: Iterable[dict[str, Any]]) -> npt.NDArray[np.int64]:
         """Register items (dicts with ``item_id`` and optional other columns).
 
         Items already present keep their index. Returns the store index of every record.
@@ -228,16 +232,15 @@ class FeatureStore:
                 arr = self._item_column(column, start)
                 arr.resize((start + len(new),))
                 arr[start:] = np.array([str(by_id[i].get(column, "") or "") for i in new], dtype=str)
-            group: Any = self.group
             for column in self.extra_columns():  # new items have none of the older extra values
-                group[f"items/{column}"].resize((start + len(new),))
+                array_at(self.group, f"items/{column}").resize((start + len(new),))
             existing.update({iid: start + k for k, iid in enumerate(new)})
             self._grow_arrays(len(existing))
         self._write_extra(records, existing)
         return np.array([existing[r["item_id"]] for r in records], dtype=np.int64)
 
     @_writes
-    def set_item_fields(self, indices: Sequence[int], column: str, values: Sequence[str]) -> None:
+    def set_item_fields(self, indices: Indices, column: str, values: Sequence[str]) -> None:
         """Rewrite ``column`` of the items at ``indices`` (e.g. a refreshed source)."""
         if column not in ITEM_COLUMNS or column == "item_id":
             raise UnknownNameError(f"items column {column!r} cannot be rewritten")
@@ -263,14 +266,12 @@ class FeatureStore:
         """The items array of ``column``, created (n empty strings) in stores made before it."""
         if f"items/{column}" not in self.group:
             _new_item_column(self.group, column, n)
-        arr = self.group[f"items/{column}"]
-        return arr
+        return array_at(self.group, f"items/{column}")
 
     def _grow_arrays(self, n: int) -> None:
         for key in self.arrays():
-            group = self.group[key.path]
             for name in ("data", "done"):
-                arr = group[name]
+                arr = array_at(self.group, f"{key.path}/{name}")
                 if arr.shape[0] < n:
                     arr.resize((n,) + arr.shape[1:])
 
@@ -280,7 +281,7 @@ class FeatureStore:
         if "features" not in self.group:
             return []
         keys = []
-        for model, mgroup in self.group["features"].groups():
+        for model, mgroup in group_at(self.group, "features").groups():
             for tap, tgroup in mgroup.groups():
                 for variant, _ in tgroup.groups():
                     keys.append(ArrayKey(model, tap, variant))
@@ -303,7 +304,7 @@ class FeatureStore:
         if stored != layout:
             raise StoreError(f"{key}: store holds items of shape {stored.item_shape} {stored.dtype}, "
                              f"this run makes {layout.item_shape} {layout.dtype}")
-        diff = _provenance_diff(self.group[key.path].attrs.get("provenance", {}), _json(provenance))
+        diff = _provenance_diff(attr_dict(group_at(self.group, key.path).attrs, "provenance"), _json(provenance))
         if diff:
             raise StoreError(f"{key}: provenance differs from the stored array ({diff})")
 
@@ -322,8 +323,8 @@ class FeatureStore:
             return
         self._drop_half_made(key)
         layout = layout or ArrayLayout.pooled(dim)
-        n = self.group["items/item_id"].shape[0]
-        attrs: dict[str, Any] = {"provenance": _json(provenance)}
+        n = array_at(self.group, "items/item_id").shape[0]
+        attrs: JSONDict = {"provenance": _json(provenance)}
         if not (layout.is_pooled and layout.dtype == "float32"):  # pooled arrays keep their old attrs
             attrs["layout"] = layout.to_attrs()
         staging = self.path / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
@@ -348,7 +349,7 @@ class FeatureStore:
         """Whether array ``key`` exists whole: data, done and provenance."""
         if key.path not in self.group:
             return False
-        group = self.group[key.path]
+        group = group_at(self.group, key.path)
         return "data" in group and "done" in group and "provenance" in group.attrs
 
     def _drop_half_made(self, key: ArrayKey) -> None:
@@ -365,16 +366,16 @@ class FeatureStore:
 
     def data_array(self, key: ArrayKey) -> zarr.Array:
         """The raw Zarr array of ``key`` (stored values; decode with :meth:`layout`)."""
-        return cast(zarr.Array, self._array_group(key)["data"])
+        return array_at(self._array_group(key), "data")
 
     def provenance(self, key: ArrayKey) -> dict[str, Any]:
-        return dict(self._array_group(key).attrs.get("provenance", {}))
+        return attr_dict(self._array_group(key).attrs, "provenance")
 
     def chunk_of(self, index: int) -> int:
         """Chunk number holding item ``index``."""
         return index // self.chunk_items
 
-    def write(self, key: ArrayKey, indices: Sequence[int], rows: np.ndarray) -> None:
+    def write(self, key: ArrayKey, indices: Indices, rows: np.ndarray) -> None:
         """Write feature rows for items at ``indices``, then mark them done.
 
         ``rows``: (len(indices), dim).
@@ -383,44 +384,43 @@ class FeatureStore:
         self.mark_done(key, indices)
 
     @_writes
-    def write_rows(self, key: ArrayKey, indices: Sequence[int], rows: np.ndarray) -> None:
+    def write_rows(self, key: ArrayKey, indices: Indices, rows: np.ndarray) -> None:
         """Write feature rows (len(indices), dim) without marking them done.
 
         Rows of token arrays are (len(indices), *item_shape), or flat (len(indices), values).
         Contiguous indices are written as one slice; chunk files are replaced atomically
         (write to a temporary file, then rename), so readers never see half a chunk.
         """
-        group = self._array_group(key)
-        indices = np.asarray(indices, dtype=np.int64)
+        data = self.data_array(key)
+        idx = np.asarray(indices, dtype=np.int64)
         layout = self.layout(key)
         try:
-            rows = layout.encode(rows, len(indices))
+            rows = layout.encode(rows, len(idx))
         except StoreError as exc:
             raise StoreError(f"{key}: {exc}") from None
-        if len(indices) == 0:
+        if len(idx) == 0:
             return
-        if np.all(np.diff(indices) == 1):
-            group["data"][int(indices[0]): int(indices[-1]) + 1] = rows
+        if np.all(np.diff(idx) == 1):
+            data[int(idx[0]): int(idx[-1]) + 1] = rows
         else:
-            selection: Any = (indices,) + (slice(None),) * len(layout.item_shape)
-            self.data_array(key).set_orthogonal_selection(selection, rows)
+            data.set_orthogonal_selection((idx, *(slice(None),) * len(layout.item_shape)), rows)
 
     @_writes
-    def mark_done(self, key: ArrayKey, indices: Sequence[int]) -> None:
+    def mark_done(self, key: ArrayKey, indices: Indices) -> None:
         """Mark items done; call only after their rows are written in every array of the run."""
-        done = self._array_group(key)["done"]
-        indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) == 0:
+        done = self._done_array(key)
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) == 0:
             return
-        if np.all(np.diff(indices) == 1):
-            done[int(indices[0]): int(indices[-1]) + 1] = 1
+        if np.all(np.diff(idx) == 1):
+            done[int(idx[0]): int(idx[-1]) + 1] = 1
         else:
-            done.set_coordinate_selection(indices, np.ones(len(indices), np.uint8))
+            done.set_coordinate_selection(idx, np.ones(len(idx), np.uint8))
 
     @_writes
-    def unmark_done(self, key: ArrayKey, indices: Sequence[int]) -> None:
+    def unmark_done(self, key: ArrayKey, indices: Indices) -> None:
         """Mark items not done (their features are redone by the next run)."""
-        done = self._array_group(key)["done"]
+        done = self._done_array(key)
         idx = np.asarray(indices, dtype=np.int64)
         idx = np.unique(idx[idx < done.shape[0]])
         if len(idx):
@@ -428,8 +428,8 @@ class FeatureStore:
 
     def done_mask(self, key: ArrayKey) -> np.ndarray:
         """(items,) bool: which items have features in ``key``."""
-        done = self._array_group(key)["done"][:]
-        n = self.group["items/item_id"].shape[0]
+        done = np.asarray(self._done_array(key)[:])
+        n = array_at(self.group, "items/item_id").shape[0]
         out = np.zeros(n, dtype=bool)
         out[: len(done)] = done.astype(bool)
         return out
@@ -472,11 +472,14 @@ class FeatureStore:
         if key.path not in self.group:
             known = ", ".join(str(k) for k in self.arrays()) or "none"
             raise UnknownNameError(f"{self.path}: no feature array {key}; arrays: {known}")
-        return self.group[key.path]
+        return group_at(self.group, key.path)
+
+    def _done_array(self, key: ArrayKey) -> zarr.Array:
+        return array_at(self._array_group(key), "done")
 
     # -- failures and run records ----------------------------------------------------
-    def failures(self) -> list[dict[str, Any]]:
-        return list(self.group.attrs.get("failures", []))
+    def failures(self) -> list[JSONDict]:
+        return attr_records(self.group.attrs, "failures")
 
     @_writes
     def record_failures(self, failures: Iterable[dict[str, Any]]) -> None:
@@ -501,10 +504,10 @@ class FeatureStore:
 
     @_writes
     def add_run_record(self, record: dict[str, Any]) -> None:
-        self.group.attrs["runs"] = list(self.group.attrs.get("runs", [])) + [record]
+        self.group.attrs["runs"] = [*self.runs(), record]
 
-    def runs(self) -> list[dict[str, Any]]:
-        return list(self.group.attrs.get("runs", []))
+    def runs(self) -> list[JSONDict]:
+        return attr_records(self.group.attrs, "runs")
 
     # -- summaries ---------------------------------------------------------------------
     def failed_items(self, arrays: Iterable[str] | None = None) -> set[str]:
@@ -518,8 +521,7 @@ class FeatureStore:
         n = len(self.items())
         arrays = []
         for key in self.arrays():
-            group = self.group[key.path]
-            prov = dict(group.attrs.get("provenance", {}))
+            prov = attr_dict(group_at(self.group, key.path).attrs, "provenance")
             layout = self.layout(key)
             arrays.append({"array": str(key), "dim": layout.dim, "item_shape": list(layout.item_shape),
                            "dtype": layout.dtype, "bytes": _disk_bytes(self.path / key.path),
@@ -541,7 +543,6 @@ def _provenance_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = (set(old) | set(new)) - _EXECUTION_KEYS
     diffs = [k for k in sorted(keys) if old.get(k) != new.get(k)]
     return ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in diffs[:3])
-
 
 
 def _json(doc: dict[str, Any]) -> dict[str, Any]:

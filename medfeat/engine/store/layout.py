@@ -13,10 +13,11 @@ Zarr v3 has no bfloat16 type, so bfloat16 values are stored as their 16-bit patt
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from medfeat.errors import StoreError
 
@@ -27,10 +28,11 @@ TOKEN_DTYPES = ("float16", "bfloat16")
 _BF16_NAN = 0x7FC0  # a quiet NaN in bfloat16 bits
 
 
-def _bfloat16() -> Any:
+def _bfloat16() -> type[np.generic]:
     import ml_dtypes
 
-    return ml_dtypes.bfloat16
+    bfloat16: type[np.generic] = ml_dtypes.bfloat16
+    return bfloat16
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class ArrayLayout:
         return "uint16" if self.dtype == "bfloat16" else self.dtype
 
     @property
-    def fill_value(self) -> Any:
+    def fill_value(self) -> float:
         """What unwritten items hold: NaN (its bit pattern for bfloat16)."""
         return _BF16_NAN if self.dtype == "bfloat16" else np.nan
 
@@ -103,21 +105,21 @@ class ArrayLayout:
             return np.ascontiguousarray(rows.astype(np.float32).astype(_bfloat16()).view(np.uint16))
         return np.ascontiguousarray(rows, dtype=self.dtype)
 
-    def decode(self, stored: Any) -> np.ndarray:
+    def decode(self, stored: npt.ArrayLike) -> np.ndarray:
         """Stored values -> numbers in :attr:`read_dtype`."""
-        stored = np.asarray(stored)
+        values = np.asarray(stored)
         if self.dtype == "bfloat16":
-            return stored.view(_bfloat16()).astype(np.float32)
-        return stored.astype(self.read_dtype, copy=False)
+            return values.view(_bfloat16()).astype(np.float32)
+        return values.astype(self.read_dtype, copy=False)
 
-    def to_attrs(self) -> dict[str, Any]:
+    def to_attrs(self) -> dict[str, list[int] | str]:
         return {"item_shape": list(self.item_shape), "dtype": self.dtype}
 
     @classmethod
-    def from_attrs(cls, attrs: Any, data_shape: tuple[int, ...]) -> ArrayLayout:
+    def from_attrs(cls, attrs: Mapping[str, object], data_shape: tuple[int, ...]) -> ArrayLayout:
         """The layout recorded in an array group's attrs, or the pooled float32 layout of an
         array written before layouts were recorded (its shape gives the dim)."""
-        doc = attrs.get("layout") if hasattr(attrs, "get") else None
+        doc = attrs.get("layout")
         if not isinstance(doc, dict):
             return cls(tuple(int(s) for s in data_shape[1:]) or (1,), "float32")
         return cls(tuple(int(s) for s in doc["item_shape"]), str(doc["dtype"]))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medfeat.engine.store.feature_store import ITEM_COLUMNS, STAGING_PREFIX, ArrayKey, FeatureStore
+from medfeat.engine.store.nodes import array_at, attr_dict, group_at
 from medfeat.errors import one_line
 from medfeat.export.backbones.weights import sha256_file
 from medfeat.io.signatures import change_of, decode
@@ -40,7 +41,7 @@ def verify_store(store: FeatureStore, *, check_weights: bool = True, check_sourc
     out = Verification()
     for stage in sorted(store.path.glob(f"{STAGING_PREFIX}*")):
         out.notes.append(f"leftover of an interrupted creation: {stage.name} (`medfeat store repair` removes it)")
-    lengths = {c: store.group[f"items/{c}"].shape[0] for c in ITEM_COLUMNS if f"items/{c}" in store.group}
+    lengths = {c: array_at(store.group, f"items/{c}").shape[0] for c in ITEM_COLUMNS if f"items/{c}" in store.group}
     if len(set(lengths.values())) > 1:
         out.notes.append(f"items table: columns of different lengths {sorted(set(lengths.values()))} "
                          "(an interrupted registration; the next run or `medfeat store repair` evens them)")
@@ -55,12 +56,12 @@ def verify_store(store: FeatureStore, *, check_weights: bool = True, check_sourc
 
 
 def _verify_array(store: FeatureStore, key: ArrayKey, check_weights: bool, out: Verification) -> None:
-    group = store.group[key.path]
+    group = group_at(store.group, key.path)
     if "data" not in group or "done" not in group or "provenance" not in group.attrs:
         out.problems.append(f"{key}: half-made array (no data, done marks or provenance); "
                             "`medfeat store repair` removes it")
         return
-    prov = dict(group.attrs["provenance"])
+    prov = attr_dict(group.attrs, "provenance")
     dim = store.layout(key).dim
     # a token or newer-pooling array is named TAP@POOLING; its provenance names the model's tap
     for name, want in {"model": key.model, "tap": key.tap.split("@")[0], "dim": dim}.items():
@@ -90,8 +91,7 @@ class Damage:
 
 def damaged_chunks(store: FeatureStore, key: ArrayKey) -> Damage:
     """Read every chunk of array ``key`` that holds done items (see :class:`Damage`)."""
-    group = store.group[key.path]
-    data, done = group["data"], group["done"]
+    data, done = store.data_array(key), array_at(group_at(store.group, key.path), "done")
     layout = store.layout(key)
     n_items = len(store.items())
     chunk = store.chunk_items
@@ -170,7 +170,7 @@ def repair_store(store: FeatureStore) -> list[str]:
         actions.append(f"removed {stage.name}")
     actions += store.even_item_columns()
     for key in store.arrays():
-        group = store.group[key.path]
+        group = group_at(store.group, key.path)
         if "data" not in group or "done" not in group or "provenance" not in group.attrs:
             shutil.rmtree(store.path / key.path)
             actions.append(f"{key}: removed a half-made array")

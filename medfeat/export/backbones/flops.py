@@ -6,8 +6,7 @@ by itself: ``4 * B * H * L * S * E`` (Q K^T and the weighted sum of V).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
@@ -24,8 +23,8 @@ def _register_cpu_attention() -> None:
     if op is None:
         return
 
-    def formula(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
-                **kwargs: Any) -> int:
+    def formula(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int],
+                *args: object, out_shape: object = None, **kwargs: object) -> int:
         b, h, n_q, e = query_shape
         s = key_shape[-2]
         ev = value_shape[-1]
@@ -37,7 +36,7 @@ def _register_cpu_attention() -> None:
         pass
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
+def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn`` (run once under the counter, on whatever device it uses)."""
     _register_cpu_attention()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:

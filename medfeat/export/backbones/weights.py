@@ -14,9 +14,8 @@ import argparse
 import hashlib
 import pathlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +26,10 @@ from medfeat.errors import WeightsError
 _NESTING_KEYS = ("state_dict", "model", "module", "net", "model_state_dict")
 
 
-def _numpy_globals() -> list[object]:
+def _numpy_globals() -> list[Callable[..., object]]:
     """numpy's pickle entry points for scalars, arrays and dtypes (``numpy._core`` since 2.0)."""
     core = getattr(np, "_core", None) or np.core
-    found: list[object] = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
+    found: list[Callable[..., object]] = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:  # numpy >= 1.25 pickles some dtypes by their class
         found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
@@ -39,7 +38,7 @@ def _numpy_globals() -> list[object]:
 
 # Plain data a training script pickles beside its weights: the argument namespace, numpy
 # scalars / arrays / dtypes, paths. None of them runs code when unpickled.
-SAFE_GLOBALS: tuple[Any, ...] = (
+SAFE_GLOBALS: tuple[Callable[..., object], ...] = (
     argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
     pathlib.PureWindowsPath, *_numpy_globals(),
 )

@@ -149,7 +149,7 @@ class Trainer:
     def precision(self) -> str:
         return "float32" if self.amp_dtype is None else f"mixed {str(self.amp_dtype).replace('torch.', '')}"
 
-    def autocast(self) -> Any:
+    def autocast(self) -> torch.autocast:
         """The forward's autocast context (a no-op on the CPU)."""
         if self.amp_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
@@ -296,7 +296,7 @@ def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def _atomic_save(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)

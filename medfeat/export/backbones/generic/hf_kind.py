@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,10 +27,13 @@ from medfeat.export.backbones.generic.hooks import HookedModel, trace_calls
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TapSpec
 from medfeat.export.backbones.weights import sha256_file
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 INPUT = "pixel_values"
 
 
-def load(folder: Path, meta: bool) -> tuple[nn.Module, Any]:
+def load(folder: Path, meta: bool) -> tuple[nn.Module, PretrainedConfig]:
     """The vision model of ``folder`` and its config; on the meta device (no weights read)
     when ``meta``, else with the folder's weights, strictly."""
     from transformers import AutoConfig, AutoModel
@@ -58,7 +61,7 @@ def load(folder: Path, meta: bool) -> tuple[nn.Module, Any]:
     return model.eval(), config
 
 
-def _points(model: nn.Module, config: Any, folder: Path) -> dict[str, str]:
+def _points(model: nn.Module, config: PretrainedConfig, folder: Path) -> dict[str, str]:
     depth = int(getattr(config, "num_hidden_layers", 0))
     layers = next((p for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == depth), None)
     embed = next((p for p, _ in model.named_modules() if p.rpartition(".")[2] == "embeddings"), None)
@@ -67,16 +70,19 @@ def _points(model: nn.Module, config: Any, folder: Path) -> dict[str, str]:
     return {"hidden_states.0": embed, **{f"hidden_states.{k}": f"{layers}.{k - 1}" for k in range(1, depth + 1)}}
 
 
-def _data(folder: Path, config: Any, inputs: ModelInputs) -> tuple[tuple[int, int], Preprocess]:
+def _data(folder: Path, config: PretrainedConfig, inputs: ModelInputs) -> tuple[tuple[int, int], Preprocess]:
     proc_file = folder / "preprocessor_config.json"
     proc = json.loads(proc_file.read_text()) if proc_file.is_file() else {}
     crop = proc.get("crop_size") or proc.get("size")
     if isinstance(crop, dict):
         crop = (crop.get("height"), crop.get("width")) if "height" in crop else crop.get("shortest_edge")
-    size: Any = inputs.size or crop or getattr(config, "image_size", None)
-    if size is None:
+    given = inputs.size or crop or getattr(config, "image_size", None)
+    if given is None:
         raise InputError(f"hf:{folder}: no image size in its config: give --input-size H,W")
-    size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
+    sides = [given, given] if isinstance(given, (int, float)) else list(given)
+    if len(sides) != 2:
+        raise InputError(f"hf:{folder}: input size {tuple(sides)} is not (H, W)")
+    size = (int(sides[0]), int(sides[1]))
     if inputs.intensity is not None:
         rule = parse_intensity(inputs.intensity)
     elif "image_mean" in proc and "image_std" in proc:

@@ -39,7 +39,7 @@ class Cut(nn.Module):
         raise RuntimeError(f"{self.path} was pruned: it runs after the last tap")
 
 
-def first_tensor(out: Any) -> torch.Tensor | None:
+def first_tensor(out: object) -> torch.Tensor | None:
     """A module output's tensor: the output itself, or the first item of a tuple / list
     (transformer layers return ``(hidden, attention, ...)``)."""
     if isinstance(out, torch.Tensor):
@@ -73,12 +73,12 @@ def trace_calls(net: nn.Module, shape: tuple[int, ...], input_name: str | None =
     handles = []
 
     def pre(path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
+        def hook(module: nn.Module, args: tuple[object, ...]) -> None:
             trace.start.setdefault(path, next(counter))
         return hook
 
     def post(path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
+        def hook(module: nn.Module, args: tuple[object, ...], out: object) -> None:
             if path not in trace.end:
                 trace.end[path] = next(counter)
                 t = first_tensor(out)
@@ -211,7 +211,7 @@ class HookedModel(TappedModel):
     @staticmethod
     def _capture(tap: str, captured: dict[str, torch.Tensor], wanted: set[str],
                  stop: bool) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
+        def hook(module: nn.Module, args: tuple[object, ...], out: object) -> None:
             if tap not in captured:
                 t = first_tensor(out)
                 if t is not None:

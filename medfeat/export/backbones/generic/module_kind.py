@@ -24,8 +24,9 @@ from medfeat.export.backbones.generic.hooks import HookedModel, module_taps, tra
 from medfeat.export.backbones.spec import BackboneSpec
 
 
-def load_factory(target: str) -> Callable[..., nn.Module]:
-    """``package.module:factory`` -> the factory (a function or an ``nn.Module`` class)."""
+def load_factory(target: str) -> Callable[..., object]:
+    """``package.module:factory`` -> the factory (a function or an ``nn.Module`` class; what
+    it returns is checked by :func:`build_module`)."""
     mod_name, sep, attr = target.partition(":")
     if not sep or not mod_name or not attr:
         raise InputError(f"module:{target}: expected module:PACKAGE.MODULE:FACTORY")
@@ -33,7 +34,7 @@ def load_factory(target: str) -> Callable[..., nn.Module]:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise InputError(f"module:{target}: cannot import {mod_name} ({exc})") from exc
-    factory: Any = module
+    factory: object = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:

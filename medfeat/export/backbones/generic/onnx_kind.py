@@ -10,7 +10,7 @@ nothing past it runs. A graph with a fixed batch of 1 is run item by item.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,8 +21,12 @@ from medfeat.export.backbones.generic.hooks import tap_from_shape
 from medfeat.export.backbones.spec import BackboneSpec, InputKind, TappedModel, TapSpec
 from medfeat.export.backbones.weights import sha256_file
 
+if TYPE_CHECKING:
+    from onnx import ModelProto
+    from onnxruntime import InferenceSession
 
-def _session(model_bytes: bytes) -> Any:
+
+def _session(model_bytes: bytes) -> InferenceSession:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -33,7 +37,7 @@ def _session(model_bytes: bytes) -> Any:
 class OnnxModel(TappedModel):
     """An ONNX graph in ONNX Runtime (CPU). ``names`` maps tap names to graph output names."""
 
-    def __init__(self, model: Any, names: dict[str, str]) -> None:
+    def __init__(self, model: ModelProto, names: dict[str, str]) -> None:
         super().__init__()
         self.model = model
         self.names = dict(names)
@@ -67,13 +71,13 @@ class OnnxModel(TappedModel):
         self.names = {t: self.names[t] for t in keep}
         self._load()
 
-    def raw_onnx(self, example: torch.Tensor, opset: int) -> tuple[Any, str, dict[str, str]]:
+    def raw_onnx(self, example: torch.Tensor, opset: int) -> tuple[ModelProto, str, dict[str, str]]:
         """The graph (pruned), its input name and tap -> output name: for export (``example``
         and ``opset`` are not needed: the graph is what it is)."""
         return self.model, self.input_name, dict(self.names)
 
 
-def read(path: Path) -> Any:
+def read(path: Path) -> ModelProto:
     import onnx
 
     if not path.is_file():
@@ -84,7 +88,7 @@ def read(path: Path) -> Any:
         raise InputError(f"onnx:{path}: not an ONNX file ({' '.join(str(exc).split())[:160]})") from exc
 
 
-def _declared(model: Any) -> tuple[int | None, InputKind | None, tuple[int, ...] | None]:
+def _declared(model: ModelProto) -> tuple[int | None, InputKind | None, tuple[int, ...] | None]:
     """Channels, input kind and spatial size the graph's input fixes (None where dynamic)."""
     init = {i.name for i in model.graph.initializer}
     graph_input = next(i for i in model.graph.input if i.name not in init)

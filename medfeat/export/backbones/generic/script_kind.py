@@ -9,7 +9,7 @@ provenance). A TorchScript graph cannot be cut: the module runs whole, whatever 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,8 +19,11 @@ from medfeat.export.backbones.generic.hooks import tap_from_shape
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
 from medfeat.export.backbones.weights import sha256_file
 
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
-def named_outputs(out: Any) -> dict[str, torch.Tensor]:
+
+def named_outputs(out: object) -> dict[str, torch.Tensor]:
     """A module's output as ``{raw name: tensor}``."""
     if isinstance(out, torch.Tensor):
         return {"output": out}
@@ -52,7 +55,7 @@ class ScriptModel(TappedModel):
     def prune_after(self, tap: str) -> None:
         """Nothing to cut: a scripted graph runs whole (its provenance says so)."""
 
-    def raw_onnx(self, example: torch.Tensor, opset: int) -> tuple[Any, str, dict[str, str]]:
+    def raw_onnx(self, example: torch.Tensor, opset: int) -> tuple[ModelProto, str, dict[str, str]]:
         """The module exported to ONNX (dynamic batch), its input name and tap -> output name.
 
         A scripted module's dict output has no ONNX form: a traced wrapper returns the taps
@@ -79,7 +82,7 @@ class ScriptModel(TappedModel):
         return model, "raw_input", dict(zip(self.names, out_names))
 
 
-def _rename_io(model: Any, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+def _rename_io(model: ModelProto, inputs: dict[str, str], outputs: dict[str, str]) -> None:
     names = {**inputs, **outputs}
     for node in model.graph.node:
         node.input[:] = [names.get(i, i) for i in node.input]

@@ -51,6 +51,7 @@ class TimmModel(TappedModel):
 
     def __init__(self, net: nn.Module, taps: list[TapSpec]) -> None:
         super().__init__()
+        # a timm model: forward_intermediates and forward_head are on each model class, no typed base
         self.net: Any = net
         self.index = {t.name: i for i, t in enumerate(taps) if t.name != PRE_LOGITS}
         self.order = [t.name for t in taps]
@@ -95,10 +96,11 @@ def _taps(net: Any) -> list[TapSpec]:
 def _data_config(net: nn.Module, target: str, inputs: ModelInputs, config: dict[str, Any]
                  ) -> tuple[tuple[int, int], int, Preprocess]:
     cfg = dict(getattr(net, "pretrained_cfg", None) or {})
-    size: Any = inputs.size or config.get("img_size") or tuple(cfg.get("input_size", (3, 224, 224))[1:])
-    size = (int(size),) * 2 if isinstance(size, int) else tuple(int(v) for v in size)
-    if len(size) != 2:
-        raise InputError(f"timm:{target}: input size {size} is not (H, W)")
+    given = inputs.size or config.get("img_size") or tuple(cfg.get("input_size", (3, 224, 224))[1:])
+    sides = (int(given),) * 2 if isinstance(given, int) else tuple(int(v) for v in given)
+    if len(sides) != 2:
+        raise InputError(f"timm:{target}: input size {sides} is not (H, W)")
+    size = (sides[0], sides[1])
     if inputs.kind not in (None, "image2d"):
         raise InputError(f"timm:{target}: timm models take 2D images, not {inputs.kind}")
     channels = int(config.get("in_chans", 3))

@@ -80,7 +80,7 @@ class TappedResNet(ResNet, TappedModel):
     def tap_names(self) -> list[str]:
         return [f"layer{i}" for i in range(1, 5) if len(getattr(self, f"layer{i}")) > 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
     def forward_taps(self, x: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
@@ -104,7 +104,9 @@ class TappedResNet(ResNet, TappedModel):
 def build_resnet(name: str, *, gray: str = "repeat", layers: tuple[int, ...] | None = None,
                  channels: tuple[int, ...] = (64, 128, 256, 512), stem_width: int = 64) -> TappedResNet:
     """timm ResNet-50/152 (bottleneck blocks), random init, no classifier."""
-    model = TappedResNet(block=Bottleneck, layers=tuple(layers or RESNET_LAYERS[name]), num_classes=0,
+    # timm annotates ``block`` as an instance; it takes the class
+    model = TappedResNet(block=Bottleneck,  # type: ignore[arg-type]
+                         layers=tuple(layers or RESNET_LAYERS[name]), num_classes=0,
                          channels=tuple(channels), stem_width=stem_width, zero_init_last=False)
     model.medfeat_name = name
     enable_gray(model, "conv1", gray)

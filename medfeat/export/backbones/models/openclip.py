@@ -15,7 +15,7 @@ study's linear-probe feature. Other input sizes resample the position embeddings
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from open_clip.transformer import LayerNorm, VisionTransformer
@@ -33,6 +33,9 @@ from medfeat.export.backbones.models.vit2d import (
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
 
+if TYPE_CHECKING:
+    from open_clip.transformer import Transformer
+
 VIT_B16: dict[str, Any] = dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, output_dim=512)
 TINY = dict(image_size=32, width=32, layers=2, heads=2, output_dim=16)
 
@@ -46,6 +49,23 @@ class TappedOpenCLIP(VisionTransformer, TappedModel):
     """
 
     medfeat_name: str = "openclip"
+
+    if TYPE_CHECKING:  # set by open_clip's VisionTransformer, which has no type information
+        patch_size: tuple[int, int]
+        grid_size: tuple[int, int]
+        conv1: nn.Module
+        class_embedding: nn.Parameter
+        positional_embedding: nn.Parameter
+        patch_dropout: nn.Module
+        ln_pre: nn.Module
+        transformer: Transformer
+        attn_pool: nn.Module | None
+        proj: nn.Parameter | None
+
+        def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+        def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                      prune_head: bool = True) -> list[int]: ...
 
     def _embeds(self, x: torch.Tensor) -> torch.Tensor:
         check_patch_multiple(self.medfeat_name, x, self.patch_size)
@@ -79,7 +99,7 @@ class TappedOpenCLIP(VisionTransformer, TappedModel):
                 out[names[i]] = x if batch_first else x.transpose(0, 1)
         if len(blocks) in wanted:
             pooled, _ = self._pool(x if batch_first else x.transpose(0, 1))
-            out["proj"] = pooled @ self.proj
+            out["proj"] = pooled @ cast(nn.Parameter, self.proj)  # a tap only while proj exists
         return out
 
     def prune_after(self, tap: str) -> None:

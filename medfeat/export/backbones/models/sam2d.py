@@ -22,7 +22,7 @@ Taps: ``blocks.0`` .. ``blocks.{depth-1}``, each a (B, C, H/16, W/16) map; defau
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.layers import resample_abs_pos_embed_nhwc
@@ -39,6 +39,9 @@ from medfeat.export.backbones.models.vit2d import (
 )
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
+
+if TYPE_CHECKING:
+    from timm.layers import PatchEmbed
 
 PATCH = 16
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -57,11 +60,13 @@ class TappedSAM(VisionTransformerSAM, TappedModel):
     """
 
     medfeat_name: str = "sam"
+    if TYPE_CHECKING:  # timm builds it through an untyped ``embed_layer`` callable
+        patch_embed: PatchEmbed
 
     def tap_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.blocks))]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_patch_multiple(self.medfeat_name, x, self.patch_embed.patch_size)
         return self.forward_features(x)
 
@@ -95,8 +100,11 @@ def build_sam(variant: str, *, gray: str = "repeat", img_size: int = 1024, windo
     overrides = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, global_attn_indexes=global_attn_indexes)
     arch.update({k: v for k, v in overrides.items() if v is not None})
     model = TappedSAM(img_size=img_size, patch_size=PATCH, window_size=window_size, use_rel_pos=True,
-                      num_classes=0, neck_chans=0, norm_layer=partial(nn.LayerNorm, eps=1e-6), **arch)
-    model.neck = nn.Identity()  # timm puts a LayerNorm2d here when there is no conv neck; SAM has none
+                      num_classes=0, neck_chans=0,
+                      norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]  # timm takes any layer factory
+                      **arch)
+    model.neck = nn.Identity()  # type: ignore[assignment]  # timm infers Sequential
+    # (timm puts a LayerNorm2d here when there is no conv neck; SAM has none)
     model.medfeat_name = f"sam_{variant}"
     enable_gray(model.patch_embed, "proj", gray)
     return model

@@ -190,7 +190,7 @@ class Block3D(nn.Module):
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
-            size = tuple(x.shape[1:4])
+            size = (x.shape[1], x.shape[2], x.shape[3])
             x, padded = window_partition(x, self.window_size)
             x = window_unpartition(self.attn(x), self.window_size, padded, size)
         else:
@@ -212,7 +212,8 @@ class SamMed3DEncoder(TappedModel):
             # cubic: upstream's relative-position bias is only defined on cubic grids (rel_pos_bias)
             raise ValueError(f"sam_med3d: input size {size} must be 3 equal sizes divisible by patch {patch_size}")
         self.input_size = size
-        grid = tuple(s // patch_size for s in size)
+        gd, gh, gw = (s // patch_size for s in size)
+        grid = (gd, gh, gw)
         self.patch_embed = PatchEmbed3D(patch_size, in_chans, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, *grid, embed_dim))
         self.blocks = nn.ModuleList(
@@ -247,7 +248,7 @@ class SamMed3DEncoder(TappedModel):
             h = block(h)
             if f"blocks.{i}" in taps:
                 out[f"blocks.{i}"] = h.permute(0, 4, 1, 2, 3)
-        if "neck" in taps:
+        if "neck" in taps and self.neck is not None:  # a pruned neck is an unknown tap above
             out["neck"] = self.neck(h.permute(0, 4, 1, 2, 3))
         return out
 

@@ -25,7 +25,7 @@ right/bottom as SEEM does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,7 @@ class FocalStage(nn.Module):
     def __init__(self, dim: int, depth: int, levels: int, window: int, downsample: bool) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(FocalBlock(dim, levels, window) for _ in range(depth))
-        self.downsample = PatchEmbed(dim, 2 * dim, stem=False) if downsample else None
+        self.downsample: PatchEmbed | None = PatchEmbed(dim, 2 * dim, stem=False) if downsample else None
 
 
 class SeemFocalNet(TappedModel):
@@ -152,12 +152,12 @@ class SeemFocalNet(TappedModel):
         wanted = set(tap_positions("seem_focalt", names, taps))
         x = self.patch_embed(x)
         out: dict[str, torch.Tensor] = {}
-        for i, stage in enumerate(self.layers):
+        for i, stage in enumerate(self._stages()):
             for block in stage.blocks:
                 x = block(x)
             if i in wanted:
                 out[names[i]] = getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2)
-            if i == max(wanted):
+            if i == max(wanted) or stage.downsample is None:  # only the last stage has none
                 break
             x = stage.downsample(x.permute(0, 3, 1, 2))
         return out
@@ -167,7 +167,10 @@ class SeemFocalNet(TappedModel):
         for i in range(position + 1, len(self.layers)):
             delattr(self, f"norm{i}")
         self.layers = self.layers[:position + 1]
-        self.layers[position].downsample = None
+        self._stages()[position].downsample = None
+
+    def _stages(self) -> list[FocalStage]:
+        return [cast(FocalStage, stage) for stage in self.layers]  # layers holds FocalStages only
 
 
 def build_seem(*, gray: str = "repeat", **arch: Any) -> SeemFocalNet:

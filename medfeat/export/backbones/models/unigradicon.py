@@ -60,7 +60,7 @@ def _rename(state: dict[str, torch.Tensor], outer: str) -> dict[str, torch.Tenso
     for key, value in state.items():
         rest = key[len(outer):] if key.startswith(outer) else None
         stage = next((s for s, p in prefixes.items() if rest is not None and rest.startswith(p)), None)
-        if stage is not None:
+        if stage is not None and rest is not None:  # a stage is found only in a rest
             out[f"stages.{stage}.{rest[len(prefixes[stage]):]}"] = value
         elif not key.endswith("identity_map"):
             # identity maps are derived from the input size (icon_registration < 1.0 saved them).

@@ -23,6 +23,7 @@ Parameter names inside each UNet are upstream's (``downConvs``, ``upConvs``, ``b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +83,15 @@ class UNet2(nn.Module):
         self.up_widths = tuple(up)
         self.downConvs = nn.ModuleList(
             nn.Conv3d(down[d], down[d + 1], kernel_size=3, padding=1, stride=2) for d in range(self.depth))
-        self.upConvs = nn.ModuleList(
+        # The decoder's layers become None where pruning deletes them (see prune_after).
+        self.upConvs: nn.ModuleList | None = nn.ModuleList(
             nn.ConvTranspose3d(up_in[d], up[d], kernel_size=4, padding=1, stride=2) for d in range(self.depth))
-        self.batchNorms = nn.ModuleList(nn.BatchNorm3d(up[d]) for d in range(self.depth))
-        self.lastConv = nn.Conv3d(down[0] + up[0], 3, kernel_size=3, padding=1)
+        self.batchNorms: nn.ModuleList | None = nn.ModuleList(nn.BatchNorm3d(up[d]) for d in range(self.depth))
+        last = nn.Conv3d(down[0] + up[0], 3, kernel_size=3, padding=1)
         # Upstream starts every stage as the identity transform.
-        nn.init.zeros_(self.lastConv.weight)
-        nn.init.zeros_(self.lastConv.bias)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(cast(torch.Tensor, last.bias))  # made with a bias
+        self.lastConv: nn.Conv3d | None = last
 
     def run(self, moving: torch.Tensor, fixed: torch.Tensor, want: set[str],
             stop: str | None, out: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -108,15 +111,17 @@ class UNet2(nn.Module):
             if self._emit(f"enc.{k}", x, want, stop, out):
                 return None
         for d in reversed(range(self.depth)):
-            y = self.upConvs[d](F.leaky_relu(x))
+            y = _kept(self.upConvs, d)(F.leaky_relu(x))
             x = y + F.interpolate(_pad_or_crop_channels(x, y.shape[1]), scale_factor=2,
                                   mode="trilinear", align_corners=False)
-            x = self.batchNorms[d](x)
+            x = _kept(self.batchNorms, d)(x)
             size = skips[d].shape[2:]
             x = x[:, :, : size[0], : size[1], : size[2]]
             if self._emit(f"dec.{d}", x, want, stop, out):
                 return None
             x = torch.cat([x, skips[d]], 1)
+        if self.lastConv is None:
+            raise TypeError("unigradicon: the last convolution was pruned")
         return self.lastConv(x) / 10
 
     @staticmethod
@@ -138,10 +143,20 @@ class UNet2(nn.Module):
             self.upConvs = None
             self.batchNorms = None
             return
-        # Decoder depths below ``k`` run after it; None entries keep upstream's indices.
+        # Decoder depths below ``k`` run after it; None entries keep upstream's indices
+        # (ModuleList types its entries as modules; nn.Module allows None children).
         for d in range(k):
-            self.upConvs._modules[str(d)] = None
-            self.batchNorms._modules[str(d)] = None
+            for layers in (self.upConvs, self.batchNorms):
+                if layers is not None:
+                    layers._modules[str(d)] = None  # type: ignore[assignment]
+
+
+def _kept(layers: nn.ModuleList | None, index: int) -> nn.Module:
+    """Layer ``index`` of ``layers``; a run never reaches the layers pruning deleted."""
+    layer = None if layers is None else layers[index]
+    if layer is None:
+        raise TypeError(f"unigradicon: decoder layer {index} was pruned")
+    return layer
 
 
 def identity_grid(size: Sequence[int], device: torch.device | None = None,
@@ -255,7 +270,7 @@ class UniGradICONNet(TappedModel):
             levels = {t.split(".", 1)[1] for t in want if t.startswith(stage + ".")}
             stop = last.split(".", 1)[1] if stage == last_stage and not last.endswith(".phi") else None
             found: dict[str, torch.Tensor] = {}
-            disp = self.stages[stage].run(m, f, levels, stop, found)
+            disp = self._stage(stage).run(m, f, levels, stop, found)
             out.update({f"{stage}.{k}": v for k, v in found.items()})
             if disp is None:
                 break
@@ -271,8 +286,11 @@ class UniGradICONNet(TappedModel):
         for later in STAGES[STAGES.index(stage) + 1:]:
             if later in self.stages:
                 del self.stages[later]
-        self.stages[stage].prune_after(None if level == "phi" else level)
+        self._stage(stage).prune_after(None if level == "phi" else level)
         self._last_kept = min(self._last_kept, index)
+
+    def _stage(self, name: str) -> UNet2:
+        return cast(UNet2, self.stages[name])  # stages holds UNet2s only
 
     def _tap_index(self, tap: str) -> int:
         if tap not in self._index:

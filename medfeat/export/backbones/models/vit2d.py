@@ -67,12 +67,19 @@ def enable_gray(parent: nn.Module, attr: str, gray: str) -> None:
     conv = getattr(parent, attr)
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{type(parent).__name__}.{attr} is not a Conv2d")
-    new = GrayConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+    new = GrayConv2d(conv.in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride), padding,
+                     _pair(conv.dilation), conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
     new.weight = conv.weight
     new.bias = conv.bias
     new.gray = gray
     setattr(parent, attr, new)
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's size attribute as the pair it is (torch types it as a tuple of any length)."""
+    first, second = size
+    return first, second
 
 
 def check_patch_multiple(model: str, x: torch.Tensor, patch: Sequence[int]) -> None:
@@ -166,6 +173,8 @@ class TappedViT(VisionTransformer, TappedModel):
         """(B, H, W, C) patch grid -> (B, prefix + H*W, C) tokens with position embeddings."""
         batch, height, width, channels = x.shape
         prefix = [t.expand(batch, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.pos_embed is None:
+            raise TypeError(f"{self.medfeat_name}: built without position embeddings (pos_embed='none')")
         pos = resample_pos_embed(self.pos_embed, (height, width), self.patch_embed.grid_size,
                                  0 if self.no_embed_class else self.num_prefix_tokens, self.interpolate_offset)
         x = x.reshape(batch, height * width, channels)
@@ -213,8 +222,8 @@ class TappedViT(VisionTransformer, TappedModel):
             self.reset_classifier(0, "")
         # the token pooling and head of timm are never used: medfeat pools taps itself
         self.fc_norm = nn.Identity()
-        self.head_drop = nn.Identity()
-        self.attn_pool = None
+        self.head_drop = nn.Identity()  # type: ignore[assignment]  # timm infers Dropout; any Module serves
+        self.attn_pool = None  # type: ignore[assignment]  # timm infers its first assignment; None is valid
 
 
 def build_vit(name: str, gray: str, img_size: int, interpolate_offset: float = 0.0, **arch: Any) -> TappedViT:
