@@ -25,6 +25,7 @@ from torch import nn
 from medfeat.export.backbones.models import sam_med3d, swin_unetr, unet3d
 from medfeat.export.backbones.models.unigradicon import upstream_prefixes
 from medfeat.export.backbones.models.unigradicon_net import STAGES
+from medfeat.export.backbones.registry import create_backbone, get_spec
 
 # --------------------------------------------------------------------------- uniGradICON
 
@@ -266,3 +267,82 @@ def test_unet3d_every_tap_equals_monai(tmp_path, layout):
     assert sorted(expected) == sorted(all_taps("unet3d"))
     check_taps("unet3d", ours, expected)
     check_taps("unet3d", {"logits": ours["up.0"]}, {"logits": logits})
+
+
+# UNet layouts beyond the tiny one: plain convolutions (no residual units), and three levels
+# with two residual units per block (the registry's default shape, narrower).
+UNET_CONFIGS = {
+    "plain": dict(channels=(4, 8, 16), strides=(2, 2), num_res_units=0),
+    "three_levels": dict(channels=(4, 8, 16, 32), strides=(2, 2, 2), num_res_units=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(UNET_CONFIGS))
+def test_unet3d_layouts_equal_monai(tmp_path, variant):
+    from monai.networks.nets import UNet
+
+    overrides = UNET_CONFIGS[variant]
+    cfg = {**unet3d.DEFAULT_CONFIG, **unet3d.TINY_CONFIG, **overrides}
+    torch.manual_seed(0)
+    net = randomize(UNet(spatial_dims=3, in_channels=1, out_channels=cfg["out_channels"], channels=cfg["channels"],
+                         strides=cfg["strides"], num_res_units=cfg["num_res_units"]), seed=8, scale=0.1)
+    path = save_checkpoint(tmp_path / "unet.safetensors", net.state_dict())
+    trunk = load_trunk("unet3d", path, config=overrides)
+    expected: dict[str, torch.Tensor] = {}
+    for name in all_taps("unet3d", overrides):  # MONAI's module at each tap's path (same nesting)
+        module = net.get_submodule(trunk._paths[name])
+        module.register_forward_hook(lambda m, a, o, n=name: expected.__setitem__(n, o))
+    x = seeded_input(1, 1, 16, 16, 16, seed=9)
+    with torch.no_grad():
+        logits = net(x)
+        ours = trunk.forward_taps(x, trunk.tap_names())
+    check_taps("unet3d", ours, expected)
+    check_taps("unet3d", {"logits": ours["up.0"]}, {"logits": logits})
+
+
+def test_swin_unetr_window7_instance_norm_equals_monai(tmp_path):
+    """The released shape's window (7) and instance norm at 64^3: windows padded (32 and 16
+    tokens are not multiples of 7), shifted with masks, and shrunk to the 4^3 grid of the
+    last stage (where MONAI reads the top-left block of the full window's bias index)."""
+    from monai.networks.nets import SwinUNETR
+
+    overrides = dict(input_size=(64, 64, 64), feature_size=12, depths=(2, 2, 2, 2), window_size=7,
+                     out_channels=3, norm_name="instance")
+    cfg = {k: v for k, v in overrides.items() if k != "input_size"}
+    torch.manual_seed(0)
+    net = randomize(SwinUNETR(in_channels=1, **cfg), seed=10, scale=0.1)
+    path = save_checkpoint(tmp_path / "model.pt", net.state_dict(), wrap="state_dict")
+    trunk = load_trunk("swin_unetr", path, config=overrides)
+    x = seeded_input(1, 1, 64, 64, 64, seed=11)
+    expected = _swin_hooks(net, x)
+    whole = get_spec("swin_unetr").build(**{**swin_unetr.DEFAULT_CONFIG, **overrides}).eval()
+    whole.load_state_dict(net.state_dict())  # untruncated: the decoder too
+    with torch.no_grad():
+        ours = trunk.forward_taps(x, trunk.tap_names())
+        logits_ref, logits = net(x), whole(x)
+    check_taps("swin_unetr", ours, expected)
+    check_taps("swin_unetr", {"logits": logits}, {"logits": logits_ref})
+
+
+@pytest.mark.parametrize("name", ["unet3d", "swin_unetr", "swin_unetr_encoder"])
+def test_random_init_equals_monai_for_the_same_seed(name):
+    """``--random-init`` weights are MONAI's for the same seed (modules made in MONAI's order
+    with its initialisers), so random-weight features stay what they were when MONAI built them."""
+    from monai.networks.nets import SwinUNETR, UNet
+
+    cfg = {**get_spec(name).tiny_config}
+    torch.manual_seed(21)
+    if name == "unet3d":
+        cfg = {**unet3d.DEFAULT_CONFIG, **cfg}
+        ref = UNet(spatial_dims=3, in_channels=1, out_channels=cfg["out_channels"], channels=cfg["channels"],
+                   strides=cfg["strides"], num_res_units=cfg["num_res_units"]).state_dict()
+    else:
+        net = SwinUNETR(in_channels=1, **{k: v for k, v in cfg.items() if k != "input_size"})
+        ref = (net.swinViT if name == "swin_unetr_encoder" else net).state_dict()
+        ref = {f"swinViT.{k}": v for k, v in ref.items()} if name == "swin_unetr_encoder" else ref
+    ours = create_backbone(name, all_taps(name), seed=21, tiny=True).trunk.state_dict()
+    # the registry's trunk ends at the last tap: swin_unetr's decoder is pruned away
+    pruned = {k for k in ref if k.startswith(("decoder", "out."))} if name == "swin_unetr" else set()
+    assert list(ours) == [k for k in ref if k not in pruned]
+    unequal = [k for k in ours if not torch.equal(ours[k], ref[k])]
+    assert not unequal, f"{name}: random init differs from MONAI's at {unequal[:5]}"

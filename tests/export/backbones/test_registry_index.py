@@ -73,9 +73,10 @@ def test_every_built_in_name_is_in_the_index() -> None:
 
 def test_get_spec_imports_only_the_named_family() -> None:
     run = traced()
-    assert run["after_unet3d"] == ["unet3d"]
-    # dinov2 builds on the shared ViT helpers of vit2d (which registers nothing)
-    assert set(run["after_dinov2"]) == {"unet3d", "dinov2", "vit2d"}
+    # unet3d builds on the MONAI-layout blocks of monai_blocks (which registers nothing)
+    assert set(run["after_unet3d"]) == {"unet3d", "monai_blocks"}
+    # dinov2 builds on the shared ViT helpers of vit2d (which registers nothing either)
+    assert set(run["after_dinov2"]) == {"unet3d", "monai_blocks", "dinov2", "vit2d"}
     assert run["heavy_after_dinov2"] == []
 
 

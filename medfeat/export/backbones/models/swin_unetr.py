@@ -17,8 +17,11 @@ Two registry entries share the taps ``swinViT.0`` .. ``swinViT.4``:
 
 For a 96^3 input and feature size 48 the Swin states are 48@48^3, 96@24^3, 192@12^3, 384@6^3
 and 768@3^3, layer-normalised over channels (``normalize=True``), as the decoder sees them.
-The modules are MONAI's own, adopted under the same attribute names, so state dicts are
-interchangeable with ``SwinUNETR``'s.
+The network is written in plain torch (:mod:`.swin_net` for the Swin encoder,
+:mod:`.monai_blocks` for the convolutional blocks; no MONAI import, see there why) under
+MONAI's attribute names and in MONAI's construction order, so state dicts are interchangeable
+with ``SwinUNETR``'s, a seed gives MONAI's random weights, and every tap equals MONAI's
+exactly (``tests/parity``).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import torch
 from torch import nn
 
 from medfeat.errors import InputError, UnknownNameError, WeightsError
+from medfeat.export.backbones.models.monai_blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from medfeat.export.backbones.models.swin_net import SwinEncoder
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
 
@@ -56,7 +61,7 @@ _FULL_ORDER = ("encoder1", "swinViT.0", "encoder2", "swinViT.1", "encoder3", "sw
 _STAGES = ("layers1", "layers2", "layers3", "layers4")
 
 
-def _stage_index(tap: str) -> int | None:
+def _stage_index(tap: str) -> int:
     """Index of the Swin state a tap needs (-1: none, only the input)."""
     if tap.startswith("swinViT."):
         return int(tap.split(".")[1])
@@ -73,22 +78,29 @@ class SwinUNETRTaps(TappedModel):
 
     def __init__(self, input_size: Sequence[int] | int = 96, in_channels: int = 1, out_channels: int = 14,
                  feature_size: int = 48, depths: Sequence[int] = (2, 2, 2, 2),
-                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7,
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: Sequence[int] | int = 7,
                  norm_name: str = "instance", encoder_only: bool = False) -> None:
         super().__init__()
-        from monai.networks.nets import SwinUNETR
-
+        if feature_size % 12:
+            raise InputError(f"swin_unetr: feature_size {feature_size} is not divisible by 12")
         size = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
         self.input_size = size
         self.encoder_only = encoder_only
         self._name = "swin_unetr_encoder" if encoder_only else "swin_unetr"
-        net = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
-                        depths=tuple(depths), num_heads=tuple(num_heads), window_size=window_size,
-                        norm_name=norm_name)
-        self.normalize = net.normalize
-        children = ["swinViT"] if encoder_only else [n for n, _ in net.named_children()]
-        for name in children:
-            self.add_module(name, getattr(net, name))
+        self.normalize = True
+        ws = (window_size,) * 3 if isinstance(window_size, int) else tuple(window_size)
+        window = (int(ws[0]), int(ws[1]), int(ws[2]))
+        fs = feature_size
+        # MONAI's SwinUNETR creates these in this order; keeping it keeps its random init.
+        self.swinViT: SwinEncoder | None = SwinEncoder(in_channels, fs, window, depths, num_heads)
+        if not encoder_only:
+            for name, cin, cout in (("encoder1", in_channels, fs), ("encoder2", fs, fs), ("encoder3", 2 * fs, 2 * fs),
+                                    ("encoder4", 4 * fs, 4 * fs), ("encoder10", 16 * fs, 16 * fs)):
+                self.add_module(name, UnetrBasicBlock(cin, cout, norm_name))
+            for name, cin, cout in (("decoder5", 16 * fs, 8 * fs), ("decoder4", 8 * fs, 4 * fs),
+                                    ("decoder3", 4 * fs, 2 * fs), ("decoder2", 2 * fs, fs), ("decoder1", fs, fs)):
+                self.add_module(name, UnetrUpBlock(cin, cout, norm_name))
+            self.add_module("out", UnetOutBlock(fs, out_channels))
         self._order = [f"swinViT.{i}" for i in range(5)] if encoder_only else list(_FULL_ORDER)
 
     def tap_names(self) -> list[str]:
@@ -99,18 +111,6 @@ class SwinUNETRTaps(TappedModel):
             raise InputError(f"{self._name}: input of shape {tuple(x.shape)} is not (B, C, D, H, W) "
                              "with D, H, W divisible by 32")
 
-    def _swin_states(self, x: torch.Tensor, upto: int) -> list[torch.Tensor]:
-        """Swin states 0..upto, normalised as SwinTransformer.forward(normalize=True) does."""
-        vit = self.swinViT
-        h = vit.pos_drop(vit.patch_embed(x))
-        states = [vit.proj_out(h, self.normalize)]
-        for i in range(upto):
-            if getattr(vit, "use_v2", False):
-                h = getattr(vit, f"{_STAGES[i]}c")[0](h.contiguous())
-            h = getattr(vit, _STAGES[i])[0](h.contiguous())
-            states.append(vit.proj_out(h, self.normalize))
-        return states
-
     def forward_taps(self, x: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
         """Raw taps as (B, C, D', H', W') maps; runs the Swin stages only as deep as needed."""
         self._check(x)
@@ -119,7 +119,7 @@ class SwinUNETRTaps(TappedModel):
             raise UnknownNameError(f"{self._name}: unknown or pruned tap {unknown[0]!r}; "
                                    f"taps are: {', '.join(self._order)}")
         upto = max(_stage_index(t) for t in taps)
-        states = self._swin_states(x, upto) if upto >= 0 else []
+        states = self.swinViT.states(x, upto, self.normalize) if upto >= 0 and self.swinViT is not None else []
         out: dict[str, torch.Tensor] = {}
         for tap in taps:
             if tap.startswith("swinViT."):
@@ -136,11 +136,11 @@ class SwinUNETRTaps(TappedModel):
             raise UnknownNameError("swin_unetr: the decoder was pruned; use forward_taps")
         taps = ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10", "swinViT.3"]
         t = self.forward_taps(x, taps)
-        dec = self.decoder5(t["encoder10"], t["swinViT.3"])
-        dec = self.decoder4(dec, t["encoder4"])
-        dec = self.decoder3(dec, t["encoder3"])
-        dec = self.decoder2(dec, t["encoder2"])
-        return self.out(self.decoder1(dec, t["encoder1"]))
+        dec = self.get_submodule("decoder5")(t["encoder10"], t["swinViT.3"])
+        for block, skip in (("decoder4", "encoder4"), ("decoder3", "encoder3"), ("decoder2", "encoder2"),
+                            ("decoder1", "encoder1")):
+            dec = self.get_submodule(block)(dec, t[skip])
+        return self.get_submodule("out")(dec)
 
     def prune_after(self, tap: str) -> None:
         if tap not in self._order:
@@ -151,8 +151,6 @@ class SwinUNETRTaps(TappedModel):
             self.swinViT = None
         for i in range(max(upto, 0), 4 if self.swinViT is not None else 0):  # stage i produces state i + 1
             setattr(self.swinViT, _STAGES[i], nn.ModuleList())
-            if getattr(self.swinViT, "use_v2", False):
-                setattr(self.swinViT, f"{_STAGES[i]}c", nn.ModuleList())
         for name, _ in list(self.named_children()):
             if name != "swinViT" and name not in keep:
                 setattr(self, name, None)

@@ -1,10 +1,13 @@
 """Task-specific 3D UNet: MONAI's ``monai.networks.nets.UNet`` with taps down its encoder and up its decoder.
 
+The network is built from :mod:`.monai_blocks` (plain torch with MONAI's layout; no MONAI
+import, see there why), in MONAI's order, so a seed gives MONAI's random weights, MONAI's
+state dicts load strictly, and the outputs equal MONAI's exactly (``tests/parity``).
+
 MONAI builds the UNet as nested containers: the top ``model`` is
 ``Sequential(down_0, SkipConnection(Sequential(down_1, SkipConnection(...), up_1)), up_0)`` and the
 innermost ``SkipConnection`` wraps the bottom block; each ``SkipConnection`` concatenates its
-input with its submodule's output along channels. We keep MONAI's modules under their own
-names (so a MONAI UNet state dict, e.g. the one ``medfeat models train-unet`` writes, loads
+input with its submodule's output along channels. We keep MONAI's module names (so a MONAI UNet state dict, e.g. the one ``medfeat models train-unet`` writes, loads
 strictly) and walk that structure explicitly: ``down.i`` (i = 0..L-1), ``bottom``, then
 ``up.L-1`` .. ``up.0``. ``up.0`` is the network's output (the segmentation logits), so the
 last tap equals the plain forward. Pruning replaces every module past the last tap by an empty
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from medfeat.errors import InputError, UnknownNameError
+from medfeat.export.backbones.models.monai_blocks import Convolution, ResidualUnit, SkipConnection
 from medfeat.export.backbones.registry import converter_for, register_backbone
 from medfeat.export.backbones.spec import BackboneSpec, Preprocess, TappedModel, TapSpec
 
@@ -41,6 +45,40 @@ class Pruned(nn.Module):
 
     def forward(self, *args: Any) -> torch.Tensor:
         raise RuntimeError("this layer was pruned (it is past the last requested tap)")
+
+
+def monai_unet(in_channels: int, out_channels: int, channels: Sequence[int], strides: Sequence[int],
+               num_res_units: int) -> nn.Sequential:
+    """MONAI's 3D UNet (kernel 3, PReLU, instance norm, no dropout) as its nested ``model``.
+
+    Each level is ``Sequential(down, SkipConnection(next level or the bottom block), up)``;
+    the levels are made innermost first, as MONAI makes them (so a seed draws the same weights).
+    Down blocks are residual units of ``num_res_units`` convolutions (stride 2 in the first);
+    up blocks a stride-2 transposed convolution then a one-convolution residual unit whose
+    last convolution is bare at the top (the logits). With ``num_res_units=0`` single
+    convolutions replace the residual units.
+    """
+    res = num_res_units
+
+    def down(cin: int, cout: int, stride: int) -> nn.Module:
+        if res > 0:
+            return ResidualUnit(cin, cout, stride=stride, subunits=res)
+        return Convolution(cin, cout, stride=stride)
+
+    def up(cin: int, cout: int, stride: int, top: bool) -> nn.Module:
+        conv = Convolution(cin, cout, stride=stride, transposed=True, conv_only=top and res == 0)
+        return conv if res == 0 else nn.Sequential(conv, ResidualUnit(cout, cout, subunits=1, last_conv_only=top))
+
+    def level(cin: int, cout: int, chans: Sequence[int], steps: Sequence[int], top: bool) -> nn.Sequential:
+        c = chans[0]
+        inner: nn.Module
+        if len(chans) > 2:
+            inner, up_in = level(c, c, chans[1:], steps[1:], False), 2 * c
+        else:
+            inner, up_in = down(c, chans[1], 1), c + chans[1]  # the bottom block
+        return nn.Sequential(down(cin, c, steps[0]), SkipConnection(inner), up(up_in, cout, steps[0], top))
+
+    return level(in_channels, out_channels, list(channels), list(strides), True)
 
 
 def _paths(levels: int) -> dict[str, str]:
@@ -62,15 +100,14 @@ class UNet3DTaps(TappedModel):
                  channels: Sequence[int] = (8, 16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2, 2),
                  num_res_units: int = 2) -> None:
         super().__init__()
-        from monai.networks.nets import UNet
-
         if len(channels) != len(strides) + 1:
-            raise ValueError(f"unet3d: {len(channels)} channels need {len(channels) - 1} strides, got {len(strides)}")
+            raise InputError(f"unet3d: {len(channels)} channels need {len(channels) - 1} strides, got {len(strides)}")
         self.input_size = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
         self.levels = len(strides)
         self.multiple = math.prod(strides)
-        self.model = UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
-                          channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units).model
+        if len(channels) < 2:
+            raise InputError(f"unet3d: needs at least 2 channel widths, got {tuple(channels)}")
+        self.model = monai_unet(in_channels, out_channels, channels, strides, num_res_units)
         self._paths = _paths(self.levels)
         self._order = ([f"down.{i}" for i in range(self.levels)] + ["bottom"]
                        + [f"up.{i}" for i in reversed(range(self.levels))])
