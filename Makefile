@@ -24,9 +24,11 @@ $(PARITY_STAMP): $(STAMP) setup.py constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/medfeat demo
 
-# Every test, the parity suite (tests/parity, marker "parity") included.
+# Static checks (ruff, mypy with mypy.ini), then every test, the parity suite (tests/parity,
+# marker "parity") included.
 test: $(PARITY_STAMP)
 	$(VENV)/bin/ruff check medfeat tests benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests
 
 # Only the parity suite: every registry family against its upstream implementation.

@@ -11,7 +11,7 @@ DeLong's test for two correlated AUCs follows DeLong, DeLong & Clarke-Pearson
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -68,7 +68,7 @@ def _replicates(stat: WeightedStat, groups: np.ndarray | None, n: int, n_boot: i
     return _replicates_of({"_": stat}, groups, n, n_boot, seed)["_"]
 
 
-def _replicates_of(stats: dict[str, WeightedStat], groups: np.ndarray | None, n: int, n_boot: int,
+def _replicates_of(stats: Mapping[str, WeightedStat], groups: np.ndarray | None, n: int, n_boot: int,
                    seed: int) -> dict[str, np.ndarray]:
     """Bootstrap replicates of several statistics on the same resampled subjects. A stat
     marked ``vectorised`` takes a whole block of weights (B, n) at once; others one vector
@@ -100,7 +100,7 @@ def bootstrap_ci(stat: WeightedStat, n: int, *, groups: np.ndarray | None = None
     return _ci_of(stat, _replicates(stat, groups, n, n_boot, seed), groups, n, n_boot, level, method)
 
 
-def bootstrap_cis(stats: dict[str, WeightedStat], n: int, *, groups: np.ndarray | None = None, n_boot: int = 1000,
+def bootstrap_cis(stats: Mapping[str, WeightedStat], n: int, *, groups: np.ndarray | None = None, n_boot: int = 1000,
                   level: float = 0.95, method: str = "percentile", seed: int = 0) -> dict[str, CI]:
     """:func:`bootstrap_ci` of several statistics from one set of replicates (the weights are
     drawn once; the same ``seed`` gives each statistic the replicates it would get alone)."""
