@@ -1,9 +1,15 @@
 """Markdown report with figures from probe results (``{"configs": [...]}``).
 
-Figures (matplotlib, Agg backend, PNG):
+The results table follows the progression study's layout: one row per model and tap (and
+pair mode), one column group per preprocessing variant (alignment x ROI), each with the
+task's metrics and their 95% CIs. Arrays made with random weights are marked.
 
-* ``depth.png``: the headline metric (with its 95% CI) against tap depth,
-  one panel per model, one line per variant (and pair mode);
+Figures (matplotlib, Agg backend, PNG; ``figures`` chooses among them):
+
+* ``variants.png``: the headline metric (with its 95% CI) per model and tap, for every
+  alignment x ROI variant;
+* ``depth.png``: the headline metric against tap depth, one panel per model, one line per
+  variant (and pair mode);
 * ``roc.png``: ROC curves (seed 0 pooled out-of-fold) of the best
   configuration of each model, for binary tasks.
 """
@@ -18,7 +24,9 @@ import pandas as pd
 
 from medfeat.probes.sweep import natural_key, tidy_rows
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "study_table", "plot_variants", "FIGURES"]
+
+FIGURES = ("variants", "depth", "roc")
 
 
 def _plt():
@@ -98,19 +106,54 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def _table(df: pd.DataFrame) -> str:
+def _row_keys(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(model, tap, pair mode) in the order the configs came (models, then taps by depth)."""
+    return list(dict.fromkeys(zip(df["model"], df["tap"], df["pair_mode"].astype(str))))
+
+
+def study_table(df: pd.DataFrame) -> str:
+    """Markdown: rows model / tap / pair mode, columns variant x metric, cells ``value [low, high]``."""
     metrics = list(dict.fromkeys(df["metric"]))
-    head = "| model | tap | variant | pair mode | " + " | ".join(metrics) + " |"
-    lines = [head, "|" + "---|" * (4 + len(metrics))]
-    keys = ["model", "tap", "variant", "pair_mode"]
-    order = df[df["headline"]].sort_values("value", ascending=False)[keys].itertuples(index=False)
-    for key in order:
-        sub = df[(df[keys] == pd.Series(key._asdict())).all(axis=1)].set_index("metric")
-        cells = [f"{_fmt(sub.at[m, 'value'])} [{_fmt(sub.at[m, 'ci_low'])}, {_fmt(sub.at[m, 'ci_high'])}]"
-                 if m in sub.index else "" for m in metrics]
-        row = [key.model, key.tap, key.variant, key.pair_mode or "-", *cells]
+    variants = list(dict.fromkeys(df["variant"]))
+    random = set(df.loc[df["weights"].astype(str) == "random", "model"]) if "weights" in df else set()
+    head = ["model", "tap", "pair mode"] + [f"{v} {m.upper() if m == 'auc' else m}" for v in variants for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = {(r.model, r.tap, str(r.pair_mode), r.variant, r.metric): r for r in df.itertuples(index=False)}
+    for model, tap, mode in _row_keys(df):
+        row = [f"{model} (random weights)" if model in random else model, tap, mode or "-"]
+        for v in variants:
+            for m in metrics:
+                r = cells.get((model, tap, mode, v, m))
+                row.append("" if r is None else f"{_fmt(r.value)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def plot_variants(df: pd.DataFrame, path: Path) -> Path:
+    """The headline metric with its 95% CI per variant (x), one series per model / tap / pair mode."""
+    plt = _plt()
+    h = df[df["headline"]]
+    variants = list(dict.fromkeys(h["variant"]))
+    series = _row_keys(h)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(variants) + 2.5), 4.0))
+    width = 0.8 / max(len(series), 1)
+    for k, (model, tap, mode) in enumerate(series):
+        g = h[(h["model"] == model) & (h["tap"] == tap) & (h["pair_mode"].astype(str) == mode)]
+        x = np.array([variants.index(v) for v in g["variant"]]) - 0.4 + width * (k + 0.5)
+        err = np.nan_to_num(np.vstack([g["value"] - g["ci_low"], g["ci_high"] - g["value"]]))
+        label = f"{model} {tap}" + (f" ({mode})" if mode else "")
+        ax.errorbar(x, g["value"], yerr=err, marker="o", linestyle="none", capsize=3, label=label)
+    if h["metric"].iloc[0] == "auc":
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set_xlabel("alignment - ROI")
+    ax.set_ylabel(f"{h['metric'].iloc[0].upper()} (95% CI)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _protocol(r: dict) -> str:
@@ -122,8 +165,12 @@ def _protocol(r: dict) -> str:
             "predictions;")
 
 
-def write_report(configs: Sequence[dict], out_dir: str | Path) -> Path:
-    """Write ``report.md`` plus figures into ``out_dir``; returns the Markdown path."""
+def write_report(configs: Sequence[dict], out_dir: str | Path, *, findings: Sequence[str] = (),
+                 figures: Sequence[str] = FIGURES) -> Path:
+    """Write ``report.md`` plus the chosen ``figures`` into ``out_dir``; returns the Markdown path.
+
+    ``findings``: paragraphs for a "Findings" section (computed by the caller from the numbers).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = tidy_rows(configs)
@@ -133,12 +180,17 @@ def write_report(configs: Sequence[dict], out_dir: str | Path) -> Path:
         f"Generated {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {len(configs)} configuration(s). "
         f"Task: {r0['task']}; probe: {r0['probe']}; " + _protocol(r0) + " brackets hold 95% "
         "bootstrap CIs over subjects.", "",
-        "## Results (best first)", "", _table(df), "",
+        "## Results", "", study_table(df), "",
     ]
-    if df["tap_depth"].notna().any() or len(df["tap"].unique()) > 1:
+    if findings:
+        parts += ["## Findings", "", *[f"{line}\n" for line in findings]]
+    if "variants" in figures and df["variant"].nunique() > 1:
+        plot_variants(df, out / "variants.png")
+        parts += ["## Metric per model and preprocessing variant", "", "![metric per variant](variants.png)", ""]
+    if "depth" in figures and (df["tap_depth"].notna().any() or len(df["tap"].unique()) > 1):
         plot_depth(df, out / "depth.png")
         parts += ["## Metric against tap depth", "", "![metric against tap depth](depth.png)", ""]
-    if plot_roc(configs, out / "roc.png") is not None:
+    if "roc" in figures and plot_roc(configs, out / "roc.png") is not None:
         parts += ["## ROC curves of the best configuration per model", "", "![ROC curves](roc.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))

@@ -59,11 +59,11 @@ def _registry_order(model: str) -> list[str] | None:
 
 
 def config_record(spec: str, result: ProbeResult, *, pair_mode: str | None = None, depth: int | None = None,
-                  variant: str | None = None) -> dict:
-    """One config of a results document."""
+                  variant: str | None = None, predictions: bool = False) -> dict:
+    """One config of a results document (with the out-of-fold predictions when ``predictions``)."""
     model, tap, v = parse_spec(spec)
     return {"spec": spec, "model": model, "tap": tap, "variant": variant or v or "default",
-            "pair_mode": pair_mode or "", "tap_depth": depth, "result": result.to_dict()}
+            "pair_mode": pair_mode or "", "tap_depth": depth, "result": result.to_dict(predictions)}
 
 
 def tidy_rows(configs: Sequence[dict]) -> pd.DataFrame:
@@ -74,6 +74,7 @@ def tidy_rows(configs: Sequence[dict]) -> pd.DataFrame:
         for name, m in r["metrics"].items():
             rows.append({"spec": c["spec"], "model": c["model"], "tap": c["tap"], "variant": c["variant"],
                          "pair_mode": c.get("pair_mode", ""), "tap_depth": c.get("tap_depth"),
+                         "weights": c.get("weights", ""),
                          "task": r["task"], "probe": r["probe"], "metric": name,
                          "headline": name == r["headline"], "value": m["value"], "ci_low": m["ci_low"],
                          "ci_high": m["ci_high"], "seed_std": m["seed_std"], "n_items": r["n_items"],
@@ -98,13 +99,14 @@ def evaluate_features(fs: FeatureSet, *, labels=None, split_column: str | None =
 
 def sweep_store(store_path: str | Path, labels: str | Path, target: str, *, specs: Sequence[str] | None = None,
                 pair_modes: Sequence[str | None] = (None,), models: Sequence[str] | None = None,
-                split_column: str | None = None, log=None, **cv_kwargs) -> list[dict]:
+                split_column: str | None = None, log=None, predictions: bool = False, **cv_kwargs) -> list[dict]:
     """Cross-validate a probe on each selected array (and pair mode) of a store.
 
     ``specs`` selects arrays (``MODEL:TAP[:VARIANT]``); by default all arrays,
     optionally only those of ``models``. ``cv_kwargs`` go to
     :func:`cross_validate_probe`; ``split_column`` switches to the manifest's fixed
-    split (see :func:`evaluate_features`). ``log`` (callable) receives one line per config.
+    split (see :func:`evaluate_features`). ``log`` (callable) receives one line per config;
+    ``predictions`` keeps each config's out-of-fold predictions (for paired comparisons).
     """
     from medfeat.engine.store.feature_store import FeatureStore
 
@@ -123,7 +125,8 @@ def sweep_store(store_path: str | Path, labels: str | Path, target: str, *, spec
         for mode in pair_modes:
             fs: FeatureSet = load_features(store_path, spec, labels, target, mode)
             res = evaluate_features(fs, labels=labels, split_column=split_column, **cv_kwargs)
-            configs.append(config_record(spec, res, pair_mode=mode, depth=depths[(key.model, key.tap)]))
+            configs.append(config_record(spec, res, pair_mode=mode, depth=depths[(key.model, key.tap)],
+                                         predictions=predictions))
             if log is not None:
                 m = res.metrics[res.headline]
                 log(f"{spec} {mode or ''} {res.headline}={m['value']:.3f} "

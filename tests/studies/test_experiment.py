@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _cohort import tiny_cohort  # noqa: E402
 
@@ -100,3 +101,50 @@ def test_variants_as_product_or_list(tmp_path) -> None:
     assert listed.variants == [("none", "whole"), ("oracle_atlas", "crop")]
     with pytest.raises(InputError, match="ALIGN-ROI"):
         load_experiment(_write(tmp_path / "c.yaml", base + "variants: [nonewhole]\n"))
+
+
+def test_trained_registration_network_beside_its_random_control(manifest, tmp_path) -> None:
+    text = f"""
+name: reg
+cohort: {{name: knee, manifest: {manifest}}}
+target: label
+models:
+  - {{name: unigradicon, train: true, input_size: [24, 24, 24], taps: [A.enc.1, B.phi.logjac],
+     train_args: {{tiny: true, size: 24, steps: 2, threads: 2}}, pooling: "avg,B.phi.logjac=stats"}}
+  - {{name: unigradicon, label: unigradicon_random, weights: random, tiny: true, input_size: [24, 24, 24],
+     taps: [A.enc.1, B.phi.logjac], pooling: "avg,B.phi.logjac=stats"}}
+variants: [none-whole, none-crop]
+probe: {{n_splits: 2, seeds: [0], n_boot: 50}}
+extract: {{batch_size: 4, scheduler_kind: sync, progress: false}}
+threads: 2
+report: {{figures: [variants]}}
+"""
+    exp = load_experiment(_write(tmp_path / "e.yaml", text))
+    lines: list[str] = []
+    paths = run_experiment(exp, tmp_path / "out", log=lines.append)
+    configs = json.loads(Path(paths["results"]).read_text())["configs"]
+    by = {(c["model"], c["tap"], c["variant"]): c for c in configs}
+    assert len(by) == 8 and {c["backbone"] for c in configs} == {"unigradicon"}
+    trained = tmp_path / "out" / "weights" / "unigradicon.safetensors"
+    assert by[("unigradicon", "A.enc.1", "none-crop")]["weights"] == str(trained)
+    assert by[("unigradicon_random", "A.enc.1", "none-crop")]["weights"] == "random"
+    assert (tmp_path / "out" / "weights" / "unigradicon.json").is_file()
+    # one store per set of weights: the control's arrays do not collide with the trained ones
+    assert len(FeatureStore.open(tmp_path / "out" / "features.zarr").arrays()) == 4
+    assert len(FeatureStore.open(tmp_path / "out" / "features-unigradicon_random.zarr").arrays()) == 4
+    # random weights leave the last convolutions at zero: every map is the identity, log-Jacobian 0
+    control = FeatureStore.open(tmp_path / "out" / "features-unigradicon_random.zarr")
+    _, logjac = control.read(next(k for k in control.arrays() if k.tap == "B.phi.logjac"))
+    assert logjac.shape == (8, 6) and np.abs(logjac).max() < 1e-5 and np.ptp(logjac, axis=0).max() == 0
+    assert all("y" in c["result"] and "preds" in c["result"] for c in configs)  # kept for paired effects
+    report = Path(paths["report"]).read_text()
+    assert "unigradicon_random (random weights)" in report and "variants.png" in report
+    assert "none-crop AUC" in report and "## Findings" in report and "depth.png" not in report
+    assert any(line.startswith("unigradicon: held-out lncc loss") for line in lines)
+    assert any(line.startswith("unigradicon_random:A.enc.1:none-crop") for line in lines)
+
+
+def test_labels_must_be_distinct(tmp_path) -> None:
+    base = "name: x\ncohort: {synth: {}}\nmodels: [{name: unet3d, taps: [bottom]}, {name: unet3d, taps: [bottom]}]\n"
+    with pytest.raises(InputError, match="distinct label"):
+        load_experiment(_write(tmp_path / "a.yaml", base))

@@ -2,7 +2,10 @@
 
 Maps (B, C, *spatial): ``avg``, ``max``, ``avgmax`` (concatenated, 2C), and ``grid2``: the
 mean over each cell of a 2 x 2 (x 2) grid, C * 2^ndim values that keep coarse position, so
-that features of aligned scans correspond cell by cell.
+that features of aligned scans correspond cell by cell; ``stats``: per channel the mean and
+the 5th, 25th, 50th, 75th and 95th percentiles (6C, linear interpolation as
+``numpy.percentile``), the usual summary of a log-Jacobian map in tensor-based morphometry;
+``stats+grid2``: both (6C + C * 2^ndim).
 Tokens (B, N, C) with ``prefix`` leading non-patch tokens: ``cls`` (token 0), ``mean``
 (mean of patch tokens), ``cls+mean`` (2C), ``token1`` (token index 1).
 Vectors (B, C): ``none``.
@@ -13,14 +16,49 @@ import torch
 
 from medfeat.errors import UnknownNameError
 
-MAP_POOLINGS = ("avg", "max", "avgmax", "grid2")
+MAP_POOLINGS = ("avg", "max", "avgmax", "grid2", "stats", "stats+grid2")
+STATS_PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
 TOKEN_POOLINGS = ("cls", "mean", "cls+mean", "token1")
+
+
+def parse_pooling(text: str) -> tuple[str | None, dict[str, str]]:
+    """``POOL`` or ``[POOL,]TAP=POOL,...`` -> (pooling for every other tap or None, per-tap poolings).
+
+    E.g. ``grid2,B.phi.logjac=stats+grid2``: grid2 everywhere but the log-Jacobian tap.
+    """
+    default: str | None = None
+    per_tap: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        tap, sep, method = part.rpartition("=")
+        if not sep:
+            if default is not None:
+                raise UnknownNameError(f"pooling {text!r} names two default poolings ({default}, {part})")
+            default = part
+        elif not tap or not method:
+            raise UnknownNameError(f"pooling {text!r}: {part!r} is not TAP=POOLING")
+        else:
+            per_tap[tap] = method
+    return default, per_tap
+
+
+def check_pooling(kind: str, method: str, tap: str = "") -> None:
+    """Raise UnknownNameError (naming ``tap``) when ``method`` does not pool a ``kind`` tap."""
+    valid = {"map": MAP_POOLINGS, "tokens": TOKEN_POOLINGS}.get(kind)
+    if valid is not None and method != "none" and method not in valid:  # vectors pass through
+        where = f"tap {tap}: " if tap else ""
+        raise UnknownNameError(f"{where}pooling {method!r} is not one of {', '.join(valid)} for a {kind} tap")
 
 
 def pooled_dim(channels: int, method: str, ndim: int = 3) -> int:
     """Length of the pooled vector for a tap of ``channels`` channels over ``ndim`` spatial axes."""
     if method == "grid2":
         return channels * 2**ndim
+    if method == "stats":
+        return channels * (1 + len(STATS_PERCENTILES))
+    if method == "stats+grid2":
+        return channels * (1 + len(STATS_PERCENTILES) + 2**ndim)
     return 2 * channels if method in ("avgmax", "cls+mean") else channels
 
 
@@ -38,8 +76,8 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
         return x.flatten(1)
     if kind == "map":
         flat = x.flatten(2)
-        if method == "grid2" and x.dim() not in (4, 5):
-            raise UnknownNameError(f"pooling grid2 needs a 2D or 3D map, got {x.dim() - 2} spatial axes")
+        if "grid2" in method and x.dim() not in (4, 5):
+            raise UnknownNameError(f"pooling {method} needs a 2D or 3D map, got {x.dim() - 2} spatial axes")
         if method == "avg":
             return flat.mean(-1)
         if method == "max":
@@ -47,9 +85,11 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
         if method == "avgmax":
             return torch.cat([flat.mean(-1), flat.amax(-1)], dim=1)
         if method == "grid2":
-            pool_fn = (torch.nn.functional.adaptive_avg_pool2d if x.dim() == 4
-                       else torch.nn.functional.adaptive_avg_pool3d)
-            return pool_fn(x, 2).flatten(1)
+            return _grid2(x)
+        if method == "stats":
+            return _stats(flat)
+        if method == "stats+grid2":
+            return torch.cat([_stats(flat), _grid2(x)], dim=1)
         raise UnknownNameError(f"pooling {method!r} is not one of {MAP_POOLINGS} for a map tap")
     if kind == "tokens":
         if method == "cls":
@@ -63,3 +103,17 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
             return torch.cat([x[:, 0], patches.mean(1)], dim=1)
         raise UnknownNameError(f"pooling {method!r} is not one of {TOKEN_POOLINGS} for a token tap")
     raise UnknownNameError(f"tap kind {kind!r} is not one of map, tokens, vector")
+
+
+def _grid2(x: torch.Tensor) -> torch.Tensor:
+    pool_fn = torch.nn.functional.adaptive_avg_pool2d if x.dim() == 4 else torch.nn.functional.adaptive_avg_pool3d
+    return pool_fn(x, 2).flatten(1)
+
+
+def _stats(flat: torch.Tensor) -> torch.Tensor:
+    """(B, C, N) -> (B, 6C): per channel the mean, then the percentiles, channel by channel."""
+    q = torch.tensor([p / 100.0 for p in STATS_PERCENTILES], dtype=flat.dtype, device=flat.device)
+    # torch.quantile takes at most 2^24 values per call: one (B, C) row at a time.
+    rows = [torch.quantile(flat[b], q, dim=-1).T for b in range(flat.shape[0])]  # each (C, 5)
+    per_channel = torch.cat([flat.mean(-1, keepdim=True), torch.stack(rows)], dim=-1)  # (B, C, 6)
+    return per_channel.flatten(1)

@@ -20,7 +20,7 @@ from torch import nn
 
 from medfeat.errors import UnknownNameError, WeightsError
 from medfeat.export.backbones.models import BACKBONE_MODULES
-from medfeat.export.backbones.pooling import pool, pooled_dim
+from medfeat.export.backbones.pooling import check_pooling, parse_pooling, pool, pooled_dim
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
 from medfeat.export.backbones.weights import checkpoint_config, load_strict, read_checkpoint, sha256_file
 
@@ -199,11 +199,18 @@ def create_backbone(
 
 
 def _poolings(taps: list[TapSpec], pooling: str | dict[str, str] | None) -> dict[str, str]:
-    if pooling is None:
-        return {t.name: t.pooling for t in taps}
-    if isinstance(pooling, str):
-        return {t.name: pooling for t in taps}
-    return {t.name: pooling.get(t.name, t.pooling) for t in taps}
+    """Pooling per tap: each tap's own, one for all, per tap (a dict, or ``POOL,TAP=POOL``
+    text, see :func:`~medfeat.export.backbones.pooling.parse_pooling`), checked against the tap kinds."""
+    default, per_tap = (None, {}) if pooling is None else (
+        parse_pooling(pooling) if isinstance(pooling, str) else (None, dict(pooling)))
+    unknown = sorted(set(per_tap) - {t.name for t in taps})
+    if unknown:
+        raise UnknownNameError(f"pooling names tap(s) {', '.join(unknown)} that are not extracted "
+                               f"(taps: {', '.join(t.name for t in taps)})")
+    out = {t.name: per_tap.get(t.name, default or t.pooling) for t in taps}
+    for t in taps:
+        check_pooling(t.kind, out[t.name], t.name)
+    return out
 
 
 def converter_for(formats: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]],
