@@ -111,7 +111,7 @@ def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.nda
     item_ids = [str(i) for i in item_ids]
     meta = items.astype({"item_id": str}).set_index("item_id").loc[item_ids]
     kinds = set(meta["kind"].astype(str)) if "kind" in meta else {"scan"}
-    if pair_mode and kinds <= {"scan", "image", ""}:
+    if pair_mode and (kinds <= {"scan", "image", ""} or _scan_pairs(meta)):
         X, subjects, item_ids = pair_scans(items, item_ids, X, pair_mode)
         keys = pd.DataFrame({"subject": subjects})
     else:
@@ -132,6 +132,15 @@ def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.nda
     return FeatureSet(np.asarray(X, dtype=np.float32)[have], y, groups, ids)
 
 
+def _scan_pairs(meta: pd.DataFrame) -> bool:
+    """Items that pair each scan with a fixed reference (a pair model's ``atlas`` variant: one
+    item per scan and timepoint), which combine per subject as per-scan features do."""
+    if "timepoint" not in meta or set(meta["kind"].astype(str)) != {"pair"}:
+        return False
+    timepoints = meta["timepoint"].astype(str)
+    return bool((timepoints != "").all() and not timepoints.str.contains("+", regex=False).any())
+
+
 def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path, target: str,
                   pair_mode: str | None = None) -> FeatureSet:
     """X, y, groups, item ids for one array of a feature store.
@@ -142,7 +151,8 @@ def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path
     spec : ``MODEL:TAP[:VARIANT]``.
     labels_manifest : CSV with the target column(s), see the module docstring.
     pair_mode : combine per-scan rows into baseline/follow-up pairs
-        (``concat``, ``diff``, ``absdiff``, ``concat+diff``); pair items pass through.
+        (``concat``, ``diff``, ``absdiff``, ``concat+diff``), and so the rows of a pair model
+        that paired each scan with the atlas; baseline/follow-up pair items pass through.
     """
     from medfeat.engine.store.feature_store import FeatureStore
 

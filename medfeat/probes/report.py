@@ -112,11 +112,13 @@ def _row_keys(df: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 
 def study_table(df: pd.DataFrame) -> str:
-    """Markdown: rows model / tap / pair mode, columns variant x metric, cells ``value [low, high]``."""
-    metrics = list(dict.fromkeys(df["metric"]))
+    """Markdown: rows model / tap / pair mode, columns variant x metric (the headline metric,
+    and F1 where the task has it; the rest are in results.csv), cells ``value [low, high]``."""
+    metrics = list(dict.fromkeys([*df.loc[df["headline"], "metric"], *df.loc[df["metric"] == "f1", "metric"]]))
     variants = list(dict.fromkeys(df["variant"]))
     random = set(df.loc[df["weights"].astype(str) == "random", "model"]) if "weights" in df else set()
-    head = ["model", "tap", "pair mode"] + [f"{v} {m.upper() if m == 'auc' else m}" for v in variants for m in metrics]
+    names = {"auc": "AUC", "f1": "F1"}
+    head = ["model", "tap", "pair mode"] + [f"{v} {names.get(m, m)}" for v in variants for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cells = {(r.model, r.tap, str(r.pair_mode), r.variant, r.metric): r for r in df.itertuples(index=False)}
     for model, tap, mode in _row_keys(df):
@@ -180,7 +182,9 @@ def write_report(configs: Sequence[dict], out_dir: str | Path, *, findings: Sequ
         f"Generated {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {len(configs)} configuration(s). "
         f"Task: {r0['task']}; probe: {r0['probe']}; " + _protocol(r0) + " brackets hold 95% "
         "bootstrap CIs over subjects.", "",
-        "## Results", "", study_table(df), "",
+        "## Results", "", "Rows: models and taps; columns: preprocessing variants (alignment-ROI) with the "
+        "headline metric and F1 where the task has one (every metric is in the results table beside "
+        "this report's folder).", "", study_table(df), "",
     ]
     if findings:
         parts += ["## Findings", "", *[f"{line}\n" for line in findings]]

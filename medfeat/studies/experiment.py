@@ -49,6 +49,7 @@ table, the findings of the progression study computed from the numbers, figures)
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,8 +347,36 @@ def _findings(exp: Experiment, configs: list[dict]) -> list[str]:
     for cohort in dict.fromkeys(c["cohort"] for c in configs):
         group = [c for c in configs if c["cohort"] == cohort]
         head = [f"Cohort {cohort}:"] if len(exp.cohorts) > 1 else []
-        lines += head + findings_paragraph(group, study_effects(group, roles), roles)
+        found = findings_paragraph(group, study_effects(group, roles), roles)
+        closing = _closing_note(group, roles) if found.verdicts["registration"] not in ("reproduced", "not tested") else []
+        lines += head + found.lines + closing
     return lines
+
+
+def _closing_note(configs: list[dict], roles: dict[str, list[str]]) -> list[str]:
+    """Why finding 1 may fail here: what the registration networks were (their training
+    reports, for networks trained here), next to the study's published uniGradICON."""
+    notes = []
+    for model in roles.get("registration", []):
+        weights = next((c["weights"] for c in configs if c["model"] == model), None)
+        report = Path(weights).with_suffix(".json") if weights and weights != "random" else None
+        if report is None or not report.is_file():
+            notes.append(f"{model} uses weights {weights}.")
+            continue
+        doc = json.loads(report.read_text())
+        train, held = doc.get("train", {}), doc.get("heldout", {})
+        text = (f"{model} was trained here: stages {doc['training']['stages_trained']}, widths "
+                f"{doc['config']['down_channels']}, {train.get('steps')} steps at {doc['config']['input_size'][0]}^3 "
+                f"on {len(doc.get('train_subjects', []))} subjects")
+        rigid = held.get("rigid_recovery")
+        if rigid:
+            text += (f" (held-out rigid misalignment recovered to {rigid['error_mm']:.2f} mm vs "
+                     f"{rigid['identity_error_mm']:.2f} mm for the identity map)")
+        notes.append(text + ".")
+    return ["Why: " + " ".join(notes) + " The study's network is the published uniGradICON (four full-size "
+            "stages trained on millions of image pairs, OAI knees among them), which these machines do not "
+            "have; a cascade trained here in a minute registers only coarsely, so the finding is not tested "
+            "at the study's scale."] if notes else []
 
 
 def store_path(folder: Path, entry: ModelEntry) -> Path:
@@ -380,13 +409,29 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, folder:
             record = extract(cfg)
             failed += record.items.failed
             log(f"{entry.store_name} {align}-{roi}: {_summary_line(record)}")
-        pair_modes = [None] if spec.input_kind != "volume3d" else exp.pair_modes
-        specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a, r in exp.variants]
-        found = sweep_store(store, manifest, target, specs=specs, pair_modes=pair_modes, predictions=True,
-                            log=_relabel_log(log, entry), **probe)
+        found = []
+        for variants, pair_modes in _probe_groups(spec.input_kind, exp):
+            specs = [f"{entry.name}:{t}:{a}-{r}" for t in entry.taps for a, r in variants]
+            found += sweep_store(store, manifest, target, specs=specs, pair_modes=pair_modes, predictions=True,
+                                 log=_relabel_log(log, entry), **probe)
+        names = [f"{a}-{r}" for a, r in exp.variants]
+        found.sort(key=lambda c: (entry.taps.index(c["tap"]), names.index(c["variant"])))  # the file's order
         configs += [{**c, "model": entry.store_name, "spec": f"{entry.store_name}:{c['tap']}:{c['variant']}",
                      "backbone": entry.name, "weights": weights or "random"} for c in found]
     return configs, failed
+
+
+def _probe_groups(input_kind: str, exp: Experiment) -> list[tuple[list[tuple[str, str]], list[str | None]]]:
+    """(variants, pair modes) to probe: per-scan 3D models combine baseline and follow-up with
+    the experiment's pair modes; pair models store one row per subject pair, except with the
+    atlas, where each scan is paired with the atlas and the rows combine like per-scan ones."""
+    if input_kind == "volume3d":
+        return [(exp.variants, exp.pair_modes)]
+    if input_kind != "pair3d":
+        return [(exp.variants, [None])]
+    atlas = [v for v in exp.variants if v[0] == "atlas"]
+    rest = [v for v in exp.variants if v[0] != "atlas"]
+    return [g for g in ((rest, [None]), (atlas, exp.pair_modes)) if g[0]]
 
 
 def _weights_setting(weights: str | None) -> dict[str, Any]:

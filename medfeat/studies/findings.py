@@ -112,9 +112,19 @@ def _auc(configs: Sequence[dict], model: str, tap: str, variant: str, metric: st
     return None if c is None else c["result"]["metrics"].get(metric)
 
 
+@dataclass(frozen=True)
+class Findings:
+    """The findings paragraph's lines, and the verdict on each finding: ``reproduced``,
+    ``partly reproduced``, ``NOT reproduced`` or ``not tested`` (keys ``registration``,
+    ``segmentation``)."""
+
+    lines: list[str]
+    verdicts: dict[str, str]
+
+
 def findings_paragraph(configs: Sequence[dict], effects: Sequence[Effect], roles: dict[str, list[str]],
-                       metric: str = "auc") -> list[str]:
-    """Lines of the findings paragraph: the effects of each role's taps, then the verdicts."""
+                       metric: str = "auc") -> Findings:
+    """The effects of each role's taps, then the verdicts (see the module docstring)."""
     lines: list[str] = []
     name = metric.upper()
     taps = {m: list(dict.fromkeys(c["tap"] for c in configs if c["model"] == m)) for m in
@@ -144,8 +154,14 @@ def findings_paragraph(configs: Sequence[dict], effects: Sequence[Effect], roles
                 _judge(role, model, tap, unaligned, align, roi, verdicts, reasons)
             if parts:
                 lines.append(f"{labels[role]} {model}: " + ". ".join(parts) + ".")
-    lines += _verdict_lines(verdicts, reasons, effects, roles)
-    return lines
+    summary = {role: _verdict(got) for role, got in verdicts.items()}
+    return Findings(lines + _verdict_lines(summary, reasons, effects), summary)
+
+
+def _verdict(got: list[bool]) -> str:
+    if not got:
+        return "not tested"
+    return "reproduced" if all(got) else ("partly reproduced" if any(got) else "NOT reproduced")
 
 
 def _judge(role: str, model: str, tap: str, unaligned: dict | None, align: Effect | None, roi: Effect | None,
@@ -166,32 +182,36 @@ def _judge(role: str, model: str, tap: str, unaligned: dict | None, align: Effec
             reasons[role].append(f"{model} {tap} crop gain not significant ({roi.text()})")
 
 
-def _verdict_lines(verdicts: dict[str, list[bool]], reasons: dict[str, list[str]], effects: Sequence[Effect],
-                   roles: dict[str, list[str]]) -> list[str]:
+def _verdict_lines(verdicts: dict[str, str], reasons: dict[str, list[str]], effects: Sequence[Effect]) -> list[str]:
     lines = []
     claims = {"registration": "Finding 1 (registration features predict progression without alignment and "
                               "gain nothing significant from it)",
               "segmentation": "Finding 2 (segmentation features need alignment and an ROI crop)"}
     for role, claim in claims.items():
-        got = verdicts[role]
-        if not got:
+        verdict = verdicts[role]
+        if verdict == "not tested":
             lines.append(f"{claim}: not tested (no {role} model with the needed variants).")
-        elif all(got):
+        elif verdict == "reproduced":
             lines.append(f"{claim}: reproduced on this cohort.")
         else:
-            which = "partly reproduced" if any(got) else "NOT reproduced"
-            lines.append(f"{claim}: {which} on this cohort: " + "; ".join(reasons[role]) + ".")
+            lines.append(f"{claim}: {verdict} on this cohort: " + "; ".join(reasons[role]) + ".")
     training = [e for e in effects if e.kind == "training"]
     if training:
-        significant = [e for e in training if e.low > 0]
-        if not significant:
+        better = [e for e in training if e.low > 0]
+        worse = [e for e in training if e.high < 0]
+        if better:
+            lines.append("Trained vs random weights: training adds significantly for " + _list(better) + ".")
+        if worse:
+            lines.append("Trained vs random weights: the random-weight control does significantly better for "
+                         + _list(worse) + ": its AUC comes from the pair input, and training here took it away.")
+        if not better and not worse:
             lines.append("Trained vs random weights: no significant difference, so the pair input, not "
                          "registration training, explains the registration features' AUC here.")
-        else:
-            lines.append("Trained vs random weights: training adds significantly for "
-                         + ", ".join(f"{e.tap} ({e.b.split('(')[-1].rstrip(')')}: {e.text()})" for e in significant)
-                         + ".")
     return lines
+
+
+def _list(effects: Sequence[Effect]) -> str:
+    return ", ".join(f"{e.tap} ({e.b.split('(')[-1].rstrip(')')}: {e.text()})" for e in effects)
 
 
 def default_roles(configs: Sequence[dict], input_kinds: dict[str, str]) -> dict[str, list[str]]:

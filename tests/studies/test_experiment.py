@@ -148,3 +148,33 @@ def test_labels_must_be_distinct(tmp_path) -> None:
     base = "name: x\ncohort: {synth: {}}\nmodels: [{name: unet3d, taps: [bottom]}, {name: unet3d, taps: [bottom]}]\n"
     with pytest.raises(InputError, match="distinct label"):
         load_experiment(_write(tmp_path / "a.yaml", base))
+
+
+@pytest.mark.slow
+def test_quick_progression_grid_runs_every_alignment_on_a_small_cohort(tmp_path) -> None:
+    """experiments/progression-quick.yaml as shipped, on 8 subjects at 32^3 with short training:
+    affine and atlas variants run for the trained registration network and its control."""
+    from dataclasses import replace
+
+    exp = load_experiment(Path(__file__).resolve().parents[2] / "experiments" / "progression-quick.yaml")
+    assert {"affine-crop", "atlas-crop", "rigid-crop"} <= {f"{a}-{r}" for a, r in exp.variants}
+    for m in exp.models:
+        m.weights = "random" if m.weights == "random" else None  # nothing from a weights folder
+        if m.name == "unet3d":
+            m.extra["train_args"].update(epochs=1, size=32)
+        else:
+            m.input_size = [32, 32, 32]
+            if m.train:
+                m.extra["train_args"].update(size=32, steps=2)
+    exp = replace(exp, cohorts=[{"name": "knee", "synth": {"subjects": 8, "seed": 0, "shape": [32, 32, 32]}}],
+                  probe={"n_splits": 2, "seeds": [0], "n_boot": 50}, extract={**exp.extract, "batch_size": 8})
+    paths = run_experiment(exp, tmp_path, log=lambda line: None)
+    assert paths["failed"] == 0
+    configs = json.loads(Path(paths["results"]).read_text())["configs"]
+    reg = {(c["variant"], c["pair_mode"]) for c in configs if c["model"] == "unigradicon" and c["tap"] == "B.phi.logjac"}
+    assert ("affine-crop", "") in reg and ("rigid-crop", "") in reg
+    # with the atlas, each scan is paired with it and the two timepoints combine like per-scan features
+    assert {("atlas-crop", "diff"), ("atlas-crop", "concat+diff")} <= reg
+    assert {c["variant"] for c in configs if c["model"] == "unet3d"} == {f"{a}-{r}" for a, r in exp.variants}
+    assert {c["model"] for c in configs} == {"unet3d", "unigradicon", "unigradicon_random"}
+    assert "Finding 2" in Path(paths["report"]).read_text()

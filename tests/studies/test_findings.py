@@ -48,8 +48,9 @@ def test_effects_and_verdicts_when_the_study_is_reproduced(reproduced):
     assert ("training", "reg", "reg") in kinds
     seg = next(e for e in effects if e.kind == "alignment" and e.model == "seg")
     assert seg.low > 0 and seg.difference == pytest.approx(seg.value_a - seg.value_b)
-    lines = findings_paragraph(reproduced, effects, ROLES)
-    text = "\n".join(lines)
+    found = findings_paragraph(reproduced, effects, ROLES)
+    assert found.verdicts == {"registration": "reproduced", "segmentation": "reproduced"}
+    text = "\n".join(found.lines)
     assert "Registration network reg: A.enc.2: AUC unaligned crop" in text
     assert "Finding 1 (registration features predict progression without alignment" in text
     assert "Finding 1" in text and ": reproduced on this cohort." in text
@@ -61,11 +62,16 @@ def test_verdict_says_why_a_finding_is_not_reproduced():
     configs = [_config("reg", "A.enc.2", "none-crop", 0.2, 1), _config("reg", "A.enc.2", "rigid-crop", 2.5, 2),
                _config("seg", "down.3", "none-whole", 1.0, 3), _config("seg", "down.3", "none-crop", 1.0, 4),
                _config("seg", "down.3", "rigid-crop", 1.0, 5)]
-    roles = {"registration": ["reg"], "segmentation": ["seg"]}
-    text = "\n".join(findings_paragraph(configs, study_effects(configs, roles, n_boot=500), roles))
+    configs += [_config("ctl", "A.enc.2", "none-crop", 2.5, 6, weights="random"),
+                _config("ctl", "A.enc.2", "rigid-crop", 2.5, 7, weights="random")]
+    roles = {"registration": ["reg"], "control": ["ctl"], "segmentation": ["seg"]}
+    found = findings_paragraph(configs, study_effects(configs, roles, n_boot=500), roles)
+    assert found.verdicts == {"registration": "NOT reproduced", "segmentation": "NOT reproduced"}
+    text = "\n".join(found.lines)
     assert "Finding 1 (" in text and "NOT reproduced on this cohort: reg A.enc.2 unaligned is not above chance" in text
     assert "reg A.enc.2 gains from alignment (+" in text
     assert "Finding 2 (segmentation features need alignment and an ROI crop): NOT reproduced" in text
+    assert "the random-weight control does significantly better for A.enc.2 (none-crop: -" in text
 
 
 def test_default_roles_follow_input_kind_and_weights(reproduced):

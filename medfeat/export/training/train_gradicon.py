@@ -58,7 +58,7 @@ STAGE_CHOICES = ("A", "AB", "ABC", "ABCD")
 class GradiconConfig:
     """Training settings. The defaults are the published model and uniGradICON's optimiser
     (Adam, lr 5e-5, LNCC, lambda 1.5) on the published grid; :meth:`tiny` is a narrow,
-    three-level cascade that trains on two CPU cores in about a minute at 64^3.
+    three-level cascade that trains on two idle CPU cores in about a minute at 64^3.
 
     ``lncc_sigma``: LNCC window in voxels (None: upstream's 5 voxels at 175^3, scaled to ``size``).
     ``threads``: torch threads while training (None: leave as is); fixed, so reruns match.
@@ -87,9 +87,14 @@ class GradiconConfig:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> GradiconConfig:
-        """The tiny config (two coarse stages, widths 8-32), with ``overrides``."""
-        base = cls(size=64, stages="AB", steps=120, lr=2e-3, batch_size=2, max_subjects=32,
-                   down_channels=(8, 16, 32), up_channels=(8, 16, 16))
+        """The tiny config, with ``overrides``: the registry's tiny cascade (three levels,
+        widths 4-16, so ``create_backbone(..., tiny=True)`` with random weights is the same
+        network untrained), stages A and B, 120 steps of Adam at 5e-3 on 64^3 grids."""
+        from medfeat.export.backbones.registry import get_spec
+
+        tiny = get_spec("unigradicon").tiny_config
+        base = cls(size=64, stages="AB", steps=120, lr=5e-3, batch_size=2, max_subjects=32,
+                   down_channels=tuple(tiny["down_channels"]), up_channels=tuple(tiny["up_channels"]))
         return replace(base, **overrides)
 
     @property
@@ -136,7 +141,10 @@ def load_cohort(manifest: str | Path, size: int, max_subjects: int = 0, seed: in
     scans, geometry = [], []
     for path in df["path"]:
         volume = read_scan(path)
-        image = torch.from_numpy(percentile_normalise(np.asarray(volume.data, dtype=np.float32)))[None, None]
+        try:
+            image = torch.from_numpy(percentile_normalise(np.asarray(volume.data, dtype=np.float32)))[None, None]
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
         scans.append(F.interpolate(image, size=(size,) * 3, mode="trilinear", align_corners=False)[0])
         geometry.append(ScanGeometry(np.asarray(volume.affine, np.float64), tuple(volume.data.shape)))
     timepoints = [str(t) for t in df["timepoint"]] if "timepoint" in df else [""] * len(df)

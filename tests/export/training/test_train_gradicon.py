@@ -165,8 +165,11 @@ def test_cli_trains_loadable_reproducible_weights_and_a_report(cohort, tmp_path,
     assert out.shape == (1, 14) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_training_registers_better_than_the_identity(cohort, tmp_path):
-    cfg = GradiconConfig.tiny(**{**TINY, "steps": 40, "lr": 5e-3})
+    """300 steps at 32^3 (about 15 s on 2 idle cores): the recovered rigid misalignment beats
+    the identity map's by about 0.8 mm (7.05 vs 7.84 mm on this cohort's 2 held-out pairs)."""
+    cfg = GradiconConfig.tiny(**{**TINY, "steps": 300, "lr": 5e-3})
     report = train_gradicon(cohort, tmp_path / "w.safetensors", cfg)
     held = report["heldout"]
     assert held["intra"]["similarity_after"] < held["intra"]["similarity_before"]
