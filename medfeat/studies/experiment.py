@@ -425,13 +425,15 @@ def _probe_groups(input_kind: str, exp: Experiment) -> list[tuple[list[tuple[str
     """(variants, pair modes) to probe: per-scan 3D models combine baseline and follow-up with
     the experiment's pair modes; pair models store one row per subject pair, except with the
     atlas, where each scan is paired with the atlas and the rows combine like per-scan ones."""
+    single: list[str | None] = [None]
     if input_kind == "volume3d":
         return [(exp.variants, exp.pair_modes)]
     if input_kind != "pair3d":
-        return [(exp.variants, [None])]
+        return [(exp.variants, single)]
     atlas = [v for v in exp.variants if v[0] == "atlas"]
     rest = [v for v in exp.variants if v[0] != "atlas"]
-    return [g for g in ((rest, [None]), (atlas, exp.pair_modes)) if g[0]]
+    groups = [(rest, single), (atlas, exp.pair_modes)]
+    return [g for g in groups if g[0]]
 
 
 def _weights_setting(weights: str | None) -> dict[str, Any]:

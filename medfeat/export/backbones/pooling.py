@@ -111,9 +111,18 @@ def _grid2(x: torch.Tensor) -> torch.Tensor:
 
 
 def _stats(flat: torch.Tensor) -> torch.Tensor:
-    """(B, C, N) -> (B, 6C): per channel the mean, then the percentiles, channel by channel."""
-    q = torch.tensor([p / 100.0 for p in STATS_PERCENTILES], dtype=flat.dtype, device=flat.device)
-    # torch.quantile takes at most 2^24 values per call: one (B, C) row at a time.
-    rows = [torch.quantile(flat[b], q, dim=-1).T for b in range(flat.shape[0])]  # each (C, 5)
-    per_channel = torch.cat([flat.mean(-1, keepdim=True), torch.stack(rows)], dim=-1)  # (B, C, 6)
-    return per_channel.flatten(1)
+    """(B, C, N) -> (B, 6C): per channel the mean, then the percentiles, channel by channel.
+
+    Percentiles interpolate linearly between order statistics, as ``numpy.percentile``; a sort
+    and two gathers instead of ``torch.quantile``, so the graph exports to ONNX (TopK) and any
+    N works (``torch.quantile`` takes at most 2^24 values).
+    """
+    n = flat.shape[-1]
+    ordered = torch.sort(flat, dim=-1).values
+    values = [flat.mean(-1)]
+    for p in STATS_PERCENTILES:
+        pos = p / 100.0 * (n - 1)
+        lo, frac = int(pos), pos - int(pos)
+        hi = min(lo + 1, n - 1)
+        values.append(ordered[..., lo] + frac * (ordered[..., hi] - ordered[..., lo]))
+    return torch.stack(values, dim=-1).flatten(1)  # (B, C, 6) -> (B, 6C)

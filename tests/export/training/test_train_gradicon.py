@@ -21,7 +21,7 @@ from scipy import ndimage
 from medfeat.cli import main
 from medfeat.errors import InputError
 from medfeat.export.backbones.models.unigradicon import to_regis_net_layout
-from medfeat.export.backbones.models.unigradicon_net import identity_grid
+from medfeat.export.backbones.models.unigradicon_net import compose, identity_grid
 from medfeat.export.backbones.registry import create_backbone
 from medfeat.export.backbones.weights import checkpoint_config, read_checkpoint, sha256_file
 from medfeat.export.training.gradicon_loss import (
@@ -127,6 +127,21 @@ def test_augmentation_without_noise_is_one_signed_permutation_for_both_images():
                     cand_b = b[i:i + 1].permute(0, 1, *(2 + p for p in perm))
                     found.append(torch.allclose(cand_b.flip(dims) if dims else cand_b, out_b[i:i + 1], atol=1e-5))
         assert found == [True]
+
+
+def test_stage_displacements_compose_to_the_network_map():
+    torch.manual_seed(0)
+    net = create_backbone("unigradicon", ["D.phi"], tiny=True).trunk
+    for stage in net.stages.values():
+        torch.nn.init.normal_(stage.lastConv.weight, std=0.05)
+    pair = torch.rand(2, 2, 18, 21, 25, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        disps = net.displacements(pair[:, :1], pair[:, 1:], "AB")
+        taps = net.forward_taps(pair, ["B.phi"])
+    assert [tuple(d.shape[2:]) for d in disps] == [(5, 6, 7), (9, 11, 13)]  # stage A at 1/4, B at 1/2
+    assert torch.equal(compose(disps, identity_grid((18, 21, 25))), taps["B.phi"])
+    with pytest.raises(InputError, match="not a prefix"):
+        net.displacements(pair[:, :1], pair[:, 1:], "BC")
 
 
 def test_kabsch_recovers_a_rigid_transform():

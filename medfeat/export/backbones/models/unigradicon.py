@@ -110,8 +110,9 @@ def unigradicon_taps(*, input_size: Sequence[int] = INPUT_SIZE, down_channels: S
             elif kind == "dec":
                 channels, reduction = up_channels[int(index)], base * 2 ** int(index)
             elif level == "phi.logjac":
-                # tensor-based morphometry: mean and percentiles of the ROI, then its 2x2x2 cells
-                channels, reduction, pooling = 1, 1, "stats+grid2"
+                # tensor-based morphometry: mean and percentiles over the ROI (add the 2x2x2 cells
+                # with pooling stats+grid2; the ONNX exporter cannot pool grid2 cells of these maps)
+                channels, reduction, pooling = 1, 1, "stats"
             else:  # phi, phi.disp
                 channels, reduction = 3, 1
             taps.append(TapSpec(name, channels=channels, reduction=reduction, kind="map", pooling=pooling))

@@ -267,9 +267,10 @@ class UniGradICONNet(TappedModel):
         The transform is ``x -> phi_A(psi_B(...(x)))`` with ``psi_S(x) = x + u_S(x)`` (see
         :func:`compose`); training evaluates it at points other than the identity grid.
         """
+        kept = "".join(self.stages)
+        if not stages or not kept.startswith(stages):
+            raise InputError(f"unigradicon: stages {stages!r} are not a prefix of {kept}")
         last = stages[-1]
-        if last not in STAGES or any(s not in self.stages for s in STAGES[: STAGES.index(last) + 1]):
-            raise InputError(f"unigradicon: stages {stages!r} are not a prefix of {''.join(self.stages)}")
         pyramid = _pyramid(moving, fixed, max(STAGE_POOLINGS.values()))
         disps: list[torch.Tensor] = []
         for stage in STAGES[: STAGES.index(last) + 1]:
