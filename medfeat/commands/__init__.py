@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "ingest_cmds",   # cohort ingest
     "models_cmds",   # models list / show
     "unet_cmds",     # models train-unet
+    "gradicon_cmds", # models train-gradicon
     "extract_cmds",  # extract
     "store_cmds",    # store info / verify / export
     "probe_cmds",    # probe train / sweep / report / compare

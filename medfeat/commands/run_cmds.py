@@ -44,13 +44,25 @@ def run(experiment: str, out: str | None, weights_dir: str | None, progress: boo
 @click.option("--size", default=64, show_default=True, help="Cube size of the synthetic scans, voxels.")
 def demo(out: str | None, subjects: int, seed: int, size: int) -> None:
     """Synthetic knee cohort -> trained UNet -> features -> progression probe, in a few minutes."""
-    from medfeat.studies.demo import demo_experiment
+    import json
+
+    from medfeat.studies.demo import demo_experiment, summary_lines
     from medfeat.studies.experiment import run_experiment
 
     start = time.perf_counter()
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="medfeat-demo-"))
     click.echo(f"medfeat demo in {folder}")
     paths = run_experiment(demo_experiment(subjects, seed, size), folder, log=click.echo, progress=False)
+    configs = json.loads(Path(paths["results"]).read_text())["configs"]
+    click.echo("")
+    click.echo(f"Progression probe AUC [95% CI], {subjects} subjects (baseline/follow-up pairs):")
+    for line in summary_lines(configs):
+        click.echo("  " + line)
+    if paths.get("findings"):
+        click.echo("")
+        click.echo("Findings (paired bootstrap over subjects, AUC difference [95% CI]):")
+        for line in paths["findings"]:
+            click.echo("  " + line)
     _print_outputs(paths, start)
 
 

@@ -27,13 +27,16 @@ def register(groups: dict[str, click.Group]) -> None:
     @click.option("--seed", default=0, show_default=True, type=int)
     @click.option("--max-subjects", default=0, show_default=True, type=click.IntRange(0),
                   help="Train and hold out within a seeded subset of this many subjects (0: all).")
+    @click.option("--threads", default=None, type=click.IntRange(1),
+                  help="Torch threads while training; fix it for runs that repeat to the bit.")
     def train_unet_cmd(manifest: str, out: str, epochs: int, size: int, val_fraction: float,
-                       patch: int, batch_size: int, lr: float, seed: int, max_subjects: int) -> None:
+                       patch: int, batch_size: int, lr: float, seed: int, max_subjects: int,
+                       threads: int | None) -> None:
         """Train the unet3d backbone (MONAI UNet, Dice+CE) and report held-out Dice per class."""
         from medfeat.export.training.train_unet import TrainConfig, train_unet
 
         cfg = TrainConfig(epochs=epochs, size=size, val_fraction=val_fraction, patch=patch, batch_size=batch_size,
-                          lr=lr, seed=seed, max_subjects=max_subjects)
+                          lr=lr, seed=seed, max_subjects=max_subjects, threads=threads)
         report = train_unet(manifest, out, cfg, progress=lambda line: click.echo(line, err=True))
         click.echo(f"trained unet3d on {len(report['train_subjects'])} subjects in {report['seconds']} s; "
                    f"held-out {len(report['heldout_subjects'])} subjects ({report['heldout_scans']} scans)")

@@ -68,8 +68,22 @@ class ProbeResult:
         if include_predictions:
             out["item_ids"] = self.item_ids
             out["y"] = self.y.tolist()
+            out["groups"] = [str(g) for g in self.groups]
             out["scores"] = self.scores.tolist()
+            out["preds"] = self.preds.tolist()
         return out
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> ProbeResult:
+        """A result back from :meth:`to_dict` ``(include_predictions=True)`` (for paired comparisons)."""
+        missing = [k for k in ("y", "groups", "scores", "preds") if k not in doc]
+        if missing:
+            raise InputError(f"probe result lacks its predictions ({', '.join(missing)}): "
+                             "write it with include_predictions=True")
+        return cls(doc["task"], doc["probe"], list(doc["classes"]), int(doc["n_splits"]), list(doc["seeds"]),
+                   np.asarray(doc["y"]), np.asarray(doc["groups"], dtype=object), np.asarray(doc["scores"], float),
+                   np.asarray(doc["preds"], dtype=np.int64), dict(doc["metrics"]), list(doc.get("folds", [])),
+                   doc.get("item_ids"), float(doc.get("seconds", 0.0)))
 
     def rows(self, **extra: object) -> list[dict]:
         """Tidy rows, one per metric: extra columns first, then the numbers."""

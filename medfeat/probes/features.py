@@ -165,7 +165,7 @@ def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.nda
     item_ids = [str(i) for i in item_ids]
     meta = items.astype({"item_id": str}).set_index("item_id").loc[item_ids]
     kinds = set(meta["kind"].astype(str)) if "kind" in meta else {"scan"}
-    if pair_mode and kinds <= {"scan", "image", ""}:
+    if pair_mode and (kinds <= {"scan", "image", ""} or _scan_pairs(meta)):
         X, subjects, item_ids = pair_scans(items, item_ids, X, pair_mode)
         keys = pd.DataFrame({"subject": subjects})
     else:
@@ -193,6 +193,15 @@ def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.nda
     return FeatureSet(features, y, groups, ids, dropped)
 
 
+def _scan_pairs(meta: pd.DataFrame) -> bool:
+    """Items that pair each scan with a fixed reference (a pair model's ``atlas`` variant: one
+    item per scan and timepoint), which combine per subject as per-scan features do."""
+    if "timepoint" not in meta or set(meta["kind"].astype(str)) != {"pair"}:
+        return False
+    timepoints = meta["timepoint"].astype(str)
+    return bool((timepoints != "").all() and not timepoints.str.contains("+", regex=False).any())
+
+
 def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path | pd.DataFrame | None,
                   target: str, pair_mode: str | None = None, covariates: Sequence[str] = ()) -> FeatureSet:
     """X, y, groups, item ids for one array (or a multi-layer set of arrays) of a feature store.
@@ -205,7 +214,8 @@ def load_features(store_path: str | Path, spec: str, labels_manifest: str | Path
         store's items table (the cohort manifest's columns).
     covariates : label columns appended to the features.
     pair_mode : combine per-scan rows into baseline/follow-up pairs
-        (``concat``, ``diff``, ``absdiff``, ``concat+diff``); pair items pass through.
+        (``concat``, ``diff``, ``absdiff``, ``concat+diff``), and so the rows of a pair model
+        that paired each scan with the atlas; baseline/follow-up pair items pass through.
     """
     from medfeat.engine.store.feature_store import FeatureStore
 
@@ -225,13 +235,16 @@ def _parts(spec: str) -> list[str]:
     return [f"{model}:{t}" + (f":{variant}" if variant else "") for t in names]
 
 
+_COMPOUND_POOLINGS = ("cls+mean", "norm-cls+mean", "stats+grid2")
+
+
 def _split_taps(taps: str) -> list[str]:
     """Tap names of ``"blocks.9@norm-cls+norm@cls+mean"``: ``+`` separates taps, except
-    inside the pooling after an ``@`` (``cls+mean``)."""
+    inside the pooling after an ``@`` (``cls+mean``, ``stats+grid2``)."""
     out: list[str] = []
     for piece in taps.split("+"):
-        if out and "@" in out[-1] and piece in ("mean",) and out[-1].endswith(("cls", "norm-cls")):
-            out[-1] += "+" + piece  # the cls+mean pooling, not a new tap
+        if out and "@" in out[-1] and f"{out[-1].rsplit('@', 1)[1]}+{piece}" in _COMPOUND_POOLINGS:
+            out[-1] += "+" + piece  # a cls+mean or stats+grid2 pooling, not a new tap
         else:
             out.append(piece)
     return out

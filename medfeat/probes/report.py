@@ -1,9 +1,15 @@
 """Markdown report with figures from probe results (``{"configs": [...]}``).
 
-Figures (matplotlib, Agg backend, PNG):
+The results table follows the progression study's layout: one row per model and tap (and
+pair mode), one column group per preprocessing variant (alignment x ROI), each with the
+task's metrics and their 95% CIs. Arrays made with random weights are marked.
 
-* ``depth.png``: the headline metric (with its 95% CI) against tap depth,
-  one panel per model, one line per variant (and pair mode);
+Figures (matplotlib, Agg backend, PNG; ``figures`` chooses among them):
+
+* ``variants.png``: the headline metric (with its 95% CI) per model and tap, for every
+  alignment x ROI variant;
+* ``depth.png``: the headline metric against tap depth, one panel per model, one line per
+  variant (and pair mode);
 * ``roc.png``: ROC curves (seed 0 pooled out-of-fold) of the best
   configuration of each model, for binary tasks;
 * ``settings.png`` with the transfer study's tables (one per dataset, rows models, columns
@@ -21,7 +27,9 @@ import pandas as pd
 from medfeat.probes.sweep import natural_key, tidy_rows
 from medfeat.probes.transfer_report import plot_settings, settings_tables
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "study_table", "plot_variants", "FIGURES"]
+
+FIGURES = ("variants", "depth", "roc")
 
 
 def _plt():
@@ -101,25 +109,70 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def _table(df: pd.DataFrame) -> str:
-    metrics = list(dict.fromkeys(df["metric"]))
-    # cohort, setting and probe tell apart configs of one array (several cohorts; a linear
-    # probe and a trained head on one tap); they get a column only when they vary
-    extra = [k for k in ("cohort", "setting", "probe") if k in df and df[k].astype(str).nunique() > 1]
-    head = "| model | tap | variant | pair mode | " + "".join(f"{k} | " for k in extra) + " | ".join(metrics) + " |"
-    lines = [head, "|" + "---|" * (4 + len(extra) + len(metrics))]
-    keys = ["model", "tap", "variant", "pair_mode"] + [k for k in ("cohort", "setting", "probe") if k in df]
-    order = df[df["headline"]].sort_values("value", ascending=False)[keys].astype(str).itertuples(index=False)
-    for key in order:
-        sub = df[(df[keys].astype(str) == pd.Series(key._asdict())).all(axis=1)].drop_duplicates("metric")
-        sub = sub.set_index("metric")
-        cells = [f"{_fmt(sub.at[m, 'value'])} [{_fmt(sub.at[m, 'ci_low'])}, {_fmt(sub.at[m, 'ci_high'])}]"
-                 if m in sub.index else "" for m in metrics]
-        keyd = key._asdict()
-        row = [keyd["model"], keyd["tap"], keyd["variant"], keyd["pair_mode"] or "-",
-               *[keyd[k] or "-" for k in extra], *cells]
+_EXTRA_KEYS = ("cohort", "setting", "probe")
+
+
+def _row_keys(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(model, tap, pair mode) in the order the configs came (models, then taps by depth)."""
+    return list(dict.fromkeys(zip(df["model"], df["tap"], df["pair_mode"].astype(str))))
+
+
+def _extra_keys(df: pd.DataFrame) -> list[str]:
+    """Cohort, setting and probe tell apart configs of one array (several cohorts; a linear
+    probe and a trained head on one tap): they get a column only when they vary."""
+    return [k for k in _EXTRA_KEYS if k in df and df[k].astype(str).nunique() > 1]
+
+
+def study_table(df: pd.DataFrame) -> str:
+    """Markdown: rows model / tap / pair mode (and cohort, setting, probe where they vary),
+    columns variant x metric (the headline metric, and F1 where the task has it; the rest are
+    in results.csv), cells ``value [low, high]``, rows in the order the configs came."""
+    metrics = list(dict.fromkeys([*df.loc[df["headline"], "metric"], *df.loc[df["metric"] == "f1", "metric"]]))
+    variants = list(dict.fromkeys(df["variant"]))
+    random = set(df.loc[df["weights"].astype(str) == "random", "model"]) if "weights" in df else set()
+    names = {"auc": "AUC", "f1": "F1"}
+    keys = ["model", "tap", "pair_mode", *_extra_keys(df)]
+    head = ["model", "tap", "pair mode", *keys[3:]] + [f"{v} {names.get(m, m)}" for v in variants for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    text = df[[*keys, "variant", "metric"]].astype(str)
+    cells = {tuple(k): r for k, r in zip(text.itertuples(index=False, name=None), df.itertuples(index=False))}
+    for row_key in dict.fromkeys(text[keys].itertuples(index=False, name=None)):
+        model, tap, mode, *extra = row_key
+        marked = model in random and "random weights" not in model
+        row = [f"{model} (random weights)" if marked else model, tap, mode or "-", *[e or "-" for e in extra]]
+        for v in variants:
+            for m in metrics:
+                r = cells.get((*row_key, v, m))
+                row.append("" if r is None else f"{_fmt(r.value)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def plot_variants(df: pd.DataFrame, path: Path) -> Path:
+    """The headline metric with its 95% CI per variant (x), one series per model / tap / pair mode."""
+    plt = _plt()
+    h = df[df["headline"]]
+    variants = list(dict.fromkeys(h["variant"]))
+    series = _row_keys(h)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(variants) + 2.5), 4.0))
+    width = 0.8 / max(len(series), 1)
+    for k, (model, tap, mode) in enumerate(series):
+        g = h[(h["model"] == model) & (h["tap"] == tap) & (h["pair_mode"].astype(str) == mode)]
+        x = np.array([variants.index(v) for v in g["variant"]]) - 0.4 + width * (k + 0.5)
+        err = np.nan_to_num(np.vstack([g["value"] - g["ci_low"], g["ci_high"] - g["value"]]))
+        label = f"{model} {tap}" + (f" ({mode})" if mode else "")
+        ax.errorbar(x, g["value"], yerr=err, marker="o", linestyle="none", capsize=3, label=label)
+    if h["metric"].iloc[0] == "auc":
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set_xlabel("alignment - ROI")
+    ax.set_ylabel(f"{h['metric'].iloc[0].upper()} (95% CI)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _protocol(r: dict) -> str:
@@ -131,8 +184,12 @@ def _protocol(r: dict) -> str:
             "predictions;")
 
 
-def write_report(configs: Sequence[dict], out_dir: str | Path) -> Path:
-    """Write ``report.md`` plus figures into ``out_dir``; returns the Markdown path."""
+def write_report(configs: Sequence[dict], out_dir: str | Path, *, findings: Sequence[str] = (),
+                 figures: Sequence[str] = FIGURES) -> Path:
+    """Write ``report.md`` plus the chosen ``figures`` into ``out_dir``; returns the Markdown path.
+
+    ``findings``: paragraphs for a "Findings" section (computed by the caller from the numbers).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = tidy_rows(configs)
@@ -142,16 +199,23 @@ def write_report(configs: Sequence[dict], out_dir: str | Path) -> Path:
         f"Generated {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {len(configs)} configuration(s). "
         f"Task: {r0['task']}; probe: {r0['probe']}; " + _protocol(r0) + " brackets hold 95% "
         "bootstrap CIs over subjects.", "",
-        "## Results (best first)", "", _table(df), "",
+        "## Results", "", "Rows: models and taps; columns: preprocessing variants (alignment-ROI) with the "
+        "headline metric and F1 where the task has one (every metric is in the results table beside "
+        "this report's folder).", "", study_table(df), "",
     ]
-    if df["tap_depth"].notna().any() or len(df["tap"].unique()) > 1:
+    if findings:
+        parts += ["## Findings", "", *[f"{line}\n" for line in findings]]
+    if "variants" in figures and df["variant"].nunique() > 1:
+        plot_variants(df, out / "variants.png")
+        parts += ["## Metric per model and preprocessing variant", "", "![metric per variant](variants.png)", ""]
+    if "depth" in figures and (df["tap_depth"].notna().any() or len(df["tap"].unique()) > 1):
         plot_depth(df, out / "depth.png")
         parts += ["## Metric against tap depth", "", "![metric against tap depth](depth.png)", ""]
     if any(c.get("setting") for c in configs):
         parts += ["## Training settings per dataset (the transfer study's layout)", "", settings_tables(configs)]
         if plot_settings(configs, out / "settings.png") is not None:
             parts += ["![metric per model and setting](settings.png)", ""]
-    if plot_roc(configs, out / "roc.png") is not None:
+    if "roc" in figures and plot_roc(configs, out / "roc.png") is not None:
         parts += ["## ROC curves of the best configuration per model", "", "![ROC curves](roc.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))

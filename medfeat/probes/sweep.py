@@ -60,12 +60,13 @@ def _registry_order(model: str) -> list[str] | None:
 
 
 def config_record(spec: str, result: ProbeResult, *, pair_mode: str | None = None, depth: int | None = None,
-                  variant: str | None = None, fs: FeatureSet | None = None) -> dict:
+                  variant: str | None = None, fs: FeatureSet | None = None, predictions: bool = False) -> dict:
     """One config of a results document (``fs``: the features it was fitted on, for the
-    dropped-rows counts and the random-weights mark)."""
+    dropped-rows counts and the random-weights mark; with the out-of-fold predictions when
+    ``predictions``)."""
     model, tap, v = parse_spec(spec)
     out = {"spec": spec, "model": model, "tap": tap, "variant": variant or v or "default",
-           "pair_mode": pair_mode or "", "tap_depth": depth, "result": result.to_dict()}
+           "pair_mode": pair_mode or "", "tap_depth": depth, "result": result.to_dict(predictions)}
     if fs is not None:
         out.update(random_weights=fs.random_weights, dropped=dict(fs.dropped))
     return out
@@ -81,6 +82,7 @@ def tidy_rows(configs: Sequence[dict]) -> pd.DataFrame:
             rows.append({"spec": c["spec"], "model": model, "tap": c["tap"], "variant": c["variant"],
                          "pair_mode": c.get("pair_mode", ""), "tap_depth": c.get("tap_depth"),
                          "cohort": c.get("cohort", ""), "setting": c.get("setting", ""),
+                         "weights": c.get("weights", ""),
                          "task": r["task"], "probe": r["probe"], "metric": name,
                          "headline": name == r["headline"], "value": m["value"], "ci_low": m["ci_low"],
                          "ci_high": m["ci_high"], "seed_std": m["seed_std"], "n_items": r["n_items"],
@@ -106,7 +108,7 @@ def evaluate_features(fs: FeatureSet, *, labels=None, split_column: str | None =
 def sweep_store(store_path: str | Path, labels, target: str, *, specs: Sequence[str] | None = None,
                 pair_modes: Sequence[str | None] = (None,), models: Sequence[str] | None = None,
                 split_column: str | None = None, log=None, covariates: Sequence[str] = (),
-                **cv_kwargs) -> list[dict]:
+                predictions: bool = False, **cv_kwargs) -> list[dict]:
     """Cross-validate a probe on each selected array (and pair mode) of a store.
 
     ``specs`` selects arrays (``MODEL:TAP[:VARIANT]``); by default all arrays,
@@ -114,7 +116,8 @@ def sweep_store(store_path: str | Path, labels, target: str, *, specs: Sequence[
     :func:`cross_validate_probe`; ``split_column`` switches to the manifest's fixed
     split (see :func:`evaluate_features`). ``log`` (callable) receives one line per config.
     ``labels``: a CSV path, a frame, or None for the store's items table; ``covariates``:
-    label columns appended to the features.
+    label columns appended to the features; ``predictions`` keeps each config's out-of-fold
+    predictions (for paired comparisons).
     """
     from medfeat.engine.store.feature_store import FeatureStore
 
@@ -135,7 +138,8 @@ def sweep_store(store_path: str | Path, labels, target: str, *, specs: Sequence[
         for mode in pair_modes:
             fs: FeatureSet = load_features(store_path, spec, labels, target, mode, covariates)
             res = evaluate_features(fs, labels=labels, split_column=split_column, **cv_kwargs)
-            configs.append(config_record(spec, res, pair_mode=mode, depth=depths[(key.model, key.tap)], fs=fs))
+            configs.append(config_record(spec, res, pair_mode=mode, depth=depths[(key.model, key.tap)], fs=fs,
+                                         predictions=predictions))
             if log is not None:
                 m = res.metrics[res.headline]
                 log(f"{spec} {mode or ''} {res.headline}={m['value']:.3f} "

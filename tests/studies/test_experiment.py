@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _cohort import tiny_cohort  # noqa: E402
 
@@ -169,3 +170,80 @@ extract: {{batch_size: 8, scheduler_kind: sync, progress: false, gray: first_cha
     bad = text.replace("normalize: dataset", "normalize: imagenet")
     with pytest.raises(InputError, match="normalize"):
         run_experiment(load_experiment(_write(tmp_path / "bad.yaml", bad)), tmp_path / "out2", log=lambda line: None)
+
+
+def test_trained_registration_network_beside_its_random_control(manifest, tmp_path) -> None:
+    text = f"""
+name: reg
+cohort: {{name: knee, manifest: {manifest}}}
+target: label
+models:
+  - {{name: unigradicon, train: true, input_size: [24, 24, 24], taps: [A.enc.1, B.phi.logjac],
+     train_args: {{tiny: true, size: 24, steps: 2, threads: 2}}, pooling: "avg,B.phi.logjac=stats"}}
+  - {{name: unigradicon, label: unigradicon_random, weights: random, tiny: true, input_size: [24, 24, 24],
+     taps: [A.enc.1, B.phi.logjac], pooling: "avg,B.phi.logjac=stats"}}
+variants: [none-whole, none-crop]
+probe: {{n_splits: 2, seeds: [0], n_boot: 50}}
+extract: {{batch_size: 4, scheduler_kind: sync, progress: false}}
+threads: 2
+report: {{figures: [variants]}}
+"""
+    exp = load_experiment(_write(tmp_path / "e.yaml", text))
+    lines: list[str] = []
+    paths = run_experiment(exp, tmp_path / "out", log=lines.append)
+    configs = json.loads(Path(paths["results"]).read_text())["configs"]
+    by = {(c["model"], c["tap"], c["variant"]): c for c in configs}
+    assert len(by) == 8 and {c["backbone"] for c in configs} == {"unigradicon"}
+    trained = tmp_path / "out" / "weights" / "unigradicon.safetensors"
+    assert by[("unigradicon", "A.enc.1", "none-crop")]["weights"] == str(trained)
+    assert by[("unigradicon_random", "A.enc.1", "none-crop")]["weights"] == "random"
+    assert (tmp_path / "out" / "weights" / "unigradicon.json").is_file()
+    # one store per set of weights: the control's arrays do not collide with the trained ones
+    assert len(FeatureStore.open(tmp_path / "out" / "features.zarr").arrays()) == 4
+    assert len(FeatureStore.open(tmp_path / "out" / "features-unigradicon_random.zarr").arrays()) == 4
+    # random weights leave the last convolutions at zero: every map is the identity, log-Jacobian 0
+    control = FeatureStore.open(tmp_path / "out" / "features-unigradicon_random.zarr")
+    _, logjac = control.read(next(k for k in control.arrays() if k.tap == "B.phi.logjac"))
+    assert logjac.shape == (8, 6) and np.abs(logjac).max() < 1e-5 and np.ptp(logjac, axis=0).max() == 0
+    assert all("y" in c["result"] and "preds" in c["result"] for c in configs)  # kept for paired effects
+    report = Path(paths["report"]).read_text()
+    assert "unigradicon_random (random weights)" in report and "variants.png" in report
+    assert "none-crop AUC" in report and "## Findings" in report and "depth.png" not in report
+    assert any(line.startswith("unigradicon: held-out lncc loss") for line in lines)
+    assert any(line.startswith("unigradicon_random:A.enc.1:none-crop") for line in lines)
+
+
+def test_labels_must_be_distinct(tmp_path) -> None:
+    base = "name: x\ncohort: {synth: {}}\nmodels: [{name: unet3d, taps: [bottom]}, {name: unet3d, taps: [bottom]}]\n"
+    with pytest.raises(InputError, match="distinct label"):
+        load_experiment(_write(tmp_path / "a.yaml", base))
+
+
+@pytest.mark.slow
+def test_quick_progression_grid_runs_every_alignment_on_a_small_cohort(tmp_path) -> None:
+    """experiments/progression-quick.yaml as shipped, on 8 subjects at 32^3 with short training:
+    affine and atlas variants run for the trained registration network and its control."""
+    from dataclasses import replace
+
+    exp = load_experiment(Path(__file__).resolve().parents[2] / "experiments" / "progression-quick.yaml")
+    assert {"affine-crop", "atlas-crop", "rigid-crop"} <= {f"{a}-{r}" for a, r in exp.variants}
+    for m in exp.models:
+        m.weights = "random" if m.weights == "random" else None  # nothing from a weights folder
+        if m.name == "unet3d":
+            m.extra["train_args"].update(epochs=1, size=32)
+        else:
+            m.input_size = [32, 32, 32]
+            if m.train:
+                m.extra["train_args"].update(size=32, steps=2)
+    exp = replace(exp, cohorts=[{"name": "knee", "synth": {"subjects": 8, "seed": 0, "shape": [32, 32, 32]}}],
+                  probe={"n_splits": 2, "seeds": [0], "n_boot": 50}, extract={**exp.extract, "batch_size": 8})
+    paths = run_experiment(exp, tmp_path, log=lambda line: None)
+    assert paths["failed"] == 0
+    configs = json.loads(Path(paths["results"]).read_text())["configs"]
+    reg = {(c["variant"], c["pair_mode"]) for c in configs if c["model"] == "unigradicon" and c["tap"] == "B.phi.logjac"}
+    assert ("affine-crop", "") in reg and ("rigid-crop", "") in reg
+    # with the atlas, each scan is paired with it and the two timepoints combine like per-scan features
+    assert {("atlas-crop", "diff"), ("atlas-crop", "concat+diff")} <= reg
+    assert {c["variant"] for c in configs if c["model"] == "unet3d"} == {f"{a}-{r}" for a, r in exp.variants}
+    assert {c["model"] for c in configs} == {"unet3d", "unigradicon", "unigradicon_random"}
+    assert "Finding 2" in Path(paths["report"]).read_text()

@@ -4,10 +4,17 @@
 references it) and the read / preprocess seconds; :func:`align_batch` estimates every
 alignment a batch needs in one batched registration per kind; :func:`load_item` writes
 one item's input into its row of the preallocated batch buffer.
+
+Estimated alignments are remembered per process (:class:`AlignmentCache`), keyed by the two
+files (path, size, modification time) and the kind: an experiment that extracts several
+models with ``--align rigid`` registers each follow-up once, not once per model.
 """
 from __future__ import annotations
 
+import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -102,6 +109,51 @@ def _load_channel(ch: Channel, spec: BackboneSpec, size: tuple[int, ...], timer:
     timer.preprocess += time.perf_counter() - t0
 
 
+class AlignmentCache:
+    """Estimated transforms by (kind, moving file, fixed file), least recently used first out.
+
+    A file is identified by its path, size and modification time, so a changed scan is
+    registered again. Thread-safe (the threads scheduler runs batches side by side).
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(kind: str, moving: str, fixed: str) -> tuple | None:
+        """The cache key, or None when a file cannot be stat'ed (then nothing is cached)."""
+        try:
+            stats = [os.stat(p) for p in (moving, fixed)]
+        except OSError:
+            return None
+        return (kind, moving, fixed, *((s.st_size, s.st_mtime_ns) for s in stats))
+
+    def get(self, key: tuple | None) -> np.ndarray | None:
+        with self._lock:
+            if key is None or key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key].copy()
+
+    def put(self, key: tuple | None, matrix: np.ndarray) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._items[key] = np.array(matrix, dtype=np.float64)
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+ALIGNMENTS = AlignmentCache()
+
+
 def estimate_alignment(moving: Volume, fixed: Volume, kind: str) -> np.ndarray:
     """(4, 4) fixed world mm -> moving world mm, by the kernels' registration (NCC, pyramid).
 
@@ -117,23 +169,30 @@ def align_batch(items: list[Item], timer: ScanCache) -> tuple[dict[tuple[str, in
     Returns transforms by (item id, channel) and ``(item id, reason)`` for items whose
     scans could not be read (they fail; the rest of the batch goes on).
     """
-    wanted: dict[str, list[tuple[str, int, Volume, Volume]]] = {}
+    wanted: dict[str, list[tuple[str, int, Volume, Volume, tuple | None]]] = {}
     failures = []
+    out: dict[tuple[str, int], np.ndarray] = {}
     for item in items:
         for k, ch in enumerate(item.channels):
             if not ch.estimate:
+                continue
+            key = AlignmentCache.key(ch.estimate, ch.path, ch.ref or ch.path)
+            known = ALIGNMENTS.get(key)
+            if known is not None:
+                out[(item.item_id, k)] = known
                 continue
             try:
                 moving, fixed = timer.volume(ch.path), timer.volume(ch.ref or ch.path)
             except MedfeatError as exc:
                 failures.append((item.item_id, one_line(exc)))
                 continue
-            wanted.setdefault(ch.estimate, []).append((item.item_id, k, moving, fixed))
-    out: dict[tuple[str, int], np.ndarray] = {}
+            wanted.setdefault(ch.estimate, []).append((item.item_id, k, moving, fixed, key))
     t0 = time.perf_counter()
     for kind, jobs in wanted.items():
         mats = align([j[2].data for j in jobs], [j[3].data for j in jobs],
                      [j[2].affine for j in jobs], [j[3].affine for j in jobs], kind=kind)
-        out.update({(j[0], j[1]): np.asarray(m, np.float64) for j, m in zip(jobs, mats)})
+        for job, matrix in zip(jobs, mats):
+            out[(job[0], job[1])] = np.asarray(matrix, np.float64)
+            ALIGNMENTS.put(job[4], matrix)
     timer.preprocess += time.perf_counter() - t0
     return out, failures

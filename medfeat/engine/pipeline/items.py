@@ -201,6 +201,8 @@ def _plan(df: pd.DataFrame, input_kind: str, align: str, roi: str,
         meta: dict[str, Any] = dict(item_id=iid, subject=str(r["subject"]), timepoint=str(r.get("timepoint") or ""),
                     label=_label(r), extra=_extra(r))
         if input_kind == "pair3d":  # atlas pairs: (scan, atlas)
+            # an id of its own: in a store shared with per-scan models, SUBJECT/TIMEPOINT is the scan alone
+            meta["item_id"] = f"{iid}+atlas"
             pair = (Channel(r["path"], mask=own_mask), Channel(atlas.required_image(), mask=amask))
             items.append(Item(kind="pair", channels=pair, **meta))
         elif align == "none" or input_kind == "image2d":

@@ -19,15 +19,16 @@ import torch
 from medfeat.engine.pipeline.config import ModelConfig
 from medfeat.engine.store.layout import TOKEN_DTYPES, ArrayLayout
 from medfeat.errors import InputError, UnknownNameError
-from medfeat.export.backbones.pooling import KEEP_TOKENS, split_normed
+from medfeat.export.backbones.pooling import KEEP_TOKENS, MAP_POOLINGS, TOKEN_POOLINGS, split_normed
 from medfeat.export.backbones.registry import Backbone
 from medfeat.kernels.augment2d import AUGMENTS, STUDY
 
 __all__ = ["ArrayPlan", "array_tap", "plan_arrays"]
 
-# Poolings that existed before token arrays keep the tap's own name (stores made then
-# stay valid); the newer ones are named in the array's tap.
-_PLAIN_POOLINGS = {"avg", "max", "avgmax", "grid2", "cls", "mean", "cls+mean", "token1", "none"}
+# Poolings to one vector per item keep the tap's own name (stores made before token arrays
+# stay valid; the pooling is in the array's provenance); token-keeping and normed ones are
+# named in the array's tap.
+_PLAIN_POOLINGS = {*MAP_POOLINGS, *TOKEN_POOLINGS, "none"}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 Maps (B, C, *spatial): ``avg``, ``max``, ``avgmax`` (concatenated, 2C), and ``grid2``: the
 mean over each cell of a 2 x 2 (x 2) grid, C * 2^ndim values that keep coarse position, so
-that features of aligned scans correspond cell by cell.
+that features of aligned scans correspond cell by cell; ``stats``: per channel the mean and
+the 5th, 25th, 50th, 75th and 95th percentiles (6C, linear interpolation as
+``numpy.percentile``), the usual summary of a log-Jacobian map in tensor-based morphometry;
+``stats+grid2``: both (6C + C * 2^ndim).
 Tokens (B, N, C) with ``prefix`` leading non-patch tokens: ``cls`` (token 0), ``mean``
 (mean of patch tokens), ``cls+mean`` (2C), ``token1`` (token index 1).
 Vectors (B, C): ``none``.
@@ -18,7 +21,8 @@ import torch
 
 from medfeat.errors import UnknownNameError
 
-MAP_POOLINGS = ("avg", "max", "avgmax", "grid2")
+MAP_POOLINGS = ("avg", "max", "avgmax", "grid2", "stats", "stats+grid2")
+STATS_PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
 TOKEN_POOLINGS = ("cls", "mean", "cls+mean", "token1")
 KEEP_TOKENS = "tokens"
 NORMED = "norm-"
@@ -42,11 +46,37 @@ def check_pooling(tap: str, kind: str, method: str) -> None:
         raise UnknownNameError(f"tap {tap}: unknown pooling {method!r} for a {kind} tap; poolings: {choices}")
 
 
+def parse_pooling(text: str) -> tuple[str | None, dict[str, str]]:
+    """``POOL`` or ``[POOL,]TAP=POOL,...`` -> (pooling for every other tap or None, per-tap poolings).
+
+    E.g. ``grid2,B.phi.logjac=stats+grid2``: grid2 everywhere but the log-Jacobian tap.
+    """
+    default: str | None = None
+    per_tap: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        tap, sep, method = part.rpartition("=")
+        if not sep:
+            if default is not None:
+                raise UnknownNameError(f"pooling {text!r} names two default poolings ({default}, {part})")
+            default = part
+        elif not tap or not method:
+            raise UnknownNameError(f"pooling {text!r}: {part!r} is not TAP=POOLING")
+        else:
+            per_tap[tap] = method
+    return default, per_tap
+
+
 def pooled_dim(channels: int, method: str, ndim: int = 3) -> int:
     """Length of the pooled vector for a tap of ``channels`` channels over ``ndim`` spatial axes."""
     method = split_normed(method)[1]
     if method == "grid2":
         return channels * 2**ndim
+    if method == "stats":
+        return channels * (1 + len(STATS_PERCENTILES))
+    if method == "stats+grid2":
+        return channels * (1 + len(STATS_PERCENTILES) + 2**ndim)
     return 2 * channels if method in ("avgmax", "cls+mean") else channels
 
 
@@ -66,8 +96,8 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
         return x.flatten(1)
     if kind == "map":
         flat = x.flatten(2)
-        if method == "grid2" and x.dim() not in (4, 5):
-            raise UnknownNameError(f"pooling grid2 needs a 2D or 3D map, got {x.dim() - 2} spatial axes")
+        if "grid2" in method and x.dim() not in (4, 5):
+            raise UnknownNameError(f"pooling {method} needs a 2D or 3D map, got {x.dim() - 2} spatial axes")
         if method == "avg":
             return flat.mean(-1)
         if method == "max":
@@ -75,9 +105,11 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
         if method == "avgmax":
             return torch.cat([flat.mean(-1), flat.amax(-1)], dim=1)
         if method == "grid2":
-            pool_fn = (torch.nn.functional.adaptive_avg_pool2d if x.dim() == 4
-                       else torch.nn.functional.adaptive_avg_pool3d)
-            return pool_fn(x, 2).flatten(1)
+            return _grid2(x)
+        if method == "stats":
+            return _stats(flat)
+        if method == "stats+grid2":
+            return torch.cat([_stats(flat), _grid2(x)], dim=1)
         raise UnknownNameError(f"pooling {method!r} is not one of {MAP_POOLINGS} for a map tap")
     if kind == "tokens":
         if method == "cls":
@@ -91,3 +123,26 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
             return torch.cat([x[:, 0], patches.mean(1)], dim=1)
         raise UnknownNameError(f"pooling {method!r} is not one of {TOKEN_POOLINGS} for a token tap")
     raise UnknownNameError(f"tap kind {kind!r} is not one of map, tokens, vector")
+
+
+def _grid2(x: torch.Tensor) -> torch.Tensor:
+    pool_fn = torch.nn.functional.adaptive_avg_pool2d if x.dim() == 4 else torch.nn.functional.adaptive_avg_pool3d
+    return pool_fn(x, 2).flatten(1)
+
+
+def _stats(flat: torch.Tensor) -> torch.Tensor:
+    """(B, C, N) -> (B, 6C): per channel the mean, then the percentiles, channel by channel.
+
+    Percentiles interpolate linearly between order statistics, as ``numpy.percentile``; a sort
+    and two gathers instead of ``torch.quantile``, so the graph exports to ONNX (TopK) and any
+    N works (``torch.quantile`` takes at most 2^24 values).
+    """
+    n = flat.shape[-1]
+    ordered = torch.sort(flat, dim=-1).values
+    values = [flat.mean(-1)]
+    for p in STATS_PERCENTILES:
+        pos = p / 100.0 * (n - 1)
+        lo, frac = int(pos), pos - int(pos)
+        hi = min(lo + 1, n - 1)
+        values.append(ordered[..., lo] + frac * (ordered[..., hi] - ordered[..., lo]))
+    return torch.stack(values, dim=-1).flatten(1)  # (B, C, 6) -> (B, 6C)

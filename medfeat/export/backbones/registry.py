@@ -26,7 +26,7 @@ from medfeat.errors import InputError, UnknownNameError, WeightsError, one_line
 from medfeat.export.backbones.generic import ModelInputs, generic_spec, is_generic
 from medfeat.export.backbones.models import BACKBONE_MODULES
 from medfeat.export.backbones.plugins import load_entry_points
-from medfeat.export.backbones.pooling import check_pooling, pool, pooled_dim, split_normed
+from medfeat.export.backbones.pooling import check_pooling, parse_pooling, pool, pooled_dim, split_normed
 from medfeat.export.backbones.spec import BackboneSpec, TappedModel, TapSpec
 from medfeat.export.backbones.weights import (
     checkpoint_config,
@@ -254,34 +254,25 @@ def create_backbone(
 def _poolings(taps: list[TapSpec], pooling: str | dict[str, str] | None) -> dict[str, str]:
     """Pooling per tap, checked against each tap's kind.
 
-    ``pooling``: None (each tap's default), one name for all, a dict, or a string of
-    comma-separated ``TAP=POOLING`` entries with an optional bare default
-    (``"cls,norm=cls+mean"``).
+    ``pooling``: None (each tap's own), one name for all, a dict (``"*"``: every other tap), or
+    ``POOL,TAP=POOL,...`` text (see :func:`~medfeat.export.backbones.pooling.parse_pooling`).
     """
-    if isinstance(pooling, str) and "=" in pooling:
-        pooling = parse_poolings(pooling)
+    per_tap: dict[str, str]
     if pooling is None:
-        out = {t.name: t.pooling for t in taps}
+        default, per_tap = None, {}
     elif isinstance(pooling, str):
-        out = {t.name: pooling for t in taps}
+        default, per_tap = parse_pooling(pooling)
     else:
-        unknown = sorted(set(pooling) - {t.name for t in taps} - {"*"})
-        if unknown:
-            raise UnknownNameError(f"pooling given for tap(s) {', '.join(unknown)} that are not extracted")
-        out = {t.name: pooling.get(t.name, pooling.get("*", t.pooling)) for t in taps}
+        per_tap = dict(pooling)
+        default = per_tap.pop("*", None)
+    unknown = sorted(set(per_tap) - {t.name for t in taps})
+    if unknown:
+        raise UnknownNameError(f"pooling names tap(s) {', '.join(unknown)} that are not extracted "
+                               f"(taps: {', '.join(t.name for t in taps)})")
+    out = {t.name: per_tap.get(t.name, default or t.pooling) for t in taps}
     for t in taps:
         check_pooling(t.name, t.kind, out[t.name])
     return out
-
-
-def parse_poolings(text: str) -> dict[str, str]:
-    """``"cls,norm=cls+mean"`` -> ``{"*": "cls", "norm": "cls+mean"}`` (``*``: every other tap)."""
-    out: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        tap, sep, method = part.rpartition("=")
-        out[tap.strip() if sep else "*"] = method.strip()
-    return out
-
 
 
 def _check_checkpoint_config(name: str, spec: BackboneSpec, weights: str, stored: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from medfeat.errors import InputError, ManifestError
+from medfeat.export.training.reproducible import reproducible
 
 CLASS_NAMES = ("background", "femur", "tibia", "femoral_cartilage", "tibial_cartilage", "other_tissue")
 
@@ -53,6 +54,8 @@ class TrainConfig:
     strides: tuple[int, ...] = (2, 2, 2, 2)
     num_res_units: int = 2
     class_names: tuple[str, ...] = field(default=CLASS_NAMES)
+    # torch threads while training (None: leave as is); a fixed count makes reruns identical
+    threads: int | None = None
 
 
 def percentile_normalise(data: np.ndarray, upper: float = 99.0) -> np.ndarray:
@@ -204,19 +207,19 @@ def train_unet(manifest: str | Path, out: str | Path, cfg: TrainConfig | None = 
             # Instance norm needs more than one voxel at the 1/multiple bottleneck.
             raise ValueError(f"{label} {value} must be a multiple of {multiple} and at least {2 * multiple}")
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    subjects, x, y = _load_cohort(manifest, cfg.size, cfg.max_subjects, cfg.seed)
-    if int(y.max()) >= cfg.num_classes or int(y.min()) < 0:
-        raise InputError(f"{manifest}: mask labels span {int(y.min())}..{int(y.max())}, "
-                         f"expected 0..{cfg.num_classes - 1}")
-    train_s, held_s = split_subjects(subjects, cfg.val_fraction, cfg.seed)
-    tr = torch.tensor([s in set(train_s) for s in subjects])
-    model = build_model(cfg)
-    if progress is not None:
-        progress(f"loaded {len(subjects)} scans in {time.perf_counter() - t0:.1f} s; training on "
-                 f"{int(tr.sum())} scans of {len(train_s)} subjects")
-    losses = _train(model, x[tr], y[tr], cfg, progress)
-    scores = _evaluate(model, x[~tr], y[~tr], cfg)
+    with reproducible(cfg.threads, cfg.seed):
+        subjects, x, y = _load_cohort(manifest, cfg.size, cfg.max_subjects, cfg.seed)
+        if int(y.max()) >= cfg.num_classes or int(y.min()) < 0:
+            raise InputError(f"{manifest}: mask labels span {int(y.min())}..{int(y.max())}, "
+                             f"expected 0..{cfg.num_classes - 1}")
+        train_s, held_s = split_subjects(subjects, cfg.val_fraction, cfg.seed)
+        tr = torch.tensor([s in set(train_s) for s in subjects])
+        model = build_model(cfg)
+        if progress is not None:
+            progress(f"loaded {len(subjects)} scans in {time.perf_counter() - t0:.1f} s; training on "
+                     f"{int(tr.sum())} scans of {len(train_s)} subjects")
+        losses = _train(model, x[tr], y[tr], cfg, progress)
+        scores = _evaluate(model, x[~tr], y[~tr], cfg)
     dice = {name: _nanmean(scores[:, c]) for c, name in enumerate(cfg.class_names[: cfg.num_classes])}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +233,7 @@ def train_unet(manifest: str | Path, out: str | Path, cfg: TrainConfig | None = 
         "weights_sha256": sha256_file(out),
         "config": build_config,
         "train": {"epochs": cfg.epochs, "patch": cfg.patch, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                  "seed": cfg.seed, "max_subjects": cfg.max_subjects,
+                  "seed": cfg.seed, "max_subjects": cfg.max_subjects, "threads": cfg.threads,
                   "loss": "DiceCE", "optimizer": "Adam", "losses": losses},
         "train_subjects": train_s,
         "heldout_subjects": held_s,

@@ -168,7 +168,9 @@ def test_spec_declares_the_published_model():
     assert SPEC.input_size == (175, 175, 175)
     assert (SPEC.preprocess.rule, SPEC.preprocess.params) == ("percentile_clamp", {"upper": 99.0})
     names = [t.name for t in SPEC.taps]
-    assert len(names) == 4 * 11 and names[0] == "A.enc.0" and names[-1] == "D.phi"
+    # per stage: 5 encoder and 5 decoder levels, the map, and the map's two features
+    assert len(names) == 4 * 13 and names[0] == "A.enc.0" and names[-1] == "D.phi.logjac"
+    assert names[10:13] == ["A.phi", "A.phi.disp", "A.phi.logjac"]
     assert {t.name: t.channels for t in SPEC.taps}["C.enc.4"] == 512
     assert {t.name: t.reduction for t in SPEC.taps}["A.enc.0"] == 8
 
@@ -188,7 +190,9 @@ def test_full_size_model_has_upstream_parameter_count_and_keys():
 
 def test_every_tap_has_the_declared_shape(model, pair, all_taps):
     table = SPEC.tap_table(**TINY)
-    assert [t.name for t in table] == model.tap_names() == list(all_taps)
+    features = model.feature_names()
+    assert [t.name for t in table if t.name not in features] == model.tap_names() == list(all_taps)
+    all_taps = {**all_taps, **model.forward_taps(pair, features)}
     for tap in table:
         expected = (pair.shape[0], tap.channels, *(math.ceil(n / tap.reduction) for n in SIZE))
         assert tuple(all_taps[tap.name].shape) == expected, tap.name

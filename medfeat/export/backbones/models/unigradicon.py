@@ -24,6 +24,7 @@ from medfeat.export.backbones.models.unigradicon_net import (
     STAGES,
     UP_CHANNELS,
     UniGradICONNet,
+    stage_feature_names,
     stage_tap_names,
 )
 from medfeat.export.backbones.registry import converter_for, register_backbone
@@ -100,15 +101,21 @@ def unigradicon_taps(*, input_size: Sequence[int] = INPUT_SIZE, down_channels: S
     taps = []
     for stage in STAGES:
         base = 2 ** STAGE_POOLINGS[stage]
-        for name in stage_tap_names(stage, depth):
-            kind, _, index = name.split(".", 1)[1].partition(".")
+        for name in stage_tap_names(stage, depth) + stage_feature_names(stage):
+            level = name.split(".", 1)[1]
+            kind, _, index = level.partition(".")
+            pooling = "avg"
             if kind == "enc":
                 channels, reduction = down_channels[int(index)], base * 2 ** (int(index) + 1)
             elif kind == "dec":
                 channels, reduction = up_channels[int(index)], base * 2 ** int(index)
-            else:
+            elif level == "phi.logjac":
+                # tensor-based morphometry: mean and percentiles over the ROI (add the 2x2x2 cells
+                # with pooling stats+grid2; the ONNX exporter cannot pool grid2 cells of these maps)
+                channels, reduction, pooling = 1, 1, "stats"
+            else:  # phi, phi.disp
                 channels, reduction = 3, 1
-            taps.append(TapSpec(name, channels=channels, reduction=reduction, kind="map", pooling="avg"))
+            taps.append(TapSpec(name, channels=channels, reduction=reduction, kind="map", pooling=pooling))
     return tuple(taps)
 
 
@@ -144,5 +151,6 @@ SPEC = register_backbone(BackboneSpec(
     licence="Apache-2.0 (uniGradICON and icon_registration code, uncbiag); weights: uniGradICON "
             "GitHub release 'unigradicon_weights', trained on public datasets (check their terms)",
     taps_for=unigradicon_taps,
-    description="uniGradICON registration cascade (4 UNets, pair input, 175^3), taps per stage",
+    description="uniGradICON registration cascade (4 UNets, pair input, 175^3), taps per stage; "
+                "map features S.phi.disp, S.phi.logjac",
 ))

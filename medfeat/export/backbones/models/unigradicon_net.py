@@ -19,6 +19,10 @@ graph exports to ONNX (GridSample, opset >= 20 for 5-D).
 
 Parameter names inside each UNet are upstream's (``downConvs``, ``upConvs``, ``batchNorms``,
 ``lastConv``); :mod:`medfeat.export.backbones.models.unigradicon` maps the cascade's nested prefixes.
+
+Besides the network's own outputs, each stage offers two features of its map (tensor-based
+morphometry, :mod:`medfeat.export.backbones.deformation`): ``S.phi.disp``, the displacement in
+input voxels, and ``S.phi.logjac``, the log-Jacobian determinant.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfeat.errors import InputError, UnknownNameError
+from medfeat.export.backbones.deformation import displacement_voxels, log_jacobian
 from medfeat.export.backbones.spec import TappedModel
 
 STAGES = ("A", "B", "C", "D")
@@ -38,6 +43,8 @@ STAGE_POOLINGS = {"A": 2, "B": 1, "C": 0, "D": 0}
 DOWN_CHANNELS = (16, 32, 64, 256, 512)
 UP_CHANNELS = (16, 32, 64, 128, 256)
 ORDERS = ("moving_fixed", "fixed_moving")
+# Features computed from a stage's map ``S.phi`` (after it in the tap order).
+MAP_FEATURES = ("phi.disp", "phi.logjac")
 
 
 def stage_tap_names(stage: str, depth: int) -> list[str]:
@@ -45,6 +52,16 @@ def stage_tap_names(stage: str, depth: int) -> list[str]:
     enc = [f"{stage}.enc.{k}" for k in range(depth)]
     dec = [f"{stage}.dec.{d}" for d in reversed(range(depth))]
     return enc + dec + [f"{stage}.phi"]
+
+
+def stage_feature_names(stage: str) -> list[str]:
+    """Features of one stage's map, computed after ``S.phi``: ``S.phi.disp``, ``S.phi.logjac``."""
+    return [f"{stage}.{f}" for f in MAP_FEATURES]
+
+
+def is_map_level(level: str) -> bool:
+    """True for a stage's map and its features (``phi``, ``phi.disp``, ``phi.logjac``)."""
+    return level == "phi" or level.startswith("phi.")
 
 
 def _pad_or_crop_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -172,10 +189,11 @@ def identity_grid(size: Sequence[int], device: torch.device | None = None,
     return torch.stack(grids).unsqueeze(0).to(dtype)
 
 
-def warp(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+def warp(image: torch.Tensor, coords: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
     """Sample ``image`` (B, C, D, H, W) at ``coords`` (B or 1, 3, *out) in [0, 1] units.
 
-    Trilinear, border padding, ``align_corners=True``; returns (B, C, *out). The scale of
+    Trilinear, ``align_corners=True``, border padding (``"zeros"``: upstream's
+    ``zero_boundary=True``, which its training loss uses); returns (B, C, *out). The scale of
     each axis is computed as upstream's ``scale_map`` does, so results agree to the bit.
     """
     size = image.shape[2:]
@@ -184,7 +202,7 @@ def warp(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     grid = torch.stack(channels, dim=-1)
     if grid.shape[0] == 1 and image.shape[0] != 1:
         grid = grid.expand(image.shape[0], -1, -1, -1, -1)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
 
 
 def compose(displacements: list[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
@@ -222,9 +240,13 @@ class UniGradICONNet(TappedModel):
 
     ``forward(x)`` takes (B, 2, D, H, W) and returns the final map (B, 3, D, H, W): the
     registered transform evaluated on the identity grid, in [0, 1] units (upstream's
-    ``regis_net(moving, fixed)(identity_map)``). Taps per stage S: ``S.enc.k`` and ``S.dec.d``
-    (UNet levels, ``dec`` before the skip concatenation) and ``S.phi`` (the transform of
-    stages A..S evaluated on the full-size identity grid, (B, 3, D, H, W)).
+    ``regis_net(moving, fixed)(identity_map)``). Taps per stage S (:meth:`tap_names`, the
+    network's own outputs): ``S.enc.k`` and ``S.dec.d`` (UNet levels, ``dec`` before the skip
+    concatenation) and ``S.phi`` (the transform of stages A..S evaluated on the full-size
+    identity grid, (B, 3, D, H, W)). :meth:`forward_taps` also computes the features of each
+    map (:meth:`feature_names`): ``S.phi.disp`` (B, 3, D, H, W), the displacement in input
+    voxels, and ``S.phi.logjac`` (B, 1, D, H, W), the log-Jacobian determinant; in the
+    forward order they follow ``S.phi``.
     """
 
     def __init__(self, order: str = "moving_fixed", down_channels: Sequence[int] = DOWN_CHANNELS,
@@ -235,16 +257,46 @@ class UniGradICONNet(TappedModel):
         self.order = order
         self.stages = nn.ModuleDict({s: UNet2(down_channels, up_channels) for s in STAGES})
         self.depth = len(up_channels)
-        self._taps = [t for s in STAGES for t in stage_tap_names(s, self.depth)]
+        # Network taps and map features in forward order (each map's features after it).
+        self._taps = [t for s in STAGES for t in stage_tap_names(s, self.depth) + stage_feature_names(s)]
         self._index = {t: i for i, t in enumerate(self._taps)}
         self._last_kept = len(self._taps) - 1
 
     def tap_names(self) -> list[str]:
-        return list(self._taps)
+        """The network's own outputs (upstream's modules compute each of them)."""
+        features = set(self.feature_names())
+        return [t for t in self._taps if t not in features]
+
+    def feature_names(self) -> list[str]:
+        """The features of the stage maps (computed here from ``S.phi``)."""
+        return [t for s in STAGES for t in stage_feature_names(s)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = self._taps[-1]
+        last = f"{STAGES[-1]}.phi"  # the network's output; the map features come after it
         return self.forward_taps(x, [last])[last]
+
+    def displacements(self, moving: torch.Tensor, fixed: torch.Tensor, stages: str = "ABCD") -> list[torch.Tensor]:
+        """Each stage's displacement, A to the last of ``stages``: [(B, 3, *stage size)] in [0, 1] units.
+
+        The transform is ``x -> phi_A(psi_B(...(x)))`` with ``psi_S(x) = x + u_S(x)`` (see
+        :func:`compose`); training evaluates it at points other than the identity grid.
+        """
+        kept = "".join(self.stages)
+        if not stages or not kept.startswith(stages):
+            raise InputError(f"unigradicon: stages {stages!r} are not a prefix of {kept}")
+        last = stages[-1]
+        pyramid = _pyramid(moving, fixed, max(STAGE_POOLINGS.values()))
+        disps: list[torch.Tensor] = []
+        for stage in STAGES[: STAGES.index(last) + 1]:
+            m, f = pyramid[STAGE_POOLINGS[stage]]
+            if disps:
+                m = warp(m, compose(disps, identity_grid(m.shape[2:], m.device, m.dtype)))
+            unet = cast(UNet2, self.stages[stage])
+            disp = unet.run(m, f, set(), None, {})
+            if disp is None:  # a run without a stop level always returns the displacement
+                raise RuntimeError(f"unigradicon: stage {stage} returned no displacement")
+            disps.append(disp)
+        return disps
 
     def forward_taps(self, x: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
         """Raw outputs ``{tap: tensor}``; stages after the last tap's stage do not run."""
@@ -268,15 +320,26 @@ class UniGradICONNet(TappedModel):
                 # TwoStepRegistration: warp the moving image by the stages so far at this size.
                 m = warp(m, compose(disps, grid(m.shape[2:])))
             levels = {t.split(".", 1)[1] for t in want if t.startswith(stage + ".")}
-            stop = last.split(".", 1)[1] if stage == last_stage and not last.endswith(".phi") else None
+            last_level = last.split(".", 1)[1]
+            stop = last_level if stage == last_stage and not is_map_level(last_level) else None
             found: dict[str, torch.Tensor] = {}
             disp = self._stage(stage).run(m, f, levels, stop, found)
             out.update({f"{stage}.{k}": v for k, v in found.items()})
             if disp is None:
                 break
             disps.append(disp)
-            if f"{stage}.phi" in want:
-                out[f"{stage}.phi"] = compose(disps, grid(moving.shape[2:]))
+            if any(is_map_level(level) for level in levels):
+                out.update(self._map_taps(stage, compose(disps, grid(moving.shape[2:])), levels))
+        return out
+
+    @staticmethod
+    def _map_taps(stage: str, phi: torch.Tensor, levels: set[str]) -> dict[str, torch.Tensor]:
+        """The wanted ones of ``S.phi`` and its features, from the stage's map on the full grid."""
+        out = {f"{stage}.phi": phi} if "phi" in levels else {}
+        if "phi.disp" in levels:
+            out[f"{stage}.phi.disp"] = displacement_voxels(phi)
+        if "phi.logjac" in levels:
+            out[f"{stage}.phi.logjac"] = log_jacobian(phi)
         return out
 
     def prune_after(self, tap: str) -> None:
@@ -286,7 +349,7 @@ class UniGradICONNet(TappedModel):
         for later in STAGES[STAGES.index(stage) + 1:]:
             if later in self.stages:
                 del self.stages[later]
-        self._stage(stage).prune_after(None if level == "phi" else level)
+        self._stage(stage).prune_after(None if is_map_level(level) else level)
         self._last_kept = min(self._last_kept, index)
 
     def _stage(self, name: str) -> UNet2:
