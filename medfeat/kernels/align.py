@@ -4,10 +4,16 @@ The same code runs on the CPU and on CUDA (pick ``device``). For a batch of B
 (moving, fixed) pairs it optimises B independent world-space transforms at
 once: each scan is first resampled (with the Numba/CUDA resampler) to a
 working cube of ``size`` voxels covering its field of view, a pyramid is
-built by 2x average pooling, and at each level Adam minimises the negative
-overlap-weighted global normalised cross-correlation, with the warped moving
-image produced by ``affine_grid``/``grid_sample``. All geometry is in world
-millimetres, so anisotropic spacing and oblique headers are handled.
+built by 2x average pooling, and at each level, coarsest first, the negative
+global normalised cross-correlation over the overlap is minimised at a fixed
+random subset of fixed voxels. All geometry is in world millimetres, so
+anisotropic spacing and oblique headers are handled.
+
+Optimisers (``AlignConfig.optimizer``): ``gauss-newton`` (the default),
+Levenberg-Marquardt with the analytic Jacobian, a few iterations per level
+and early stopping per pair (:mod:`medfeat.kernels.align_newton`); ``adam``,
+the former first-order optimiser (a fixed number of Adam steps per level on
+the autograd gradient of ``grid_sample``), kept to reproduce earlier results.
 
 Returned transforms are 4x4 (float64, world mm -> world mm) in the
 resampler's pull convention: they map a point of the *fixed* scan's world to
@@ -17,8 +23,8 @@ moving scan onto the fixed grid. For the synthetic cohort
 (``followup_world = T @ baseline_world``), aligning follow-up (moving) to
 baseline (fixed) recovers ``T``.
 
-Parameters: 'rigid' has 6 (rotation vector in radians about the fixed scan's
-centre, translation in mm); 'affine' has 12 (a 3x3 linear part about the same
+Parameters: 'rigid' has 6 (rotation about the fixed scan's centre,
+translation in mm); 'affine' has 12 (a 3x3 linear part about the same
 centre, initialised from the rigid solution, plus translation).
 """
 from __future__ import annotations
@@ -31,41 +37,36 @@ import numpy as np
 
 from medfeat.errors import InputError
 from medfeat.kernels import _checks
+from medfeat.kernels.align_newton import Level, gradient_stack, level_points, rotvec_to_matrix, solve_level
 from medfeat.kernels.geometry import Grid, fov_grid, resample_world
 
 
 @dataclass(frozen=True)
 class AlignConfig:
-    """Optimiser settings; ``iterations`` per pyramid level, coarsest first."""
+    """Optimiser settings; ``iterations`` per pyramid level, coarsest first.
+
+    ``gauss-newton`` reads ``iterations`` as the most evaluations a pair may
+    take at a level (most stop far earlier, at ``tolerance``: their last step
+    moved no point of the field of view by more than that many voxels of the
+    level); ``adam`` takes exactly that many steps with the ``lr_*`` rates.
+    ``samples``: fixed voxels sampled per level (all of a smaller level).
+    """
 
     size: int = 64
     levels: int = 3
     iterations: tuple[int, ...] = (60, 40, 25)
-    lr_rotation: float = 0.02  # radians per step
-    lr_translation: float = 0.5  # in units of the working voxel size (mm / voxel)
-    lr_linear: float = 0.005  # affine linear part, per step
+    lr_rotation: float = 0.02  # adam: radians per step
+    lr_translation: float = 0.5  # adam: in units of the working voxel size (mm / voxel)
+    lr_linear: float = 0.005  # adam: affine linear part, per step
     samples: int = 16384  # fixed voxels sampled per level
+    optimizer: str = "gauss-newton"  # or 'adam'
+    tolerance: float = 0.05  # gauss-newton: stopping step, in voxels of the level
 
 
 def _torch() -> Any:
     import torch
 
     return torch
-
-
-def _rotvec_to_matrix(r: Any) -> Any:
-    """(B, 3) rotation vectors -> (B, 3, 3) rotation matrices (Rodrigues, safe at 0)."""
-    torch = _torch()
-    theta = torch.sqrt((r * r).sum(-1, keepdim=True) + 1e-20)
-    k = r / theta
-    zero = torch.zeros_like(k[:, 0])
-    kx = torch.stack(
-        [zero, -k[:, 2], k[:, 1], k[:, 2], zero, -k[:, 0], -k[:, 1], k[:, 0], zero], dim=-1
-    ).view(-1, 3, 3)
-    eye = torch.eye(3, dtype=r.dtype, device=r.device).expand_as(kx)
-    s = torch.sin(theta)[..., None]
-    c = torch.cos(theta)[..., None]
-    return eye + s * kx + (1 - c) * (kx @ kx)
 
 
 def _index_to_norm(shape: tuple[int, int, int]) -> np.ndarray:
@@ -87,14 +88,22 @@ def _pool_affine(affine: np.ndarray) -> np.ndarray:
     return affine @ s
 
 
-def _working(volumes: Sequence[Any], affines: Sequence[Any], size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Resample each scan to a size^3 cube over its own field of view; z-score it."""
+def _working(side: str, volumes: Sequence[Any], affines: Sequence[Any], size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Resample each scan to a size^3 cube over its own field of view; z-score it.
+
+    ``side`` ('moving' or 'fixed') names the item in errors: NaN/Inf voxels,
+    a singular or non-finite affine, or a constant scan (no contrast, so no
+    correlation to maximise: aligning it would silently return the identity).
+    """
     cubes, grids = [], []
     for i, (v, a) in enumerate(zip(volumes, affines)):
-        _checks.check_volume(f"volumes[{i}]", v, (3,))
+        _checks.check_volume(f"{side}[{i}]", v, (3,))
+        a = _checks.check_affine4(f"{side}_affines[{i}]", a)
         g = fov_grid(v.shape, a, (size,) * 3)
         c = resample_world(v, a, g, order=1, mode="nearest")
         c = c.get() if hasattr(c, "get") else c
+        if not float(c.std()) > 0.0:
+            raise InputError(f"{side}[{i}]: constant image (no contrast to align on)")
         c = (c - c.mean()) / (c.std() + 1e-8)
         cubes.append(c.astype(np.float32))
         grids.append(g.affine)
@@ -134,7 +143,7 @@ class _Params:
 
     def matrix(self) -> Any:
         torch = _torch()
-        lin = _rotvec_to_matrix(self.rot) @ self.base if self.kind == "rigid" else self.base + self.lin
+        lin = rotvec_to_matrix(self.rot) @ self.base if self.kind == "rigid" else self.base + self.lin
         trans = self.c - (lin @ self.c[..., None])[..., 0] + self.t
         b = lin.shape[0]
         bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=lin.dtype, device=lin.device).expand(b, 1, 4)
@@ -143,9 +152,7 @@ class _Params:
 
 def _sample_points(shape: tuple[int, int, int], n: int, seed: int) -> np.ndarray:
     """(4, N) homogeneous voxel indices: all voxels, or a fixed random subset of ``n``."""
-    total = int(np.prod(shape))
-    flat = np.arange(total) if total <= n else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
-    idx = np.stack(np.unravel_index(flat, shape)).astype(np.float64)
+    idx = level_points(shape, n, seed)
     return np.vstack([idx, np.ones((1, idx.shape[1]))])
 
 
@@ -214,8 +221,10 @@ def align(
     cfg = config
     if len(cfg.iterations) != cfg.levels:
         raise InputError(f"config.iterations: need one count per level ({cfg.levels}), got {cfg.iterations}")
-    mov_np, a_mov = _working(moving, moving_affines, cfg.size)
-    fix_np, a_fix = _working(fixed, fixed_affines, cfg.size)
+    if cfg.optimizer not in ("gauss-newton", "adam"):
+        raise InputError(f"config.optimizer: expected 'gauss-newton' or 'adam', got {cfg.optimizer!r}")
+    mov_np, a_mov = _working("moving", moving, moving_affines, cfg.size)
+    fix_np, a_fix = _working("fixed", fixed, fixed_affines, cfg.size)
     centres = np.stack([Grid((cfg.size,) * 3, a).world_corners().mean(axis=0) for a in a_fix])
     mov = torch.from_numpy(mov_np)[:, None].to(device)
     fix = torch.from_numpy(fix_np)[:, None].to(device)
@@ -225,7 +234,14 @@ def align(
         pool = torch.nn.functional.avg_pool3d
         pyramid.append((pool(f, 2), pool(m, 2), [_pool_affine(a) for a in af], [_pool_affine(a) for a in am]))
     pyramid = pyramid[::-1]
-    spacing = float(np.mean([Grid((cfg.size,) * 3, a).spacing.mean() for a in a_fix]))
+    spacings = np.array([Grid((cfg.size,) * 3, a).spacing.mean() for a in a_fix])  # (B,) mm, working cubes
+    if cfg.optimizer == "gauss-newton":
+        return _newton(pyramid, centres, kind, cfg, spacings)
+    return _adam(pyramid, centres, kind, cfg, float(spacings.mean()), device)
+
+
+def _adam(pyramid: list, centres: np.ndarray, kind: str, cfg: AlignConfig, spacing: float, device: Any) -> np.ndarray:
+    """The former optimiser: fixed Adam steps per level (rigid), then the affine refinement."""
     params = _Params(centres, "rigid", device, None)
     for level, (f, m, af, am) in enumerate(pyramid):
         scale = 2.0 ** (cfg.levels - 1 - level)
@@ -238,3 +254,44 @@ def align(
             _run_level(f, m, af, am, params, cfg.iterations[level], cfg, spacing * scale, level)
         result = params.matrix().detach().cpu().numpy()
     return result
+
+
+def _newton_level(fix: Any, mov: Any, a_fix: list, a_mov: list, centres: np.ndarray, cfg: AlignConfig, voxel: np.ndarray, level: int) -> Level:
+    """The solver's view of one level: sampled fixed voxels about the centres (mm), moving image + gradient."""
+    torch = _torch()
+    b, dev = fix.shape[0], fix.device
+    shape = tuple(fix.shape[2:])
+    idx = level_points(shape, cfg.samples, seed=level)
+    flat = torch.from_numpy(np.ravel_multi_index(idx.astype(np.int64), shape)).to(dev)
+    about = np.stack([a[:3, :3] @ idx + (a[:3, 3] - c)[:, None] for a, c in zip(a_fix, centres)])  # (B, 3, N)
+    radius = np.linalg.norm(about, axis=1).max(axis=1)
+    to_index = np.stack([np.linalg.inv(a) for a in a_mov])
+    to_grid = np.stack([_index_to_norm(tuple(mov.shape[2:]))[:3] @ m for m in to_index])
+    return Level(gradient_stack(mov), fix.reshape(b, -1)[:, flat], torch.from_numpy(about).to(dev, torch.float32),
+                 torch.tensor(centres, device=dev), torch.tensor(to_grid, device=dev),
+                 torch.tensor(to_index[:, :3, :3], device=dev), torch.tensor(radius, device=dev),
+                 torch.tensor(voxel, dtype=torch.float64, device=dev))
+
+
+def _newton(pyramid: list, centres: np.ndarray, kind: str, cfg: AlignConfig, spacings: np.ndarray) -> np.ndarray:
+    """Rigid Levenberg-Marquardt over all levels, then (affine) the linear part refined on the finer ones.
+
+    The transform starts at the identity (world to world), as the former optimiser's did.
+    """
+    torch = _torch()
+    dev = pyramid[0][0].device
+    b = centres.shape[0]
+    lin = torch.eye(3, dtype=torch.float64, device=dev).repeat(b, 1, 1)
+    t = torch.zeros(b, 3, dtype=torch.float64, device=dev)
+    levels = [_newton_level(f, m, af, am, centres, cfg, spacings * 2.0 ** (cfg.levels - 1 - k), k)
+              for k, (f, m, af, am) in enumerate(pyramid)]
+    for k, lv in enumerate(levels):
+        lin, t, _ = solve_level(lv, lin, t, "rigid", cfg.iterations[k], cfg.tolerance)
+    if kind == "affine":
+        for k, lv in enumerate(levels[1:], start=1):
+            lin, t, _ = solve_level(lv, lin, t, "affine", cfg.iterations[k], cfg.tolerance)
+    lin_np = lin.cpu().numpy()
+    out = np.tile(np.eye(4), (b, 1, 1))
+    out[:, :3, :3] = lin_np
+    out[:, :3, 3] = centres - (lin_np @ centres[..., None])[..., 0] + t.cpu().numpy()
+    return out

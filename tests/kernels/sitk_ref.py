@@ -29,8 +29,12 @@ def transform_to_matrix(tx) -> np.ndarray:
     return out
 
 
-def sitk_register(moving, fixed, a_mov, a_fix, kind: str = "rigid", seed: int = 0) -> np.ndarray:
-    """Fixed-world -> moving-world 4x4 from SimpleITK (correlation metric, 3-level pyramid)."""
+def sitk_register(moving, fixed, a_mov, a_fix, kind: str = "rigid", seed: int = 1) -> np.ndarray:
+    """Fixed-world -> moving-world 4x4 from SimpleITK (correlation metric, 3-level pyramid).
+
+    ``seed`` of the random metric sampling; 0 would be SimpleITK's ``sitkWallClock``
+    (a new sample set every call), so the default is a fixed 1.
+    """
     import SimpleITK as sitk
 
     f, m = to_sitk(fixed, a_fix), to_sitk(moving, a_mov)

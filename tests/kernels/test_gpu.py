@@ -106,14 +106,15 @@ def test_prepare_images_on_gpu():
     np.testing.assert_allclose(gpu.get(), cpu, atol=1e-6)
 
 
-def test_align_on_cuda_matches_cpu():
+@pytest.mark.parametrize("optimizer", ["gauss-newton", "adam"])
+def test_align_on_cuda_matches_cpu(optimizer):
     from scipy.ndimage import gaussian_filter
 
     fixed = gaussian_filter(np.random.default_rng(7).standard_normal((32, 32, 32)), 3).astype(np.float32)
     a = np.diag([1.5, 1.0, 1.0, 1.0])
     t = rigid_matrix([0.05, -0.08, 0.1], [2.0, -1.0, 1.5], center=[24, 16, 16])
     moving = affine_transform(fixed, *_pull(a, np.linalg.inv(t)), mode="nearest")
-    cfg = AlignConfig(size=32, iterations=(60, 40, 25), samples=16384)
+    cfg = AlignConfig(size=32, iterations=(60, 40, 25), samples=16384, optimizer=optimizer)
     est_gpu = align([cp.asarray(moving)], [cp.asarray(fixed)], [a], [a], config=cfg)[0]
     est_cpu = align([moving], [fixed], [a], [a], config=cfg)[0]
     np.testing.assert_allclose(est_gpu, est_cpu, atol=0.2)
