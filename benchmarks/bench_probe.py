@@ -10,6 +10,11 @@ limited to ``--threads`` (2 = the development machine).
     python benchmarks/bench_probe.py                      # full size, prints JSON
     python benchmarks/bench_probe.py --items 20000 --dim 256   # quick look
     python benchmarks/bench_probe.py --append-results     # also append to benchmarks/RESULTS.md
+    python benchmarks/bench_probe.py --cli                # `medfeat probe train` with its defaults
+
+``--cli`` writes the same matrix into a feature store (one item per row, the labels in its
+items table) and times ``medfeat probe train`` as a fresh process with every default (5 folds
+x 3 seeds, C tuned, 1,000 bootstrap replicates): the whole command, reading included.
 """
 from __future__ import annotations
 
@@ -68,6 +73,34 @@ def run(items: int, dim: int, folds: int, threads: int, n_boot: int) -> dict:
     }
 
 
+def run_cli(items: int, dim: int) -> dict:
+    """Wall time of ``medfeat probe train`` with its defaults on an ``items`` x ``dim`` store."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from medfeat.engine.store.feature_store import ArrayKey, FeatureStore
+
+    X, y, groups = make_data(items, dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FeatureStore.create(Path(tmp) / "store.zarr", chunk_items=4096)
+        idx = store.add_items([{"item_id": f"i{k}", "subject": f"s{g}", "kind": "scan", "label": str(int(v))}
+                               for k, (g, v) in enumerate(zip(groups, y))])
+        key = ArrayKey("bench", "features", "none")
+        store.ensure_array(key, dim, {"model": "bench", "tap": "features"})
+        store.write(key, idx, X)
+        cmd = [sys.executable, "-m", "medfeat", "probe", "train", "--store", str(Path(tmp) / "store.zarr"),
+               "--features", "bench:features", "--target", "label"]
+        t0 = time.perf_counter()
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+    if run.returncode != 0:
+        raise SystemExit(run.stderr[-2000:])
+    return {"benchmark": "probe_train_cli", "items": items, "dim": dim, "seconds": round(seconds, 2),
+            "output": run.stdout.strip().splitlines()[-6:], "load_avg_1m": round(os.getloadavg()[0], 2),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
 def _bootstrap_only(res, n_boot: int) -> list[float]:
     from medfeat.probes.metrics import prepared_auc
     from medfeat.probes.stats import bootstrap_ci
@@ -107,7 +140,11 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--json", type=Path, default=None, help="Also write the JSON record here.")
     ap.add_argument("--append-results", action="store_true", help="Append a section to benchmarks/RESULTS.md.")
+    ap.add_argument("--cli", action="store_true", help="Time `medfeat probe train` with its defaults instead.")
     args = ap.parse_args()
+    if args.cli:
+        print(json.dumps(run_cli(args.items, args.dim), indent=1))
+        return
     r = run(args.items, args.dim, args.folds, args.threads, args.n_boot)
     print(json.dumps(r, indent=1))
     if args.json:

@@ -164,5 +164,5 @@ def test_map_features_are_the_deformation_of_the_stage_map(moving_backbone):
 def test_pooling_must_name_extracted_taps_and_fit_their_kind():
     with pytest.raises(UnknownNameError, match="not extracted"):
         create_backbone("unigradicon", ["A.enc.0"], tiny=True, pooling="avg,A.phi.logjac=stats")
-    with pytest.raises(UnknownNameError, match="tap A.enc.0: pooling 'cls'"):
+    with pytest.raises(UnknownNameError, match="tap A.enc.0: unknown pooling 'cls' for a map tap"):
         create_backbone("unigradicon", ["A.enc.0"], tiny=True, pooling="cls")
