@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfeat.errors import MedfeatError, one_line
+from medfeat.errors import MedfeatError, RuntimeUnavailableError, one_line
 from medfeat.export.backbones.registry import Backbone
 from medfeat.export.runtimes.artefacts import ArtefactCache, artefact_key, onnx_key_fields
 from medfeat.export.runtimes.factory import Runtime, check_device, choose_auto, make_runtime
@@ -123,19 +123,31 @@ def _timed(backbone: Backbone, name: str, device: str, precision: str, input_siz
     fields = _timing_fields(backbone, name, device, precision, input_size, batch_size)
     found = cache.lookup(artefact_key(fields))
     if found is not None:
-        timings[name] = float(json.loads((found / TIMING_FILE).read_text())["seconds_per_item"])
+        record = json.loads((found / TIMING_FILE).read_text())
+        if "unavailable" in record:  # failed before with these versions: not tried again
+            raise RuntimeUnavailableError(f"{record['unavailable']} (recorded in the artefact cache)")
+        timings[name] = float(record["seconds_per_item"])
         return timings[name]
-    runtime = make_runtime(backbone, name, device=device, precision=precision, input_size=tuple(input_size),
-                           cache_dir=str(cache.root))
+    try:
+        runtime = make_runtime(backbone, name, device=device, precision=precision, input_size=tuple(input_size),
+                               cache_dir=str(cache.root))
+    except RuntimeUnavailableError as exc:
+        _record(cache, fields, {"unavailable": one_line(exc, 300)})
+        raise
     built[name] = runtime
     seconds = _measure(runtime, backbone, input_size, batch_size)
-
-    def write(tmp: Path) -> None:
-        (tmp / TIMING_FILE).write_text(json.dumps({"seconds_per_item": seconds}) + "\n")
-
-    cache.get_or_build(fields, write)
+    _record(cache, fields, {"seconds_per_item": seconds})
     timings[name] = seconds
     return seconds
+
+
+def _record(cache: ArtefactCache, fields: dict[str, Any], record: dict[str, Any]) -> None:
+    """Keep a timing (or why the runtime could not be built) with the exports."""
+
+    def write(tmp: Path) -> None:
+        (tmp / TIMING_FILE).write_text(json.dumps(record) + "\n")
+
+    cache.get_or_build(fields, write)
 
 
 def _measure(runtime: Runtime, backbone: Backbone, input_size: Sequence[int], batch_size: int) -> float:

@@ -146,7 +146,7 @@ def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[in
     example = random_input(backbone, EXPORT_BATCH, input_size, seed=1234, device=device)
     axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs.values()}}
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off():
+        with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off(), _native_output_quiet():
             warnings.simplefilter("ignore")  # tracer and deprecation chatter
             torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
                               output_names=list(outputs.values()), dynamic_axes=axes,
@@ -160,6 +160,29 @@ def export_onnx(backbone: Backbone, path: str | Path, *, input_size: Sequence[in
                                       f"{_first_line(exc)}{hint}") from exc
     onnx.checker.check_model(str(path), full_check=False)
     return _meta(backbone, outputs, input_size, opset, precision, "torchscript")
+
+
+@contextlib.contextmanager
+def _native_output_quiet() -> Iterator[None]:
+    """Silence file descriptors 1 and 2 while the TorchScript exporter runs: on a failure it
+    prints the whole traced graph from C++ (thousands of lines) before raising; the error it
+    raises is reported instead, in one line."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def _meta(backbone: Backbone, outputs: dict[str, str], input_size: Sequence[int] | int | None, opset: int,
