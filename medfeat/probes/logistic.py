@@ -33,8 +33,9 @@ _ROUNDING = 1e-6  # relative error of an objective summed from float32 products
 
 @dataclass(frozen=True)
 class Preconditioner:
-    """Eigenbasis ``V`` (d, d) and eigenvalues ``lam`` (d,) of the feature covariance, and
-    ``beta``, the expected loss curvature per row (1/4 for the logistic loss at 0)."""
+    """Eigenvectors ``V`` (d, r) and eigenvalues ``lam`` (r,) of the feature covariance (r = d,
+    or the rank of fewer rows than features: the other eigenvalues are 0), and ``beta``, the
+    expected loss curvature per row (1/4 for the logistic loss at 0)."""
 
     V: np.ndarray
     lam: np.ndarray
@@ -49,6 +50,11 @@ class Preconditioner:
             rows = X[np.sort(pick)]
         rows = np.asarray(rows, dtype=np.float64)
         centred = rows - rows.mean(axis=0)
+        if len(rows) < centred.shape[1]:
+            # fewer rows than features (a study's few hundred subjects, thousands of features):
+            # the thin SVD costs O(n^2 d) where the d x d eigendecomposition costs O(d^3)
+            _, sv, Vt = np.linalg.svd(centred, full_matrices=False)
+            return cls(Vt.T, sv**2 / len(rows))
         lam, V = np.linalg.eigh(centred.T @ centred / len(rows))
         return cls(V, np.maximum(lam, 0.0))
 
@@ -56,11 +62,14 @@ class Preconditioner:
         """``H0 @ q`` for stacked parameters q (d + 1, k * m): per class block and C, weights
         get ``(beta n Cov + I/C)^-1`` (in the objective divided by C, i.e. times C), the
         intercept ``1 / (beta n)``."""
-        d = len(self.lam)
+        d = self.V.shape[0]
         c_cols = np.repeat(Cs, k)  # column j belongs to C index j // k
         denom = self.beta * n * self.lam[:, None] + 1.0 / c_cols[None, :]
         out = np.empty_like(q)
-        out[:d] = self.V @ ((self.V.T @ q[:d]) / denom)
+        p = self.V.T @ q[:d]
+        out[:d] = self.V @ (p / denom)
+        if self.V.shape[1] < d:  # directions of zero variance: (I/C)^-1
+            out[:d] += (q[:d] - self.V @ p) * c_cols[None, :]
         out[d] = q[d] / (self.beta * n)
         return out
 

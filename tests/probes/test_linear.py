@@ -159,3 +159,32 @@ def test_too_few_subjects_to_tune_is_an_error_not_a_guess():
     with pytest.raises(InputError, match="tuning C needs at least inner_splits=3 subjects"):
         LinearProbe(Cs=CS).fit(X, y, groups)
     assert LinearProbe(Cs=(1.0,)).fit(X, y, groups).C_ == 1.0  # a single C needs no tuning
+
+
+def test_fewer_rows_than_features_preconditioner_equals_the_full_one():
+    """With n < d rows the preconditioner comes from a thin SVD; it must act as the d x d
+    eigendecomposition's (zero-variance directions scaled by C)."""
+    from medfeat.probes.logistic import Preconditioner
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 50))
+    thin = Preconditioner.of(X)
+    assert thin.V.shape == (50, 20)
+    centred = X - X.mean(axis=0)
+    lam, V = np.linalg.eigh(centred.T @ centred / len(X))
+    full = Preconditioner(V, np.maximum(lam, 0.0))
+    q = rng.normal(size=(51, 6))  # 3 C values x 2 classes
+    Cs = np.array([1e-2, 1.0, 1e3])
+    np.testing.assert_allclose(thin.apply(q, 20, Cs, 2), full.apply(q, 20, Cs, 2), rtol=1e-7, atol=1e-8)
+
+
+def test_wide_features_fit_the_same_model_as_scikit_learn():
+    """More features than rows (the thin preconditioner's case): the fixed-C optimum is
+    scikit-learn's."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 40)
+    X = rng.normal(size=(40, 300)).astype(np.float32)
+    X[:, 0] += 2.0 * y
+    ref = _sklearn_exact(X, y, 0.1)
+    ours = LinearProbe(Cs=(0.1,), tol=1e-8).fit(X, y).predict_proba(X)
+    np.testing.assert_allclose(ours, ref, atol=5e-5)
