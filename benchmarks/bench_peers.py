@@ -15,7 +15,7 @@
   ``--probe-items`` x ``--probe-dim`` learnable random features; time ratio and AUC of both.
 * **align**: ``benchmarks/bench_align.py`` covers medfeat against SimpleITK.
 
-    python benchmarks/bench_peers.py                 # full sizes, appends to RESULTS.md with --record
+    python benchmarks/bench_peers.py                 # full sizes (JSON in benchmarks/results/)
     python benchmarks/bench_peers.py --quick         # tiny sizes: checks that it runs
 """
 from __future__ import annotations
@@ -189,6 +189,9 @@ def probe(items: int, dim: int, repeats: int) -> dict:
         return float(res.metrics["auc"]["value"])
 
     def sklearn() -> float:
+        import warnings
+
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8's notices of 1.10's changes
         scores = np.zeros(len(y))
         for train, test in folds:
             inner = list(grouped_kfold(y[train], groups[train], 3, 0))
