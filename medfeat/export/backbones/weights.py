@@ -149,8 +149,10 @@ def checkpoint_config(path: str | Path) -> dict:
 
 
 def _flatten(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    while isinstance(obj, Mapping) and not _is_state_dict(obj):
-        inner = next((obj[k] for k in _NESTING_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+    # A nested mapping under a usual key wins over the wrapper's own tensors: a wrapper such as
+    # {"model": {...}, "step": tensor(5)} is half tensors, but its weights are the nested ones.
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
         obj = inner

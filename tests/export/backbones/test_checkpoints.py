@@ -120,3 +120,15 @@ def test_fill_norm_counters_fills_only_norm_layers_present() -> None:
         from medfeat.export.backbones.weights import load_strict
 
         load_strict(net, path_state, "bnnet_test")
+
+
+def test_wrapper_with_a_tensor_beside_the_weights_unwraps_to_the_weights(tmp_path: Path) -> None:
+    """{"state_dict": {...}, "step": tensor}: half the wrapper's values are tensors, but the
+    weights are the nested ones (not the one-tensor wrapper)."""
+    torch.manual_seed(4)
+    ref = BNNet().state_dict()
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": ref, "step": torch.tensor(1200)}, path)
+    state = read_checkpoint(path)
+    assert set(state) == set(ref)
+    torch.testing.assert_close(state["stem.0.weight"], ref["stem.0.weight"], rtol=0, atol=0)
