@@ -30,6 +30,7 @@ import numpy as np
 from medfeat.errors import InputError, UnknownNameError
 from medfeat.export.backbones.spec import Preprocess
 from medfeat.kernels import Grid, IntensityRule, affine_transform, prepare_images, resample_normalise
+from medfeat.kernels.augment2d import image_source
 
 # Margin around a mask's bounding box for the ROI crop, in mm.
 ROI_MARGIN_MM = 10.0
@@ -196,7 +197,7 @@ def prepare_image(image: np.ndarray, size: Sequence[int], rule: Preprocess, in_c
     h, w = (int(s) for s in size)
     if h != w:
         raise InputError(f"2D model input must be square for the resize + centre-crop transform, got {h}x{w}")
-    src, pixel_scale = _kernel_source(image)
+    src, pixel_scale = image_source(image)  # 8/16-bit as they are (the fused pass scales them)
     mean, std = _mean_std(rule, in_channels)
     if out is None:
         out = np.empty((in_channels, h, w), dtype=np.float32)
@@ -216,31 +217,6 @@ def prepare_image(image: np.ndarray, size: Sequence[int], rule: Preprocess, in_c
                    keep_aspect=keep_aspect)
     out[0] = (tmp[0].mean(0) - mean[0]) / std[0]
     return out
-
-
-def _kernel_source(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """(H, W, 1|3) array the kernel samples and the factor taking its values to [0, 1].
-
-    8/16-bit images go to the kernel as they are (the fused pass scales them); other
-    dtypes are min-max scaled to [0, 1] in float32 first.
-    """
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape) < 1:
-        raise InputError(f"expected a 2D image (H, W) or (H, W, 1|3|4), got shape {np.shape(image)}")
-    img = np.ascontiguousarray(img[:, :, :3])
-    if img.dtype == np.uint8:
-        return img, 1.0 / 255.0
-    if img.dtype == np.uint16:
-        return img, 1.0 / 65535.0
-    x = img.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise InputError("image has NaN or Inf pixels")
-    lo, hi = float(x.min()), float(x.max())
-    x -= np.float32(lo)
-    x *= np.float32(1.0 / max(hi - lo, 1e-6))
-    return x, 1.0
 
 
 def _mean_std(rule: Preprocess, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

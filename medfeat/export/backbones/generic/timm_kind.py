@@ -32,7 +32,7 @@ def create(target: str, config: dict[str, Any], device: str | None = None) -> nn
     import timm
 
     if config.get("pretrained"):
-        raise InputError(f"timm:{target}: pretrained=True would download weights; give --weights FILE")
+        raise InputError(f"timm:{target}: the pretrained argument would download weights; give --weights FILE")
     try:
         if device is None:
             return timm.create_model(target, pretrained=False, **config)
