@@ -407,11 +407,9 @@ def run_experiment(exp: Experiment, out: str | Path, *, weights_dir: str | Path 
 
 def _findings(exp: Experiment, configs: list[dict]) -> list[str]:
     """The findings paragraph of a progression grid with several variants (empty otherwise)."""
-    from medfeat.export.backbones.registry import get_spec
-
     if exp.kind != "progression" or len({c["variant"] for c in configs}) < 2:
         return []
-    kinds: dict[str, str] = {c["model"]: get_spec(c["backbone"]).input_kind for c in configs}
+    kinds: dict[str, str] = {c["model"]: c["input_kind"] for c in configs}
     roles = exp.findings or default_roles(configs, kinds)
     lines: list[str] = []
     for cohort in dict.fromkeys(c["cohort"] for c in configs):
@@ -492,7 +490,8 @@ def _run_cohort(exp: Experiment, cohort: dict[str, Any], manifest: Path, folder:
         names = [f"{a}-{r}" for a, r in exp.variants]
         found.sort(key=lambda c: (entry.taps.index(c["tap"]), names.index(c["variant"])))  # the file's order
         configs += [{**c, "model": name, "spec": f"{name}:{c['tap']}:{c['variant']}",
-                     "backbone": entry.name, "weights": weights or "random"} for c in found]
+                     "backbone": entry.name, "input_kind": spec.input_kind, "weights": weights or "random"}
+                    for c in found]
         if exp.transfer:
             from medfeat.studies.transfer import run_settings
 
