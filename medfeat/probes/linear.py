@@ -54,6 +54,18 @@ def standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (X - mean) / scale, mean, scale
 
 
+def row_space(Z: np.ndarray) -> np.ndarray:
+    """(d, r) orthonormal basis of the span of Z's rows (n, d), r <= n.
+
+    With more features than rows, an L2-penalised linear model's weights lie in that span
+    (they are a combination of the rows the loss sees, the penalty removing any other part),
+    so fitting on ``Z @ basis`` (n, r) and mapping the weights back by ``basis`` gives the
+    same optimum with r parameters instead of d."""
+    _, sv, Vt = np.linalg.svd(np.asarray(Z, dtype=np.float64), full_matrices=False)
+    rank_tol = (sv.max() if len(sv) else 0.0) * max(Z.shape) * np.finfo(np.float32).eps
+    return Vt[sv > rank_tol].T.astype(Z.dtype)
+
+
 def shared_preconditioner(X: np.ndarray, seed: int = 0) -> Preconditioner:
     """The solver's preconditioner for every fold of a cross-validation on X (n, d): the
     covariance of (a row subset of) X standardised on all rows. Folds standardise on their
@@ -74,6 +86,11 @@ class _Fitted:
     coef: np.ndarray | None
     intercept: np.ndarray | None
     constant: float = 0.0
+
+    def in_features(self, basis: np.ndarray) -> _Fitted:
+        """The model fitted on ``Z @ basis`` as a model of Z's features (``basis`` (d, r))."""
+        coef = None if self.coef is None else self.coef @ basis.T
+        return _Fitted(coef, self.intercept, self.constant)
 
     def proba(self, Z: np.ndarray) -> np.ndarray:
         """(n, K) class probabilities; binary models give (n, 2)."""
@@ -133,6 +150,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         # Small problems: BLAS threads only spin against each other (10x slower on 2 busy cores).
         with threadpool_limits(limits=1 if X.size < _SMALL else None):
             Z, self.mean_, self.scale_ = standardise(X)
+            basis = row_space(Z) if Z.shape[1] > Z.shape[0] else None
+            if basis is not None:  # fit in the rows' span: fewer parameters, the same optimum
+                Z, preconditioner = Z @ basis, None
             pre = preconditioner or Preconditioner.of(Z, self.random_state)
             self.multilabel_ = y.ndim == 2
             if self.multilabel_:
@@ -145,6 +165,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 est, C = self._fit_one(Z, y_enc, groups, len(self.classes_), pre)
                 self.C_ = np.asarray(C)
                 self.estimators_ = [est]
+            if basis is not None:
+                self.estimators_ = [e.in_features(basis) for e in self.estimators_]
         self.n_features_in_ = X.shape[1]
         return self
 
