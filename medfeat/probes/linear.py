@@ -114,22 +114,18 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         subjects); the final model is fitted on all rows. Keeps tuning cost flat for
         100k-row feature matrices.
     max_iter, tol : solver settings (tol as scikit-learn's lbfgs gtol).
-    tune_tol : the tolerance of the fits that tune C (scikit-learn's default, 1e-4): ranking
-        the C grid by held-out loss needs less precision than the final model, and the
-        weakly regularised end of the grid converges slowly.
     class_weight : ``"balanced"``, a dict class -> weight, or None.
     random_state : seeds the inner split and the tuning subset.
     """
 
     def __init__(self, *, Cs: Sequence[float] = C_GRID, inner_splits: int = 3,
-                 tune_max_samples: int = 20000, max_iter: int = 1000, tol: float = 1e-5, tune_tol: float = 1e-4,
+                 tune_max_samples: int = 20000, max_iter: int = 1000, tol: float = 1e-5,
                  class_weight: str | dict | None = None, random_state: int = 0) -> None:
         self.Cs = Cs
         self.inner_splits = inner_splits
         self.tune_max_samples = tune_max_samples
         self.max_iter = max_iter
         self.tol = tol
-        self.tune_tol = tune_tol
         self.class_weight = class_weight
         self.random_state = random_state
 
@@ -179,7 +175,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         check_param("tune_max_samples", self.tune_max_samples, self.tune_max_samples >= 1, "need at least 1")
         check_param("max_iter", self.max_iter, self.max_iter >= 1, "need at least 1")
         check_param("tol", self.tol, self.tol > 0, "need a positive tolerance")
-        check_param("tune_tol", self.tune_tol, self.tune_tol > 0, "need a positive tolerance")
 
     def _standardise(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean_) / self.scale_
@@ -227,7 +222,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         for train, val in grouped_kfold(yt, gt, self.inner_splits, self.random_state):
             theta, _ = fit_path(Zt[train], yt[train], Cs, n_classes=n_classes,
                                 sample_weight=self._sample_weight(yt[train], n_classes), precond=pre,
-                                tol=self.tune_tol, max_iter=self.max_iter)
+                                tol=self.tol, max_iter=self.max_iter)
             losses += [_log_loss(yt[val], _path_proba(theta, Zt[val], c, k)) for c in range(len(Cs))]
         best = int(np.argmin(losses))
         warm = None if theta is None else theta[:, best * k:(best + 1) * k]
