@@ -22,7 +22,7 @@ from scipy.ndimage import gaussian_filter
 
 from medfeat.errors import InputError
 
-__all__ = ["GRADE_PROBS", "render_fundus", "synth2d_cohort"]
+__all__ = ["GRADE_PROBS", "render_fundus", "synth2d_cohort", "write_manifest"]
 
 #: Grade frequencies (skewed to healthy eyes, as in screening data).
 GRADE_PROBS = (0.40, 0.15, 0.20, 0.10, 0.15)
@@ -158,9 +158,13 @@ def synth2d_cohort(out: str | Path, *, images: int = 100, seed: int = 0, size: i
         rel = f"images/{item_id}.png"
         Image.fromarray(pixels, "RGB").save(out / rel, compress_level=6)
         rows.append({"item_id": item_id, "subject": item_id, "path": rel, "label": int(grade), "split": split[i]})
-    manifest = out / "manifest.csv"
-    with manifest.open("w", newline="") as fh:
+    return write_manifest(rows, out / "manifest.csv")
+
+
+def write_manifest(rows: list[dict], path: Path) -> Path:
+    """Write ``rows`` (dicts with the same keys) as a CSV manifest at ``path``; returns it."""
+    with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return manifest
+    return path

@@ -13,13 +13,13 @@ path, label, split, cell`` (random 70/15/15 split). Same arguments, same bytes.
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from medfeat.cohorts.synth2d import write_manifest
 from medfeat.errors import InputError
 
 __all__ = ["central_cells", "render_where", "synth_where_cohort"]
@@ -71,9 +71,4 @@ def synth_where_cohort(out: str | Path, *, images: int = 200, seed: int = 0, siz
         Image.fromarray(render_where(cell, item_rng, size, cells), "RGB").save(out / rel)
         rows.append({"item_id": item_id, "subject": item_id, "path": rel, "label": int(label),
                      "split": split[i], "cell": f"{cell[0]},{cell[1]}"})
-    manifest = out / "manifest.csv"
-    with manifest.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(rows, out / "manifest.csv")

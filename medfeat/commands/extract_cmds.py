@@ -10,7 +10,7 @@ import sys
 import click
 
 # config holds only dataclasses and choice lists (no torch, no pandas): light enough for --help
-from medfeat.commands.model_opts import model_options, parse_model_args
+from medfeat.commands.model_opts import model_options, parse_model_args, parse_size
 from medfeat.engine.pipeline.config import (
     ALIGNMENTS,
     GRAY_MODES,
@@ -23,18 +23,6 @@ from medfeat.engine.pipeline.config import (
 from medfeat.errors import InputError, UnknownNameError
 
 EXIT_ITEMS_FAILED = 3
-
-
-def _size(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        size = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        size = ()
-    if len(size) not in (2, 3) or min(size) < 1:
-        raise UnknownNameError(f"--input-size {text!r}: expected D,H,W or H,W (e.g. 96,96,96)")
-    return size
 
 
 def _labels(text: str | None) -> tuple[int, ...] | None:
@@ -150,7 +138,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
         manifest, store, model, tap_list, weights=weights, align=align or variant_alias or "none", roi=roi,
         roi_labels=_labels(roi_labels), runtime=runtime, device=device, precision=precision, pooling=pooling,
         gray=gray, resize=resize, mean_std=mean_std, views=views, augment=augment, token_dtype=token_dtype,
-        seed=seed, tiny=tiny, input_size=_size(input_size), batch_size=batch_size, chunk_items=chunk_items,
+        seed=seed, tiny=tiny, input_size=parse_size(input_size), batch_size=batch_size, chunk_items=chunk_items,
         scheduler_kind=scheduler_kind, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,
         retry_failed=retry_failed, random_init=random_init, refresh_changed=refresh_changed,

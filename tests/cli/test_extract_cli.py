@@ -7,18 +7,7 @@ import sys
 import _tiny_backbone  # noqa: E402,F401
 import pytest
 from _cohort import tiny_cohort  # noqa: E402
-
-from medfeat.cli import main  # noqa: E402
-
-
-def _medfeat(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_run import run_medfeat
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +17,29 @@ def manifest(tmp_path_factory):
 
 def test_extract_then_store_commands(manifest, tmp_path, capsys):
     store = str(tmp_path / "s.zarr")
-    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", store,
+    code, out, err = run_medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", store,
                               "--model", "tiny3d_test", "--taps", "conv1,conv2", "--scheduler-kind", "sync",
                               "--variant", "oracle", "--roi", "crop", "--quiet")
     assert code == 0, err
     assert "--variant is deprecated" in err  # the old name of --align still works, and says so
     assert "6 done now" in out and "infer" in out and "write" in out
-    code, out, _ = _medfeat(capsys, "store", "info", store)
+    code, out, _ = run_medfeat(capsys, "store", "info", store)
     assert code == 0 and "tiny3d_test:conv2:oracle-crop" in out and "done      6" in out
     # the crop around labels 3,4 only is another preprocessing: the store refuses to mix them
-    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", store,
+    code, out, err = run_medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", store,
                               "--model", "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync",
                               "--align", "oracle", "--roi", "crop", "--roi-labels", "3,4", "--quiet")
     assert code == 2 and "provenance differs" in err and "'roi_labels': [3, 4]" in err, err
-    code, out, _ = _medfeat(capsys, "store", "verify", store)
+    code, out, _ = run_medfeat(capsys, "store", "verify", store)
     assert code == 0 and out.strip().endswith("ok")
-    code, out, _ = _medfeat(capsys, "store", "export", store, "--format", "parquet", "--out", str(tmp_path / "pq"))
+    code, out, _ = run_medfeat(capsys, "store", "export", store, "--format", "parquet", "--out", str(tmp_path / "pq"))
     assert code == 0 and len(list((tmp_path / "pq").glob("*.parquet"))) == 2
 
 
 def test_failed_items_exit_code(manifest, tmp_path, capsys):
     bad = tmp_path / "m.csv"
     bad.write_text(manifest.read_text().splitlines()[0] + "\nX,baseline,nowhere.nii.gz" + "," * 8 + "\n")
-    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(bad), "--store", str(tmp_path / "s"),
+    code, out, err = run_medfeat(capsys, "extract", "--random-init", "--manifest", str(bad), "--store", str(tmp_path / "s"),
                               "--model", "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync", "--quiet")
     assert code == 3 and "X/baseline" in out and "file not found" in out
 
@@ -61,7 +50,7 @@ def test_failed_items_exit_code(manifest, tmp_path, capsys):
     (["--model", "tiny3d_test", "--taps", "conv1", "--roi", "crop", "--roi-labels", "3,x"], "--roi-labels '3,x'"),
 ])
 def test_user_errors_are_one_line(manifest, tmp_path, capsys, args, message):
-    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(tmp_path / "s"),
+    code, out, err = run_medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(tmp_path / "s"),
                               "--scheduler-kind", "sync", *args)
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -75,7 +64,7 @@ def test_missing_manifest_one_line_in_a_real_process(tmp_path):
 
 def test_cohort_ingest_cli(manifest, tmp_path, capsys):
     out = tmp_path / "cohort.zarr"
-    code, stdout, err = _medfeat(capsys, "cohort", "ingest", str(manifest), "--out", str(out), "--codec", "blosc")
+    code, stdout, err = run_medfeat(capsys, "cohort", "ingest", str(manifest), "--out", str(out), "--codec", "blosc")
     assert code == 0, err
     assert (out / "manifest.csv").is_file() and (out / "scans" / "S0000" / "baseline" / "0" / "zarr.json").is_file()
 
@@ -84,19 +73,19 @@ def test_verify_finds_a_flipped_bit_and_repair_plus_rerun_restore_the_store(mani
     store = tmp_path / "s.zarr"
     args = ("extract", "--random-init", "--manifest", str(manifest), "--store", str(store), "--model",
             "tiny3d_test", "--taps", "conv1", "--scheduler-kind", "sync", "--chunk-items", "2", "--quiet")
-    assert _medfeat(capsys, *args)[0] == 0
+    assert run_medfeat(capsys, *args)[0] == 0
     chunk = store / "features" / "tiny3d_test" / "conv1" / "none-whole" / "data" / "c" / "1" / "0"
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     chunk.write_bytes(bytes(raw))
-    code, out, _ = _medfeat(capsys, "store", "verify", str(store))
+    code, out, _ = run_medfeat(capsys, "store", "verify", str(store))
     assert code == 1 and "chunk 1 (items 2..3): unreadable" in out
-    code, _, err = _medfeat(capsys, "probe", "train", "--store", str(store), "--labels", str(manifest), "--target",
+    code, _, err = run_medfeat(capsys, "probe", "train", "--store", str(store), "--labels", str(manifest), "--target",
                             "label", "--features", "tiny3d_test:conv1")
     assert code == 2 and "unreadable chunk" in err and "store verify" in err and "Traceback" not in err
-    code, out, _ = _medfeat(capsys, "store", "repair", str(store))
+    code, out, _ = run_medfeat(capsys, "store", "repair", str(store))
     assert code == 0 and "2 item(s) with damaged features un-marked" in out
-    code, out, _ = _medfeat(capsys, *args)
+    code, out, _ = run_medfeat(capsys, *args)
     assert code == 0 and "2 done now" in out
-    code, out, _ = _medfeat(capsys, "store", "verify", str(store))
+    code, out, _ = run_medfeat(capsys, "store", "verify", str(store))
     assert code == 0 and out.strip().endswith("ok")

@@ -17,21 +17,11 @@ import generic_nets
 import pytest
 import torch
 from _cohort import tiny_cohort
+from cli_run import run_medfeat
 
-from medfeat.cli import main
 from medfeat.engine.store.feature_store import FeatureStore
 
 VOL_ARGS = ["--input-kind", "volume3d", "--input-size", "16,16,16", "--intensity", "zscore"]
-
-
-def _medfeat(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +56,10 @@ def graphs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _extract_and_verify(capsys, manifest: Path, store: Path, model: str, taps: str, *extra: str) -> list[str]:
-    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(store),
+    code, out, err = run_medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(store),
                               "--model", model, "--taps", taps, "--scheduler-kind", "sync", "--quiet", *extra)
     assert code == 0, err + out
-    code, out, err = _medfeat(capsys, "store", "verify", str(store))
+    code, out, err = run_medfeat(capsys, "store", "verify", str(store))
     assert code == 0 and out.strip().endswith("ok"), out + err
     fs = FeatureStore.open(store)
     return [str(k) for k in fs.arrays()]
@@ -103,12 +93,12 @@ def test_2d_generic_kinds_extract(images, graphs, tmp_path, capsys) -> None:
 
 def test_generic_export_and_show(graphs, tmp_path, capsys) -> None:
     out = tmp_path / "onnx"
-    code, stdout, err = _medfeat(capsys, "export", f"onnx:{graphs['onnx']}", "--taps", "enc.a,vec",
+    code, stdout, err = run_medfeat(capsys, "export", f"onnx:{graphs['onnx']}", "--taps", "enc.a,vec",
                                  "--intensity", "zscore", "--out", str(out), "--cache-dir", str(tmp_path / "c"))
     assert code == 0, err
     parity = json.loads((out / "parity.json").read_text())
     assert parity["passed"] and set(parity["taps"]) == {"enc.a", "vec"}
-    code, stdout, err = _medfeat(capsys, "models", "show", "timm:vit_tiny_patch16_224", "--model-arg", "depth=2",
+    code, stdout, err = run_medfeat(capsys, "models", "show", "timm:vit_tiny_patch16_224", "--model-arg", "depth=2",
                                  "--model-arg", "img_size=32", "--model-arg", "embed_dim=48", "--model-arg", "num_heads=3")
     assert code == 0 and "blocks.1" in stdout and "pre_logits" in stdout and "timm-vit_tiny_patch16_224" in stdout, err
 
@@ -122,7 +112,7 @@ def test_generic_user_errors_are_one_line(manifest, graphs, tmp_path, capsys) ->
         (["--model", "unet3d", "--taps", "bottom", "--intensity", "zscore"], "for generic models"),
         (["--model", "onnx:/no/such.onnx", "--taps", "a", "--intensity", "zscore"], "file not found"),
     ]:
-        code, out, err = _medfeat(capsys, *base, *args)
+        code, out, err = run_medfeat(capsys, *base, *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -168,10 +158,10 @@ def test_plugin_file_on_a_two_worker_local_cluster(manifest, tmp_path, capsys) -
     plugin = tmp_path / "plugins" / "lab_models.py"
     plugin.parent.mkdir()
     plugin.write_text(PLUGIN)
-    code, out, err = _medfeat(capsys, "models", "list", "--plugin", str(plugin))
+    code, out, err = run_medfeat(capsys, "models", "list", "--plugin", str(plugin))
     assert code == 0 and "plugged_net" in out, err
     store = tmp_path / "p.zarr"
-    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(store),
+    code, out, err = run_medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(store),
                               "--model", "plugged_net", "--taps", "stage1", "--plugin", str(plugin),
                               "--workers", "2", "--threads-per-worker", "1", "--batch-size", "1",
                               "--chunk-items", "1", "--quiet")
@@ -179,13 +169,13 @@ def test_plugin_file_on_a_two_worker_local_cluster(manifest, tmp_path, capsys) -
     assert "2 workers" in out and "6 done now" in out
     runs = FeatureStore.open(store).runs()
     assert runs[-1]["config"]["model"]["modules"] == ["lab_models"]
-    code, out, err = _medfeat(capsys, "export", "plugged_net", "--taps", "stage0", "--plugin", str(plugin),
+    code, out, err = run_medfeat(capsys, "export", "plugged_net", "--taps", "stage0", "--plugin", str(plugin),
                               "--out", str(tmp_path / "onnx"), "--cache-dir", str(tmp_path / "cache"))
     assert code == 0 and "stage0" in out and json.loads((tmp_path / "onnx" / "parity.json").read_text())["passed"], err
 
 
 def test_missing_plugin_is_one_line(manifest, tmp_path, capsys) -> None:
-    code, out, err = _medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(tmp_path / "s"),
+    code, out, err = run_medfeat(capsys, "extract", "--random-init", "--manifest", str(manifest), "--store", str(tmp_path / "s"),
                               "--model", "x", "--taps", "a", "--plugin", str(tmp_path / "none.py"))
     assert code == 2 and "file not found" in err and len(err.strip().splitlines()) == 1
 

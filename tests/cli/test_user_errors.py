@@ -10,18 +10,7 @@ from pathlib import Path
 import _tiny_backbone  # noqa: F401
 import pytest
 from _cohort import tiny_cohort
-
-from medfeat.cli import main
-
-
-def _medfeat(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_run import run_medfeat
 
 
 def _one_line(err: str) -> bool:
@@ -34,7 +23,7 @@ def manifest(tmp_path_factory):
 
 
 def _extract(capsys, manifest, store, *args: str) -> tuple[int, str, str]:
-    return _medfeat(capsys, "extract", "--manifest", str(manifest), "--store", str(store), "--scheduler-kind",
+    return run_medfeat(capsys, "extract", "--manifest", str(manifest), "--store", str(store), "--scheduler-kind",
                     "sync", "--quiet", *args)
 
 
@@ -85,7 +74,7 @@ def test_rerun_with_items_still_failed_exits_3_and_says_so(manifest, tmp_path, c
 
 def test_store_info_marks_random_weights_and_sizes(manifest, tmp_path, capsys):
     _extract(capsys, manifest, tmp_path / "s", "--model", "tiny3d_test", "--taps", "conv1", "--random-init")
-    code, out, _ = _medfeat(capsys, "store", "info", str(tmp_path / "s"))
+    code, out, _ = run_medfeat(capsys, "store", "info", str(tmp_path / "s"))
     assert code == 0 and "RANDOM WEIGHTS" in out and "KiB" in out and "0 failed items" in out
 
 
@@ -114,13 +103,13 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(manifest, tmp_pa
         code, _, err = _extract(capsys, manifest, store, "--model", "tiny3d_test", "--taps", "conv1", "--random-init")
         assert code == 0, err
         assert subprocess.run(["mount", "-o", "remount,ro", str(mnt)]).returncode == 0
-        code, out, err = _medfeat(capsys, "store", "info", str(store))
+        code, out, err = run_medfeat(capsys, "store", "info", str(store))
         assert code == 0 and "done" in out, err
-        code, out, err = _medfeat(capsys, "store", "verify", str(store))
+        code, out, err = run_medfeat(capsys, "store", "verify", str(store))
         assert code == 0 and out.strip().endswith("ok"), out + err
         labels = tmp_path / "labels.csv"
         labels.write_text(manifest.read_text())
-        code, out, err = _medfeat(capsys, "probe", "train", "--store", str(store), "--labels", str(manifest),
+        code, out, err = run_medfeat(capsys, "probe", "train", "--store", str(store), "--labels", str(manifest),
                                   "--target", "label", "--features", "tiny3d_test:conv1", "--folds", "2",
                                   "--seeds", "1", "--n-boot", "10")
         assert "Traceback" not in err and "read-only" not in err
