@@ -138,7 +138,7 @@ def extract_cmd(manifest: str, store: str, model: str, taps: str, weights: str |
         manifest, store, model, tap_list, weights=weights, align=align or variant_alias or "none", roi=roi,
         roi_labels=_labels(roi_labels), runtime=runtime, device=device, precision=precision, pooling=pooling,
         gray=gray, resize=resize, mean_std=mean_std, views=views, augment=augment, token_dtype=token_dtype,
-        seed=seed, tiny=tiny, input_size=parse_size(input_size), batch_size=batch_size, chunk_items=chunk_items,
+        seed=seed, tiny=tiny, input_size=parse_size(input_size, lengths=(2, 3)), batch_size=batch_size, chunk_items=chunk_items,
         scheduler_kind=scheduler_kind, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, malloc=malloc,
         retry_failed=retry_failed, random_init=random_init, refresh_changed=refresh_changed,

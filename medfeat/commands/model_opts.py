@@ -53,8 +53,9 @@ def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
-def parse_size(text: str | None, flag: str = "--input-size") -> tuple[int, ...] | None:
-    """``"64,64,64"`` / ``"224x224"`` -> a tuple; None when not given."""
+def parse_size(text: str | None, flag: str = "--input-size",
+               lengths: tuple[int, ...] = (1, 2, 3)) -> tuple[int, ...] | None:
+    """``"64,64,64"`` / ``"224x224"`` -> a tuple of one of ``lengths``; None when not given."""
     from medfeat.errors import InputError
 
     if not text:
@@ -63,7 +64,7 @@ def parse_size(text: str | None, flag: str = "--input-size") -> tuple[int, ...] 
         size = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
         size = ()
-    if len(size) not in (1, 2, 3) or min(size) < 1:
+    if len(size) not in lengths or min(size) < 1:
         raise InputError(f"{flag} {text!r}: expected D,H,W or H,W (e.g. 96,96,96)")
     return size
 
