@@ -6,6 +6,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from medfeat.engine.store.finite import non_finite_rows
 from medfeat.errors import InputError
 
 
@@ -15,9 +16,9 @@ def check_xy(X: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np
         raise InputError(f"features must be 2D (items, dim), got shape {X.shape}")
     if X.dtype != np.float32 and X.dtype != np.float64:
         X = X.astype(np.float32)
-    if not np.isfinite(X).all():
-        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))[:5].tolist()
-        raise InputError(f"features contain NaN or inf (rows {bad})")
+    bad = non_finite_rows(X)
+    if len(bad):
+        raise InputError(f"features contain NaN or inf (rows {bad[:5].tolist()})")
     if y is not None:
         y = np.asarray(y)
         if len(y) != len(X):

@@ -20,6 +20,7 @@ from medfeat.probes.linear import make_probe, shared_preconditioner
 from medfeat.probes.metrics import METRICS_BY_TASK, best_f1_threshold, prepared_auc, roc_curve_points
 from medfeat.probes.splits import repeated_grouped_kfold
 from medfeat.probes.stats import CI, PairedResult, bootstrap_cis, delong_test, paired_bootstrap
+from medfeat.probes.threads import cores, thread_map
 
 __all__ = ["TASKS", "ProbeResult", "cross_validate_probe", "holdout_probe", "compare_probes", "infer_task",
            "score_predictions"]
@@ -160,10 +161,11 @@ def _fold_predict(probe, X: np.ndarray, y: np.ndarray, groups: np.ndarray, train
                   fit_params: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fit on train rows (trained heads select their epoch on ``val`` rows when given);
     return test scores (t, C), test predictions and fold info."""
+    X_train = X[train]  # one copy of the training rows (a fit and a prediction read them)
     if val is not None:
-        probe.fit(X[train], y[train], groups[train], X_val=X[val], y_val=y[val])
+        probe.fit(X_train, y[train], groups[train], X_val=X[val], y_val=y[val])
     else:
-        probe.fit(X[train], y[train], groups[train], **(fit_params or {}))
+        probe.fit(X_train, y[train], groups[train], **(fit_params or {}))
     score = _full_proba(probe, probe.predict_proba(X[test]), task, n_cols)
     info: dict = {"C": _py_list(getattr(probe, "C_", None))}
     if hasattr(probe, "best_epoch_"):
@@ -179,7 +181,7 @@ def _fold_predict(probe, X: np.ndarray, y: np.ndarray, groups: np.ndarray, train
     if getattr(probe, "val_proba_", None) is not None:
         y_thr, thr_proba = probe.val_y_, probe.val_proba_
     else:
-        thr_proba = probe.loo_proba() if hasattr(probe, "loo_proba") else probe.predict_proba(X[train])
+        thr_proba = probe.loo_proba() if hasattr(probe, "loo_proba") else probe.predict_proba(X_train)
     train_score = _full_proba(probe, thr_proba, task, n_cols)
     cols = range(score.shape[1])
     thr = np.array([best_f1_threshold(y_thr if task == "binary" else y_thr[:, j], train_score[:, j])
@@ -283,11 +285,18 @@ def cross_validate_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None
     preds = np.zeros((len(seeds), len(X)) + ((n_cols,) if task == "multilabel" else ()), dtype=np.int64)
     folds = []
     fit_params = _shared_fit_params(probe, X)
-    for split in repeated_grouped_kfold(y_enc, groups, n_splits, seeds):
-        s = seeds.index(split.seed)
+    # Integer subject codes in the subjects' sorted order: the same folds as the names give,
+    # without sorting strings in every fold.
+    codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
+    splits = list(repeated_grouped_kfold(y_enc, codes, n_splits, seeds))
+
+    def fold(split: Any) -> tuple[np.ndarray, np.ndarray, dict]:
         est = make_probe(probe, **(_with_seed(probe, probe_params, split.seed, task)))
-        sc, pr, info = _fold_predict(est, X, y_enc, groups, split.train, split.test, task, n_cols,
-                                     fit_params=fit_params)
+        return _fold_predict(est, X, y_enc, codes, split.train, split.test, task, n_cols, fit_params=fit_params)
+
+    workers = _fold_workers(probe, X, len(splits), n_splits)
+    for split, (sc, pr, info) in zip(splits, thread_map(fold, splits, workers)):
+        s = seeds.index(split.seed)
         scores[s, split.test], preds[s, split.test] = sc, pr
         folds.append({"seed": split.seed, "fold": split.fold, "n_train": int(len(split.train)),
                       "n_test": int(len(split.test)), **info})
@@ -340,6 +349,17 @@ def holdout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, split
     return result
 
 
+def _fold_workers(probe: str, X: np.ndarray, n_folds: int, n_splits: int) -> int:
+    """Folds fitted at once: one per core for the linear probe (its products are memory-
+    bound, and a fold per core also runs the work between products in parallel), bounded so
+    the folds' copies of their training rows stay within twice X's memory. Trained heads
+    run one at a time (torch uses the cores itself)."""
+    if probe != "linear" or X.ndim != 2:
+        return 1
+    fold_bytes = X.nbytes * (n_splits - 1) / max(n_splits, 1)
+    return int(max(1, min(cores(), n_folds, 2 * X.nbytes // max(fold_bytes, 1))))
+
+
 def _shared_fit_params(probe: str, X: np.ndarray) -> dict:
     """What every fold's fit can share: the linear probe's solver preconditioner."""
     if probe != "linear" or X.ndim != 2:
@@ -363,12 +383,14 @@ def _is_head(probe: str) -> bool:
 
 def _summarise(r: ProbeResult, n_boot: int, ci_method: str, level: float) -> dict[str, dict]:
     out = {}
-    stats = {name: _seed_mean([_metric_stat(r.task, name, r.y, r.scores[i], r.preds[i])
-                               for i in range(len(r.seeds))]) for name in METRICS_BY_TASK[r.task]}
-    cis = bootstrap_cis(stats, len(r.y), groups=r.groups, n_boot=n_boot, level=level, method=ci_method) \
+    by_seed = {name: [_metric_stat(r.task, name, r.y, r.scores[i], r.preds[i]) for i in range(len(r.seeds))]
+               for name in METRICS_BY_TASK[r.task]}
+    stats = {name: _seed_mean(fns) for name, fns in by_seed.items()}
+    codes = np.unique(r.groups, return_inverse=True)[1].reshape(-1)
+    cis = bootstrap_cis(stats, len(r.y), groups=codes, n_boot=n_boot, level=level, method=ci_method) \
         if n_boot > 0 else {}
-    for name in stats:
-        per_seed = [float(_metric_stat(r.task, name, r.y, r.scores[i], r.preds[i])(None)) for i in range(len(r.seeds))]
+    for name, fns in by_seed.items():
+        per_seed = [float(fn(None)) for fn in fns]
         ci = cis.get(name) or CI(float(np.mean(per_seed)), float("nan"), float("nan"), level, ci_method, 0)
         out[name] = {"value": float(np.mean(per_seed)), "ci_low": ci.low, "ci_high": ci.high,
                      "level": level, "ci_method": ci_method, "n_boot": n_boot,

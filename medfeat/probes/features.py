@@ -187,7 +187,8 @@ def features_from_arrays(items: pd.DataFrame, item_ids: Sequence[str], X: np.nda
     same_kind = items["kind"].astype(str).isin(kinds) if "kind" in items else np.ones(len(items), bool)
     dropped = {"without a label": int((~have).sum()),
                "without features (failed or not extracted)": int(same_kind.sum()) - len(meta)}
-    features = np.asarray(X, dtype=np.float32)[have]
+    features = np.asarray(X, dtype=np.float32)
+    features = features if have.all() else features[have]  # no 400 MB copy when every item has a label
     if covs:
         features = np.concatenate([features, covariate_matrix(joined.loc[have, covs])], axis=1)
     return FeatureSet(features, y, groups, ids, dropped)

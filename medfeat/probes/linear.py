@@ -21,37 +21,13 @@ from threadpoolctl import threadpool_limits
 from medfeat.errors import InputError
 from medfeat.probes.checks import check_param, check_predict_x, check_xy
 from medfeat.probes.knn import KNNProbe
-from medfeat.probes.logistic import PRECONDITION_ROWS, Preconditioner, fit_path
+from medfeat.probes.logistic import Preconditioner, as_design, fit_path
 from medfeat.probes.splits import C_GRID, grouped_kfold
+from medfeat.probes.standardise import Standardised
 
-__all__ = ["LinearProbe", "KNNProbe", "make_probe", "shared_preconditioner", "standardise"]
+__all__ = ["LinearProbe", "KNNProbe", "make_probe", "shared_preconditioner"]
 
 _SMALL = 1_000_000  # feature-matrix elements below which BLAS runs single-threaded
-
-
-def column_moments(X: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and standard deviations (float64) of X (n, d), a block of rows at a
-    time: float64 sums without a float64 copy of X (numpy's ``std(dtype=float64)`` makes
-    one, and is 5x slower on a 100,000 x 1,024 float32 matrix)."""
-    n = len(X)
-    total = np.zeros(X.shape[1])
-    for start in range(0, n, rows):
-        total += X[start:start + rows].sum(axis=0, dtype=np.float64)
-    mean = total / max(n, 1)
-    sq = np.zeros(X.shape[1])
-    for start in range(0, n, rows):
-        centred = X[start:start + rows].astype(np.float64) - mean
-        sq += np.einsum("ij,ij->j", centred, centred)
-    return mean, np.sqrt(sq / max(n, 1))
-
-
-def standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(Z, mean, scale)``: features centred and scaled to unit variance (constant
-    features keep scale 1), in X's float type."""
-    mean64, std = column_moments(X)
-    mean = mean64.astype(X.dtype)
-    scale = np.where(std > 1e-12, std, 1.0).astype(X.dtype)
-    return (X - mean) / scale, mean, scale
 
 
 def row_space(Z: np.ndarray) -> np.ndarray:
@@ -71,11 +47,7 @@ def shared_preconditioner(X: np.ndarray, seed: int = 0) -> Preconditioner:
     covariance of (a row subset of) X standardised on all rows. Folds standardise on their
     own rows, which barely moves it, and a preconditioner only needs to be close."""
     X, _ = check_xy(X)
-    mean, std = column_moments(X)
-    rows = X
-    if len(X) > PRECONDITION_ROWS:
-        rows = X[np.sort(np.random.default_rng(seed).choice(len(X), PRECONDITION_ROWS, replace=False))]
-    return Preconditioner.of((rows - mean) / np.where(std > 1e-12, std, 1.0))
+    return Preconditioner.of(Standardised.fit(X), seed)
 
 
 @dataclass
@@ -92,15 +64,11 @@ class _Fitted:
         coef = None if self.coef is None else self.coef @ basis.T
         return _Fitted(coef, self.intercept, self.constant)
 
-    def proba(self, Z: np.ndarray) -> np.ndarray:
-        """(n, K) class probabilities; binary models give (n, 2)."""
+    def proba(self, Z: np.ndarray | Standardised) -> np.ndarray:
+        """(n, K) class probabilities of standardised features Z (n, d); binary models give (n, 2)."""
         if self.coef is None or self.intercept is None:
             return np.full((len(Z), 1), 1.0)
-        z = (Z @ self.coef.T.astype(Z.dtype)).astype(np.float64) + self.intercept
-        if self.coef.shape[0] == 1:
-            p = expit(z[:, 0])
-            return np.column_stack([1.0 - p, p])
-        return softmax(z, axis=1)
+        return _logits_proba(as_design(Z).dot(self.coef.T) + self.intercept)
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -145,10 +113,14 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             raise InputError(f"{len(X)} feature rows but {len(groups)} groups")
         # Small problems: BLAS threads only spin against each other (10x slower on 2 busy cores).
         with threadpool_limits(limits=1 if X.size < _SMALL else None):
-            Z, self.mean_, self.scale_ = standardise(X)
-            basis = row_space(Z) if Z.shape[1] > Z.shape[0] else None
-            if basis is not None:  # fit in the rows' span: fewer parameters, the same optimum
-                Z, preconditioner = Z @ basis, None
+            standardised = Standardised.fit(X)
+            self.mean_, self.scale_ = standardised.mean, standardised.scale
+            Z: np.ndarray | Standardised = standardised
+            basis = None
+            if X.shape[1] > X.shape[0]:  # fit in the rows' span: fewer parameters, the same optimum
+                rows = standardised.rows()
+                basis = row_space(rows)
+                Z, preconditioner = rows @ basis, None
             pre = preconditioner or Preconditioner.of(Z, self.random_state)
             self.multilabel_ = y.ndim == 2
             if self.multilabel_:
@@ -176,8 +148,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         check_param("max_iter", self.max_iter, self.max_iter >= 1, "need at least 1")
         check_param("tol", self.tol, self.tol > 0, "need a positive tolerance")
 
-    def _standardise(self, X: np.ndarray) -> np.ndarray:
-        return (X - self.mean_) / self.scale_
+    def _standardise(self, X: np.ndarray) -> Standardised:
+        return Standardised(X, np.asarray(self.mean_), np.asarray(self.scale_))
 
     def _sample_weight(self, y: np.ndarray, n_classes: int) -> np.ndarray | None:
         """Row weights of ``class_weight`` (scikit-learn's definition of ``"balanced"``)."""
@@ -192,7 +164,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             raise InputError(f"class_weight={self.class_weight!r}: use 'balanced', a dict or None")
         return per_class[y]
 
-    def _fit_one(self, Z: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int,
+    def _fit_one(self, Z: np.ndarray | Standardised, y: np.ndarray, groups: np.ndarray, n_classes: int,
                  pre: Preconditioner) -> tuple[_Fitted, float]:
         """Tune C, then fit one model on integer labels 0..n_classes-1."""
         if len(np.unique(y)) < 2:
@@ -203,7 +175,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         d = Z.shape[1]
         return _Fitted(theta[:d].T.copy(), theta[d].copy()), C
 
-    def _tune_C(self, Z: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int,
+    def _tune_C(self, Z: np.ndarray | Standardised, y: np.ndarray, groups: np.ndarray, n_classes: int,
                 pre: Preconditioner) -> tuple[float, np.ndarray | None]:
         """The C with the best mean held-out log loss over grouped inner folds (ties: the
         strongest regularisation), and that C's solution on the last fold (a warm start)."""
@@ -211,7 +183,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if len(Cs) == 1:
             return float(Cs[0]), None
         idx = self._tuning_subset(groups)
-        Zt, yt, gt = Z[idx], y[idx], groups[idx]
+        Zt, yt, gt = as_design(Z).rows(idx), y[idx], groups[idx]
         n_subjects = len(np.unique(gt))
         if n_subjects < self.inner_splits:
             raise InputError(f"tuning C needs at least inner_splits={self.inner_splits} subjects, the training "
@@ -223,7 +195,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             theta, _ = fit_path(Zt[train], yt[train], Cs, n_classes=n_classes,
                                 sample_weight=self._sample_weight(yt[train], n_classes), precond=pre,
                                 tol=self.tol, max_iter=self.max_iter)
-            losses += [_log_loss(yt[val], _path_proba(theta, Zt[val], c, k)) for c in range(len(Cs))]
+            logits = Zt[val] @ theta[:-1].astype(Zt.dtype) + theta[-1]  # (n_val, k * m): every C at once
+            losses += [_log_loss(yt[val], _logits_proba(logits[:, c * k:(c + 1) * k])) for c in range(len(Cs))]
         best = int(np.argmin(losses))
         warm = None if theta is None else theta[:, best * k:(best + 1) * k]
         return float(Cs[best]), warm
@@ -243,7 +216,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Probabilities: (n, K) for K classes, or (n, L) P(label present) for multi-label."""
         X = check_predict_x(self, X)
-        Z = self._standardise(X.astype(self.mean_.dtype, copy=False))
+        Z = self._standardise(X)
         if self.multilabel_:
             return np.column_stack([_positive_proba(e, Z) for e in self.estimators_])
         return self.estimators_[0].proba(Z)
@@ -265,13 +238,15 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(p, axis=1)]
 
 
-def _path_proba(theta: np.ndarray, Z: np.ndarray, c: int, k: int) -> np.ndarray:
-    """(n, K) probabilities of the path's model at C index ``c``."""
-    d = Z.shape[1]
-    return _Fitted(theta[:d, c * k:(c + 1) * k].T, theta[d, c * k:(c + 1) * k]).proba(Z)
+def _logits_proba(z: np.ndarray) -> np.ndarray:
+    """(n, K) probabilities from (n, 1) binary log-odds or (n, K) class scores."""
+    if z.shape[1] == 1:
+        p = expit(z[:, 0].astype(np.float64))
+        return np.column_stack([1.0 - p, p])
+    return softmax(z.astype(np.float64), axis=1)
 
 
-def _positive_proba(est: _Fitted, Z: np.ndarray) -> np.ndarray:
+def _positive_proba(est: _Fitted, Z: np.ndarray | Standardised) -> np.ndarray:
     if est.coef is None:
         return np.full(len(Z), est.constant)
     return est.proba(Z)[:, 1]

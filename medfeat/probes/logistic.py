@@ -16,7 +16,8 @@ this preconditioner makes the number of iterations nearly independent of that.
 Convergence follows scikit-learn's lbfgs rule (1.2 and later): the largest gradient
 component of ``mean loss + ||W||^2 / (2 C n)`` at most ``tol``. Products with X run in
 X's dtype (float32 halves the memory traffic); the line search allows for the rounding of
-float32 sums near the optimum, where decreases fall below it.
+float32 sums near the optimum, where decreases fall below it. X may be a
+:class:`~medfeat.probes.standardise.Standardised` matrix (products run on the raw features).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit, log_expit, logsumexp, softmax
+
+from medfeat.probes.standardise import Standardised
 
 PRECONDITION_ROWS = 20000
 _HISTORY = 10
@@ -42,20 +45,21 @@ class Preconditioner:
     beta: float = 0.25
 
     @classmethod
-    def of(cls, X: np.ndarray, rng_seed: int = 0) -> Preconditioner:
+    def of(cls, X: np.ndarray | Standardised, rng_seed: int = 0) -> Preconditioner:
         """From (a random subset of at most PRECONDITION_ROWS rows of) X (n, d)."""
-        rows = X
-        if len(X) > PRECONDITION_ROWS:
-            pick = np.random.default_rng(rng_seed).choice(len(X), PRECONDITION_ROWS, replace=False)
-            rows = X[np.sort(pick)]
-        rows = np.asarray(rows, dtype=np.float64)
-        centred = rows - rows.mean(axis=0)
+        A = as_design(X)
+        pick = None
+        if len(A) > PRECONDITION_ROWS:
+            pick = np.sort(np.random.default_rng(rng_seed).choice(len(A), PRECONDITION_ROWS, replace=False))
+        rows = A.rows(pick)
+        centred = rows - rows.mean(axis=0, dtype=np.float64).astype(rows.dtype)
         if len(rows) < centred.shape[1]:
             # fewer rows than features (a study's few hundred subjects, thousands of features):
             # the thin SVD costs O(n^2 d) where the d x d eigendecomposition costs O(d^3)
-            _, sv, Vt = np.linalg.svd(centred, full_matrices=False)
+            _, sv, Vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
             return cls(Vt.T, sv**2 / len(rows))
-        lam, V = np.linalg.eigh(centred.T @ centred / len(rows))
+        # The product in the features' type (float32: half the time), the eigenproblem in float64.
+        lam, V = np.linalg.eigh((centred.T @ centred).astype(np.float64) / len(rows))
         return cls(V, np.maximum(lam, 0.0))
 
     def apply(self, q: np.ndarray, n: float, Cs: np.ndarray, k: int) -> np.ndarray:
@@ -74,7 +78,15 @@ class Preconditioner:
         return out
 
 
-def _objective(X: np.ndarray, Y: np.ndarray, sw: np.ndarray, theta: np.ndarray, Cs: np.ndarray,
+def as_design(X: np.ndarray | Standardised) -> Standardised:
+    """X as the solver's matrix: a Standardised one as it is, an array as already standardised."""
+    if isinstance(X, Standardised):
+        return X
+    X = np.asarray(X)
+    return Standardised(X, np.zeros(X.shape[1]), np.ones(X.shape[1]))
+
+
+def _objective(X: Standardised, Y: np.ndarray, sw: np.ndarray, theta: np.ndarray, Cs: np.ndarray,
                k: int) -> tuple[np.ndarray, np.ndarray]:
     """Objective divided by C (``sum s_i loss_i + ||W||^2 / (2C)``) per C, and its gradient.
 
@@ -85,34 +97,37 @@ def _objective(X: np.ndarray, Y: np.ndarray, sw: np.ndarray, theta: np.ndarray, 
     d = X.shape[1]
     m = len(Cs)
     W, b = theta[:d], theta[d]
-    Z = (X @ W.astype(X.dtype)).astype(np.float64) + b  # (n, k*m)
-    if k == 1:
-        signed = np.where(Y[:, None] > 0, Z, -Z)
-        loss = -(sw[:, None] * log_expit(signed)).sum(axis=0)  # (m,)
-        R = (expit(Z) - Y[:, None]) * sw[:, None]
-    else:
-        Z3 = Z.reshape(len(Z), m, k)
-        lse = logsumexp(Z3, axis=2)  # (n, m)
-        picked = np.einsum("nmk,nk->nm", Z3, Y)
-        loss = (sw[:, None] * (lse - picked)).sum(axis=0)
-        R = ((softmax(Z3, axis=2) - Y[:, None, :]) * sw[:, None, None]).reshape(len(Z), m * k)
+    loss = np.zeros(m)
+
+    def residual(rows: slice, Zw: np.ndarray) -> np.ndarray:
+        """Adds the rows' loss to ``loss``; returns their weighted residuals (rows, k*m)."""
+        Z, w = Zw + b, sw[rows, None]
+        if k == 1:
+            y = Y[rows, None]
+            loss[:] -= (w * log_expit(np.where(y > 0, Z, -Z))).sum(axis=0)
+            return (expit(Z) - y) * w
+        Z3, y = Z.reshape(len(Z), m, k), Y[rows]
+        loss[:] += (w * (logsumexp(Z3, axis=2) - np.einsum("nmk,nk->nm", Z3, y))).sum(axis=0)
+        return ((softmax(Z3, axis=2) - y[:, None, :]) * w[:, :, None]).reshape(len(Z), m * k)
+
+    XtR, r_sum = X.dot_then_tdot(W, residual)
     c_cols = np.repeat(Cs, k)
     penalty = 0.5 * (W * W).sum(axis=0) / c_cols
     f = loss + penalty.reshape(m, k).sum(axis=1)
     g = np.empty_like(theta)
-    g[:d] = (X.T @ R.astype(X.dtype)).astype(np.float64) + W / c_cols
-    g[d] = R.sum(axis=0)
+    g[:d] = XtR + W / c_cols
+    g[d] = r_sum
     return f, g
 
 
-def fit_path(X: np.ndarray, y: np.ndarray, Cs: np.ndarray, *, n_classes: int, sample_weight: np.ndarray | None = None,
+def fit_path(X: np.ndarray | Standardised, y: np.ndarray, Cs: np.ndarray, *, n_classes: int, sample_weight: np.ndarray | None = None,
              init: np.ndarray | None = None, precond: Preconditioner | None = None, tol: float = 1e-4,
              max_iter: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """Fit one model per C of ``Cs`` together.
 
     Parameters
     ----------
-    X : (n, d) standardised features (float32 or float64).
+    X : (n, d) standardised features (float32 or float64), or a :class:`Standardised` matrix.
     y : (n,) integer labels 0..n_classes-1.
     n_classes : 2 fits one weight vector (the logistic loss); more fit the softmax.
     sample_weight : (n,) row weights (class weights folded in), default ones.
@@ -125,6 +140,7 @@ def fit_path(X: np.ndarray, y: np.ndarray, Cs: np.ndarray, *, n_classes: int, sa
     n_iter : (m,) iterations until each C converged (``max_iter`` if it did not).
     """
     Cs = np.asarray(Cs, dtype=np.float64)
+    X = as_design(X)
     n, d = X.shape
     m = len(Cs)
     k = 1 if n_classes == 2 else n_classes
@@ -190,7 +206,7 @@ def _two_loop(g: np.ndarray, history: list, precond: Preconditioner | None, n: i
     return r
 
 
-def _line_search(X: np.ndarray, Y: np.ndarray, sw: np.ndarray, theta: np.ndarray, f: np.ndarray, g: np.ndarray,
+def _line_search(X: Standardised, Y: np.ndarray, sw: np.ndarray, theta: np.ndarray, f: np.ndarray, g: np.ndarray,
                  direction: np.ndarray, Cs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Backtracking (Armijo) along ``direction``, a step per C; a non-descent direction is
     replaced by the negative gradient. All C share each trial's pass over X. Returns the new

@@ -76,42 +76,37 @@ def roc_auc(y: np.ndarray, score: np.ndarray, sample_weight: np.ndarray | None =
 
     Returns NaN when only one class has positive weight (AUC undefined).
     """
-    y = np.asarray(y).astype(bool)
-    score = np.asarray(score, dtype=np.float64)
-    w = _weights(len(y), sample_weight)
-    uniq, inv = np.unique(score, return_inverse=True)
-    return _auc_from_blocks(inv, len(uniq), y, w)
-
-
-def _auc_from_blocks(inv: np.ndarray, n_blocks: int, y: np.ndarray, w: np.ndarray,
-                     onehot: sparse.csr_matrix | None = None) -> Any:
-    """AUC from rows already mapped to their rank block (tied scores share a block); a
-    weight matrix (B, n) gives (B,) AUCs."""
-    if w.ndim == 1:
-        pos = np.bincount(inv, weights=w * y, minlength=n_blocks)
-        neg = np.bincount(inv, weights=w * ~y, minlength=n_blocks)
-    else:
-        onehot = _indicator(inv, n_blocks) if onehot is None else onehot
-        pos, neg = _sums(w * y, onehot), _sums(w * ~y, onehot)
-    total_pos, total_neg = pos.sum(axis=-1), neg.sum(axis=-1)
-    neg_below = np.cumsum(neg, axis=-1) - neg  # negatives with strictly lower scores
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (pos * (neg_below + 0.5 * neg)).sum(axis=-1) / (total_pos * total_neg)
-    return _out(np.where((total_pos > 0) & (total_neg > 0), auc, np.nan))
+    return prepared_auc(y, score)(sample_weight)
 
 
 def prepared_auc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray | None], Any]:
     """``roc_auc(y, score, w)`` as a function of ``w`` alone, sorting once.
 
-    Bootstrap replicates then cost O(n) each instead of a sort; a weight matrix (B, n)
-    evaluates B replicates in one sparse product.
+    With the negatives sorted by score, a positive's share of the statistic is the weight of
+    the negatives below it plus half the tied ones: two cumulative sums read at positions
+    found once. A replicate then costs O(n) without a sort, and a weight matrix (B, n)
+    evaluates B replicates in a few array passes.
     """
     y = np.asarray(y).astype(bool)
-    uniq, inv = np.unique(np.asarray(score, dtype=np.float64), return_inverse=True)
-    onehot = _indicator(inv, len(uniq))
+    score = np.asarray(score, dtype=np.float64)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    pos, neg = pos[np.argsort(score[pos], kind="stable")], neg[np.argsort(score[neg], kind="stable")]
+    below = np.searchsorted(score[neg], score[pos], side="left")  # negatives strictly lower
+    upto = np.searchsorted(score[neg], score[pos], side="right")  # ... or tied
+    tied = bool((upto != below).any())
 
     def auc(w: np.ndarray | None = None) -> Any:
-        return _auc_from_blocks(inv, len(uniq), y, _weights(len(y), w), onehot)
+        w = _weights(len(y), w)
+        W = np.asfortranarray(np.atleast_2d(w))  # (B, n); columns contiguous, so gathers are fast
+        cum = np.zeros((len(W), len(neg) + 1), order="F")  # cum[:, j]: weight of the j lowest
+        np.cumsum(W[:, neg], axis=1, out=cum[:, 1:])
+        lower = cum[:, below] if not tied else 0.5 * (cum[:, below] + cum[:, upto])
+        w_pos = W[:, pos]
+        total_pos, total_neg = w_pos.sum(axis=1), cum[:, -1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = np.einsum("bi,bi->b", w_pos, lower) / (total_pos * total_neg)
+        value = np.where((total_pos > 0) & (total_neg > 0), value, np.nan)
+        return _out(value[0] if w.ndim == 1 else value)
 
     auc.vectorised = True  # type: ignore[attr-defined]
     return auc

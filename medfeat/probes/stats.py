@@ -18,6 +18,7 @@ import numpy as np
 from scipy import stats as sps
 
 from medfeat.errors import InputError
+from medfeat.probes.threads import cores, thread_map
 
 __all__ = ["CI", "bootstrap_weights", "bootstrap_ci", "bootstrap_cis", "paired_bootstrap", "delong_test",
            "PairedResult"]
@@ -44,7 +45,7 @@ class CI:
 def bootstrap_weights(groups: np.ndarray | None, n: int, n_boot: int,
                       rng: np.random.Generator, batch: int | None = None) -> Iterator[np.ndarray]:
     """Yield blocks of row weights, each (b, n) with b <= ``batch``
-    (default: as many as fit in about 80 MB).
+    (default: as many as fit in about 20 MB), in Fortran order.
 
     Each row's weight is how many times its group was drawn when drawing as
     many groups as there are, with replacement (rows are their own groups
@@ -55,12 +56,17 @@ def bootstrap_weights(groups: np.ndarray | None, n: int, n_boot: int,
     else:
         _, inv = np.unique(np.asarray(groups), return_inverse=True)
         n_groups = int(inv.max()) + 1
-    batch = batch or max(1, min(256, 10_000_000 // max(n, 1)))
+    batch = batch or max(1, min(256, 2_500_000 // max(n, 1)))  # 20 MB blocks stay cache-friendly
     done = 0
     while done < n_boot:
         b = min(batch, n_boot - done)
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b)
-        yield counts[:, inv].astype(np.float64)
+        # Each replicate draws n_groups groups uniformly with replacement; counting the draws
+        # of all b replicates in one bincount is ~2x faster than numpy's multinomial.
+        draws = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups)
+        # Laid out (n, b) in memory (a (b, n) view in Fortran order): metrics gather rows in
+        # score order, and a gather of contiguous columns is ~4x faster than of scattered ones.
+        yield np.ascontiguousarray(counts.T, dtype=np.float64)[inv].T
         done += b
 
 
@@ -74,14 +80,16 @@ def _replicates_of(stats: Mapping[str, WeightedStat], groups: np.ndarray | None,
     marked ``vectorised`` takes a whole block of weights (B, n) at once; others one vector
     at a time."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list[np.ndarray]] = {name: [] for name in stats}
-    for block in bootstrap_weights(groups, n, n_boot, rng):
-        for name, stat in stats.items():
-            if getattr(stat, "vectorised", False):
-                out[name].append(np.atleast_1d(np.asarray(stat(block), dtype=np.float64)))
-            else:
-                out[name].append(np.asarray([stat(w) for w in block], dtype=np.float64))
-    return {name: np.concatenate(v) for name, v in out.items()}
+
+    def evaluate(block: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: np.atleast_1d(np.asarray(stat(block), dtype=np.float64)) if getattr(stat, "vectorised", False)
+                else np.asarray([stat(w) for w in block], dtype=np.float64) for name, stat in stats.items()}
+
+    # Blocks are drawn in order in this thread (the same replicates for any worker count);
+    # vectorised statistics (numpy code) evaluate blocks on all cores, others on this thread.
+    vectorised = all(getattr(stat, "vectorised", False) for stat in stats.values())
+    done = list(thread_map(evaluate, bootstrap_weights(groups, n, n_boot, rng), cores() if vectorised else 1))
+    return {name: np.concatenate([d[name] for d in done]) for name in stats}
 
 
 def bootstrap_ci(stat: WeightedStat, n: int, *, groups: np.ndarray | None = None, n_boot: int = 1000,

@@ -34,6 +34,22 @@ def test_separable_binary_has_auc_near_one_and_ci():
     assert d["headline"] == "auc" and len(d["roc"]) == 2 and d["n_subjects"] == 60
 
 
+def test_folds_in_parallel_give_what_folds_in_turn_give(monkeypatch):
+    import medfeat.probes.evaluate as evaluate_module
+
+    X, y, g = _data(signal=1.0, d=12)
+    names = np.array([f"subject-{v:03d}" for v in g], dtype=object)  # names that sort as the numbers do
+    runs = []
+    for workers in (1, 2):
+        monkeypatch.setattr(evaluate_module, "cores", lambda w=workers: w)
+        runs.append(cross_validate_probe(X, y, names, n_splits=3, seeds=(0, 1), n_boot=50))
+    np.testing.assert_allclose(runs[0].scores, runs[1].scores, rtol=1e-6, atol=1e-7)
+    assert [f["C"] for f in runs[0].folds] == [f["C"] for f in runs[1].folds]
+    assert runs[0].metrics == runs[1].metrics
+    numbered = cross_validate_probe(X, y, g, n_splits=3, seeds=(0, 1), n_boot=50)
+    np.testing.assert_allclose(numbered.scores, runs[1].scores, rtol=1e-6, atol=1e-7)  # the same folds as names
+
+
 def test_random_labels_have_auc_near_half():
     X, y, g = _data(signal=0.0, n_subj=100, seed=4)
     r = cross_validate_probe(X, y, g, **FAST)

@@ -94,6 +94,17 @@ def test_bad_input_errors():
         LinearProbe().fit(np.zeros((4, 2)), [0, 1])
 
 
+def test_non_finite_rows_are_named_and_huge_finite_rows_pass():
+    from medfeat.probes.checks import check_xy
+
+    X = np.zeros((6, 3), dtype=np.float32)
+    X[1] = 3e38  # finite values whose sum overflows float32: not an error
+    X[2, 0], X[4, 2], X[5] = np.nan, -np.inf, [np.inf, -np.inf, 1.0]
+    with pytest.raises(InputError, match=r"rows \[2, 4, 5\]"):
+        check_xy(X)
+    assert check_xy(X[:2])[0] is not None
+
+
 @pytest.mark.parametrize("normalize", ["l2", "standard"])
 def test_knn_probe(normalize):
     X, y = _blobs(n=300, shift=4.0)

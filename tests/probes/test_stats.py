@@ -85,3 +85,25 @@ def test_paired_bootstrap_agrees_with_delong():
     assert (pb.p_value < 0.05) == (dl.p_value < 0.05)
     same = paired_bootstrap(prepared_auc(y, a), prepared_auc(y, a), 200, n_boot=200)
     assert same.difference == 0 and same.p_value == 1.0
+
+
+def test_a_block_of_replicates_equals_one_replicate_at_a_time():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 500)
+    s = np.round(y + rng.normal(size=500), 1)  # ties
+    block = next(bootstrap_weights(np.arange(500) // 3, 500, 40, rng))
+    assert block.shape == (40, 500)
+    np.testing.assert_allclose(prepared_auc(y, s)(block), [roc_auc(y, s, w) for w in block], rtol=1e-12)
+
+
+def test_replicates_do_not_depend_on_the_number_of_threads(monkeypatch):
+    import medfeat.probes.stats as stats_module
+
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 2, 3000)
+    stat = prepared_auc(y, y + rng.normal(size=3000))
+    runs = []
+    for workers in (1, 2):
+        monkeypatch.setattr(stats_module, "cores", lambda w=workers: w)
+        runs.append(bootstrap_ci(stat, 3000, groups=np.arange(3000) // 2, n_boot=300, seed=3))
+    assert runs[0] == runs[1]

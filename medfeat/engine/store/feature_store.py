@@ -47,6 +47,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import ZstdCodec
 
+from medfeat.engine.store.finite import non_finite_rows
 from medfeat.engine.store.layout import ArrayLayout
 from medfeat.engine.store.lock import LOCK_NAME
 from medfeat.engine.store.nodes import JSONDict, array_at, attr_dict, attr_list, attr_records, group_at
@@ -455,14 +456,15 @@ class FeatureStore:
         step = max(1, self.chunk_items)
         try:
             for start in range(0, data.shape[0], step):  # chunk by chunk: no second full copy
-                pick = rows[(rows >= start) & (rows < start + step)]
-                if len(pick):
+                lo, hi = np.searchsorted(rows, [start, start + step])  # rows is sorted
+                if hi > lo:
                     block = np.asarray(data[start: start + step])
-                    out[np.searchsorted(rows, pick)] = layout.decode(block[pick - start])
+                    pick = rows[lo:hi] - start
+                    out[lo:hi] = layout.decode(block if len(pick) == len(block) else block[pick])
         except (RuntimeError, ValueError, OSError) as exc:
             raise StoreError(f"{self.path}: {key}: unreadable chunk ({one_line(exc, 120)}); "
                              "run `medfeat store verify`") from exc
-        bad = int((~np.isfinite(out.reshape(len(out), -1)).all(axis=1)).sum()) if out.size else 0
+        bad = len(non_finite_rows(out.reshape(len(out), -1))) if out.size else 0
         if bad:
             raise StoreError(f"{self.path}: {key}: {bad} done item(s) have no finite features (a missing or "
                              "damaged chunk?); run `medfeat store verify`")
