@@ -349,12 +349,17 @@ def holdout_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, split
     return result
 
 
+#: Feature matrices smaller than this (elements) fit their folds one after another: their
+#: solver's time is Python's, which threads holding the GIL in turn only slow down.
+PARALLEL_MIN_SIZE = 1_000_000
+
+
 def _fold_workers(probe: str, X: np.ndarray, n_folds: int, n_splits: int) -> int:
     """Folds fitted at once: one per core for the linear probe (its products are memory-
     bound, and a fold per core also runs the work between products in parallel), bounded so
     the folds' copies of their training rows stay within twice X's memory. Trained heads
     run one at a time (torch uses the cores itself)."""
-    if probe != "linear" or X.ndim != 2:
+    if probe != "linear" or X.ndim != 2 or X.size < PARALLEL_MIN_SIZE:
         return 1
     fold_bytes = X.nbytes * (n_splits - 1) / max(n_splits, 1)
     return int(max(1, min(cores(), n_folds, 2 * X.nbytes // max(fold_bytes, 1))))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit, log_expit, logsumexp, softmax
 
+from medfeat.probes.newton import fit_path_newton, newton_fits
 from medfeat.probes.standardise import Standardised
 
 PRECONDITION_ROWS = 20000
@@ -120,10 +121,12 @@ def _objective(X: Standardised, Y: np.ndarray, sw: np.ndarray, theta: np.ndarray
     return f, g
 
 
-def fit_path(X: np.ndarray | Standardised, y: np.ndarray, Cs: np.ndarray, *, n_classes: int, sample_weight: np.ndarray | None = None,
+def fit_path(X: np.ndarray | Standardised, y: np.ndarray, Cs: np.ndarray, *, n_classes: int,
+             sample_weight: np.ndarray | None = None,
              init: np.ndarray | None = None, precond: Preconditioner | None = None, tol: float = 1e-4,
              max_iter: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """Fit one model per C of ``Cs`` together.
+    """Fit one model per C of ``Cs`` together (small binary problems by Newton's method,
+    :mod:`medfeat.probes.newton`; the rest by the L-BFGS of this module).
 
     Parameters
     ----------
@@ -146,6 +149,8 @@ def fit_path(X: np.ndarray | Standardised, y: np.ndarray, Cs: np.ndarray, *, n_c
     k = 1 if n_classes == 2 else n_classes
     sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     Y = np.asarray(y, dtype=np.float64) if k == 1 else np.eye(k)[np.asarray(y, dtype=np.int64)]
+    if k == 1 and newton_fits(n, d, m):  # few rows and parameters: Newton steps, far fewer of them
+        return fit_path_newton(X.rows(), Y, sw, Cs, init=init, tol=tol, max_iter=max_iter)
     theta = np.zeros((d + 1, k * m)) if init is None else np.array(init, dtype=np.float64)
     f, g = _objective(X, Y, sw, theta, Cs, k)
     history: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

@@ -71,7 +71,7 @@ def _quoted() -> list[str]:
 
 @pytest.mark.slow
 def test_readme_quotes_what_the_default_demo_prints(tmp_path) -> None:
-    """The default demo (128 subjects, about 3 minutes on 2 cores) prints the README's numbers."""
+    """The default demo (128 subjects, about 2 minutes on 2 cores) prints the README's numbers."""
     env = {**os.environ, "PYTHONPATH": str(README.parent)}
     run = subprocess.run([sys.executable, "-m", "medfeat", "demo", "--out", str(tmp_path)], capture_output=True,
                          text=True, env=env, timeout=1200)
