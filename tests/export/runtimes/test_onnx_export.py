@@ -88,6 +88,15 @@ def test_registry_family_exports_with_parity(name, tmp_path):
         assert "GridSample" in onnx_ops(entry.path / ONNX_FILE)
 
 
+def test_swin_windows_padded_to_whole_windows_export_with_parity(tmp_path):
+    """A grid of tokens that is not a whole number of windows (64^3 input: 32 tokens per axis,
+    SwinUNETR's windows of 7) pads before the shifted windows; the padded size must stay a
+    ceiling in the graph (a traced -(-s // w) truncates in ONNX and breaks every batch)."""
+    backbone = create_backbone("swin_unetr_encoder", ["swinViT.1"], tiny=True, config={"window_size": 7})
+    entry = onnx_artefact(backbone, input_size=(64, 64, 64), cache_dir=tmp_path)  # parity at batch 1 and 3
+    assert json.loads((entry.path / PARITY_FILE).read_text())["passed"]
+
+
 def test_unigradicon_map_features_export_with_parity(tmp_path):
     """Displacement and log-Jacobian (pooled as mean and percentiles: sort, gather) in ONNX."""
     torch.manual_seed(0)

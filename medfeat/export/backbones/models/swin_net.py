@@ -221,7 +221,9 @@ class SwinStage(nn.Module):
         x = x.permute(0, 2, 3, 4, 1)
         mask = None
         if any(s > 0 for s in shift):
-            padded = [-(-s // win) * win for s, win in zip((d, h, w), window)]
+            # ceil(s / win) * win with positive operands only: a traced shape's // becomes
+            # ONNX's Div, which truncates, so -(-s // win) would round the other way there
+            padded = [(s + win - 1) // win * win for s, win in zip((d, h, w), window)]
             mask = shift_mask(padded, window, shift, x.device)
         for block in self.blocks:
             x = block(x, mask)
