@@ -42,6 +42,9 @@ class ModelConfig:
     device: str = "cpu"
     precision: str = "fp32"
     input_size: tuple[int, ...] | None = None
+    # Items per call of the runtime (None: the whole batch); ``--runtime auto`` sets it when
+    # a smaller call is faster per item (see MicroBatched).
+    micro_batch: int | None = None
     # How many torch threads a worker uses is not part of the model's identity (cache key).
     torch_threads: int | None = field(default=None, compare=False)
     # Modules to import before building: they register extra backbones (plugins, tests),

@@ -175,10 +175,11 @@ def _auto_runtime(cfg: ExtractConfig, eager: LoadedModel, n_items: int,
     notes.append(choice.reason)
     if cfg.progress:
         print(choice.reason, flush=True)
-    cfg = cfg.with_model(runtime=choice.name)
-    if choice.name == "eager":
+    micro = choice.micro_batch if choice.micro_batch < cfg.batch_size else None
+    cfg = cfg.with_model(runtime=choice.name, micro_batch=micro)
+    if choice.name == "eager" and micro is None:
         return cfg, eager
-    return cfg, adopt_model(cfg.model, eager, choice.runtime)
+    return cfg, adopt_model(cfg.model, eager, eager.runtime if choice.name == "eager" else choice.runtime)
 
 
 def _check_unique_ids(items: list[Item]) -> None:

@@ -26,7 +26,7 @@ from medfeat.engine.pipeline.views import fill_views
 from medfeat.errors import InputError, MedfeatError, one_line
 from medfeat.export.backbones.generic import ModelInputs
 from medfeat.export.backbones.registry import Backbone, create_backbone, get_spec
-from medfeat.export.runtimes.factory import Runtime, make_runtime
+from medfeat.export.runtimes.factory import MicroBatched, Runtime, make_runtime
 
 
 @dataclass
@@ -74,7 +74,7 @@ def adopt_model(cfg: ModelConfig, base: LoadedModel, runtime: Runtime | None) ->
             if runtime is None:
                 runtime = make_runtime(base.backbone, cfg.runtime, device=cfg.device, precision=cfg.precision,
                                        input_size=base.size)
-            _MODELS[key] = LoadedModel(base.backbone, runtime, base.size)
+            _MODELS[key] = LoadedModel(base.backbone, _micro_batched(runtime, cfg.micro_batch), base.size)
         return _MODELS[key]
 
 
@@ -103,7 +103,11 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
                                inputs=model_inputs(cfg))
     size = tuple(cfg.input_size or backbone.spec.input_size)
     runtime = make_runtime(backbone, cfg.runtime, device=cfg.device, precision=cfg.precision, input_size=size)
-    return LoadedModel(backbone, runtime, size)
+    return LoadedModel(backbone, _micro_batched(runtime, cfg.micro_batch), size)
+
+
+def _micro_batched(runtime: Runtime, micro_batch: int | None) -> Runtime:
+    return MicroBatched(runtime, micro_batch) if micro_batch else runtime
 
 
 def model_inputs(cfg: ModelConfig) -> ModelInputs:

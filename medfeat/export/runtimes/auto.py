@@ -1,8 +1,10 @@
 """``--runtime auto``: the fastest runtime measured for this model, precision and device.
 
 For each runtime this machine offers (:func:`~medfeat.export.runtimes.factory.choose_auto`),
-a short timing on random input of the run's batch size is taken the first time the model is
-seen, and cached beside the exports (keyed by the model's content, input size, precision,
+a short timing on random input is taken the first time the model is seen, at the run's
+batch size and at one item per call (a large 3D model on the CPU can run faster per item
+one at a time, and needs less memory; the faster is kept, see
+:class:`~medfeat.export.runtimes.factory.MicroBatched`), and cached beside the exports (keyed by the model's content, input size, precision,
 device, batch, threads and library versions, so a new version measures again). A runtime
 that needs an export first (ONNX Runtime, TensorRT) has its cost counted against the
 cohort: when even a 3x speed-up over the measured eager rate could not pay back the
@@ -44,6 +46,7 @@ class RuntimeChoice:
     reason: str
     seconds_per_item: dict[str, float] = field(default_factory=dict)
     runtime: Runtime | None = None  # the chosen runtime, built (reuse it rather than build again)
+    micro_batch: int = 1  # items per call of the runtime that were fastest per item
 
 
 def choose_runtime(backbone: Backbone, *, device: str, precision: str, input_size: Sequence[int],
@@ -56,8 +59,9 @@ def choose_runtime(backbone: Backbone, *, device: str, precision: str, input_siz
         candidates = ["onnxruntime", *candidates] if _has_ort() else candidates
     cache = ArtefactCache(cache_dir)
     timings: dict[str, float] = {}
+    micro: dict[str, int] = {}
     built: dict[str, Runtime] = {}
-    eager_s = _timed(backbone, "eager", device, precision, input_size, batch_size, cache, timings, built)
+    eager_s = _timed(backbone, "eager", device, precision, input_size, batch_size, cache, timings, micro, built)
     skipped: list[str] = []
     for name in [c for c in candidates if c != "eager"]:
         export_cached = name in NEEDS_EXPORT and _exported(backbone, input_size, precision, cache)
@@ -70,17 +74,19 @@ def choose_runtime(backbone: Backbone, *, device: str, precision: str, input_siz
                                f"gain over {n_items} items)")
                 continue
         try:
-            _timed(backbone, name, device, precision, input_size, batch_size, cache, timings, built)
+            _timed(backbone, name, device, precision, input_size, batch_size, cache, timings, micro, built)
         except MedfeatError as exc:  # not available here, or its export fails parity: say so, go on
             skipped.append(f"{name} unavailable ({one_line(exc, 100)})")
     best = min(timings, key=lambda k: timings[k])
-    others = ", ".join(f"{k} {v * 1000:.1f}" for k, v in sorted(timings.items(), key=lambda kv: kv[1]))
-    reason = f"runtime auto: {best} (ms/item measured: {others})"
+    others = ", ".join(f"{k} {v * 1000:.1f}" + (f" at {micro[k]}/call" if micro[k] < batch_size else "")
+                       for k, v in sorted(timings.items(), key=lambda kv: kv[1]))
+    calls = f", {micro[best]} item(s) per call" if micro[best] < batch_size else ""
+    reason = f"runtime auto: {best}{calls} (ms/item measured: {others})"
     if skipped:
         reason += "; " + "; ".join(skipped)
     if log is not None:
         log(reason)
-    return RuntimeChoice(best, reason, timings, built.get(best))
+    return RuntimeChoice(best, reason, timings, built.get(best), micro[best])
 
 
 def _has_ort() -> bool:
@@ -117,8 +123,10 @@ def _timing_cached(backbone: Backbone, name: str, device: str, precision: str, i
 
 
 def _timed(backbone: Backbone, name: str, device: str, precision: str, input_size: Sequence[int],
-           batch_size: int, cache: ArtefactCache, timings: dict[str, float], built: dict[str, Runtime]) -> float:
-    """Seconds per item of ``name`` (cached, else measured now); the built runtime goes
+           batch_size: int, cache: ArtefactCache, timings: dict[str, float], micro: dict[str, int],
+           built: dict[str, Runtime]) -> float:
+    """Seconds per item of ``name`` at its faster of one item and ``batch_size`` items per
+    call (cached, else measured now; the count goes into ``micro``); the built runtime goes
     into ``built`` when it had to be built."""
     fields = _timing_fields(backbone, name, device, precision, input_size, batch_size)
     found = cache.lookup(artefact_key(fields))
@@ -127,6 +135,7 @@ def _timed(backbone: Backbone, name: str, device: str, precision: str, input_siz
         if "unavailable" in record:  # failed before with these versions: not tried again
             raise RuntimeUnavailableError(f"{record['unavailable']} (recorded in the artefact cache)")
         timings[name] = float(record["seconds_per_item"])
+        micro[name] = int(record.get("micro_batch", batch_size))
         return timings[name]
     try:
         runtime = make_runtime(backbone, name, device=device, precision=precision, input_size=tuple(input_size),
@@ -135,10 +144,12 @@ def _timed(backbone: Backbone, name: str, device: str, precision: str, input_siz
         _record(cache, fields, {"unavailable": one_line(exc, 300)})
         raise
     built[name] = runtime
-    seconds = _measure(runtime, backbone, input_size, batch_size)
-    _record(cache, fields, {"seconds_per_item": seconds})
-    timings[name] = seconds
-    return seconds
+    by_size = {b: _measure(runtime, backbone, input_size, b) for b in sorted({1, batch_size})}
+    micro[name] = min(by_size, key=lambda b: by_size[b])
+    timings[name] = by_size[micro[name]]
+    _record(cache, fields, {"seconds_per_item": timings[name], "micro_batch": micro[name],
+                            "seconds_per_item_by_batch": {str(b): v for b, v in by_size.items()}})
+    return timings[name]
 
 
 def _record(cache: ArtefactCache, fields: dict[str, Any], record: dict[str, Any]) -> None:

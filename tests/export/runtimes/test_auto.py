@@ -33,7 +33,40 @@ def test_a_large_cohort_measures_both_and_caches_the_timings(backbone, tmp_path,
     assert calls == [] and again.seconds_per_item == choice.seconds_per_item  # read from the cache
     other_batch = auto.choose_runtime(backbone, device="cpu", precision="fp32", input_size=(16, 16, 16),
                                       batch_size=3, n_items=10**9, cache_dir=tmp_path)
-    assert len(calls) == 2 and other_batch.seconds_per_item == {"eager": 1.0, "onnxruntime": 1.0}
+    assert len(calls) == 4 and other_batch.seconds_per_item == {"eager": 1.0, "onnxruntime": 1.0}
+    assert sorted(c[-1] for c in calls) == [1, 1, 3, 3]  # each runtime at 1 and at 3 items per call
+
+
+def test_one_item_per_call_is_kept_when_it_is_faster_per_item(backbone, tmp_path, monkeypatch):
+    """A 3D model whose batches outgrow the caches: auto measures one item per call too."""
+    monkeypatch.setattr(auto, "_measure", lambda runtime, bb, size, batch: 1.0 if batch == 1 else 2.0)
+    choice = auto.choose_runtime(backbone, device="cpu", precision="fp32", input_size=(16, 16, 16),
+                                 batch_size=4, n_items=4, cache_dir=tmp_path)
+    assert choice.name == "eager" and choice.micro_batch == 1 and "1 item(s) per call" in choice.reason
+    cached = auto.choose_runtime(backbone, device="cpu", precision="fp32", input_size=(16, 16, 16),
+                                 batch_size=4, n_items=4, cache_dir=tmp_path)
+    assert cached.micro_batch == 1  # from the cached record
+
+
+def test_micro_batched_runtime_splits_batches_and_joins_outputs():
+    import numpy as np
+    import torch
+
+    from medfeat.export.runtimes.factory import MicroBatched
+
+    sizes = []
+
+    class Doubling:
+        name = "eager"
+
+        def __call__(self, x):
+            sizes.append(len(x))
+            return {"t": x.numpy().reshape(len(x), -1) * 2}
+
+    x = torch.arange(30, dtype=torch.float32).reshape(5, 6)
+    out = MicroBatched(Doubling(), 2)(x)
+    assert sizes == [2, 2, 1] and out["t"].shape == (5, 6)
+    np.testing.assert_array_equal(out["t"], x.numpy() * 2)
 
 
 def test_extract_resolves_auto_and_says_why(tmp_path, monkeypatch):
