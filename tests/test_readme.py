@@ -64,3 +64,17 @@ def test_python_session(tmp_path, monkeypatch, capsys) -> None:
     assert "24 items" in out and "AUC" in out
     assert namespace["cube"].dims == ("item", "feature") and len(namespace["frame"]) == 24
     assert namespace["store"].arrays() == ["unet3d:bottom:oracle-crop", "unet3d:down.1:oracle-crop"]  # as printed
+
+
+def test_speed_figures_are_the_measured_ones() -> None:
+    """Each speed figure of the README's "Speed defaults" paragraph (ratios, seconds,
+    milliseconds) is one that benchmarks/RESULTS.md records with its command: the README
+    cannot quote a figure no benchmark printed, or keep one after its section is re-measured."""
+    results = (Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text()
+    paragraph = README.split("**Speed defaults.**", 1)[1].split("\n\n", 1)[0]
+    figures = re.findall(r"\b\d+(?:\.\d+)?(?:x| s\b| ms\b)", paragraph)
+    assert len(figures) >= 4, paragraph
+    # ratios as written ("2.1x"); times as numbers (a table's column gives the unit)
+    missing = [f for f in figures if not re.search(r"(?<![\d.])" + re.escape(f.split(" ")[0].rstrip("x")) + r"(?![\d])"
+                                                   + ("x" if f.endswith("x") else ""), results)]
+    assert not missing, f"README quotes {missing}, which benchmarks/RESULTS.md does not record"

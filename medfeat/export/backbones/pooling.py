@@ -126,8 +126,17 @@ def pool(x: torch.Tensor, kind: str, method: str, prefix: int = 0) -> torch.Tens
 
 
 def _grid2(x: torch.Tensor) -> torch.Tensor:
-    pool_fn = torch.nn.functional.adaptive_avg_pool2d if x.dim() == 4 else torch.nn.functional.adaptive_avg_pool3d
-    return pool_fn(x, 2).flatten(1)
+    """(B, C, *spatial) -> (B, C * 2^ndim): the mean over each cell of a 2 x 2 (x 2) grid, as
+    adaptive average pooling to 2 per axis gives it (along an odd axis the middle slice
+    belongs to both halves). Written as means over the halves of each axis in turn, so the
+    ONNX export works where adaptive pooling's cannot (its input size not static, e.g. after
+    uniGradICON's warps)."""
+    for axis in range(2, x.dim()):
+        n = x.shape[axis]
+        half = (n + 1) // 2  # positive operands: a traced // stays a floor in ONNX
+        x = torch.cat([x.narrow(axis, 0, half).mean(axis, keepdim=True),
+                       x.narrow(axis, n - half, half).mean(axis, keepdim=True)], dim=axis)
+    return x.flatten(1)
 
 
 def _stats(flat: torch.Tensor) -> torch.Tensor:

@@ -207,3 +207,23 @@ def test_export_cli_tensorrt_without_tensorrt_says_how_to_get_it(tmp_path, capsy
         main(["export", "rt_tiny_cnn", "--taps", "stem", "--format", "tensorrt", "--out", str(tmp_path / "o")])
     assert info.value.code == 2
     assert "pip install tensorrt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 2, 5, 6, 7), (2, 1, 4, 4, 4)])
+def test_grid2_pooling_is_adaptive_average_pooling_to_two(shape):
+    from medfeat.export.backbones.pooling import pool
+
+    x = torch.randn(shape)
+    fn = torch.nn.functional.adaptive_avg_pool2d if len(shape) == 4 else torch.nn.functional.adaptive_avg_pool3d
+    torch.testing.assert_close(pool(x, "map", "grid2"), fn(x, 2).flatten(1), rtol=1e-6, atol=1e-6)
+
+
+def test_unigradicon_grid2_pooled_taps_export_with_parity(tmp_path):
+    """The demo's pooling of uniGradICON taps (grid2; stats+grid2 for the log-Jacobian) exports."""
+    torch.manual_seed(0)
+    backbone = create_backbone("unigradicon", ["A.enc.2", "B.enc.2", "B.phi.logjac"], tiny=True,
+                               pooling="grid2,B.phi.logjac=stats+grid2")
+    for stage in backbone.trunk.stages.values():  # maps that move: features away from zero
+        torch.nn.init.normal_(stage.lastConv.weight, std=0.05)
+    entry = onnx_artefact(backbone, cache_dir=tmp_path)  # raises ParityError outside 1e-4
+    assert json.loads((entry.path / PARITY_FILE).read_text())["passed"]
