@@ -26,6 +26,7 @@ from medfeat.engine.pipeline import preprocess as pp
 from medfeat.engine.pipeline.config import ExtractConfig, ItemCounts, ModelConfig, RunRecord
 from medfeat.engine.pipeline.executors import Executor, make_executor, run_bounded
 from medfeat.engine.pipeline.items import Atlas, Item, plan_items
+from medfeat.engine.pipeline.malloc import apply_malloc_mode
 from medfeat.engine.pipeline.progress import Progress, StageTimes
 from medfeat.engine.pipeline.sources import check_sources, describe_changes
 from medfeat.engine.pipeline.tokens import plan_arrays
@@ -170,6 +171,11 @@ def _auto_runtime(cfg: ExtractConfig, eager: LoadedModel, n_items: int,
                   notes: list[str]) -> tuple[ExtractConfig, LoadedModel]:
     """Resolve ``--runtime auto`` by measurement (:mod:`medfeat.export.runtimes.auto`); the
     chosen runtime reuses the backbone built for the measurement."""
+    if not cfg.cluster.scheduler:
+        # Time under the allocator the run's processes get (this one, or a LocalCluster's
+        # workers): with glibc's defaults a large 3D model pays page faults that ``retain``
+        # avoids (RESULTS.md: 2.4x slower per item for SwinUNETR at 96^3), skewing the choice.
+        apply_malloc_mode(cfg.cluster.malloc)
     choice = choose_runtime(eager.backbone, device=cfg.model.device, precision=cfg.model.precision,
                             input_size=eager.size, batch_size=cfg.batch_size, n_items=n_items)
     notes.append(choice.reason)
