@@ -105,6 +105,16 @@ def test_non_finite_rows_are_named_and_huge_finite_rows_pass():
     assert check_xy(X[:2])[0] is not None
 
 
+def test_non_finite_rows_by_blocks_and_in_float16(monkeypatch):
+    import medfeat.engine.store.finite as finite
+
+    monkeypatch.setattr(finite, "_BLOCK_BYTES", 64)  # 4 rows of 4 float32 sums per block
+    X = np.zeros((30, 4), dtype=np.float16)
+    X[7] = 60000.0  # finite float16 values whose sum overflows float16 (not float32)
+    X[5, 1], X[13, 0], X[29, 3] = np.nan, np.inf, -np.inf
+    assert finite.non_finite_rows(X).tolist() == [5, 13, 29]
+
+
 @pytest.mark.parametrize("normalize", ["l2", "standard"])
 def test_knn_probe(normalize):
     X, y = _blobs(n=300, shift=4.0)
