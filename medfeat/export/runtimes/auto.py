@@ -4,8 +4,9 @@ For each runtime this machine offers (:func:`~medfeat.export.runtimes.factory.ch
 a short timing on random input is taken the first time the model is seen, at the run's
 batch size and at one item per call (a large 3D model on the CPU can run faster per item
 one at a time, and needs less memory; the faster is kept, see
-:class:`~medfeat.export.runtimes.factory.MicroBatched`), and cached beside the exports (keyed by the model's content, input size, precision,
-device, batch, threads and library versions, so a new version measures again). A runtime
+:class:`~medfeat.export.runtimes.factory.MicroBatched`), and cached beside the exports
+(keyed by the model's content, input size, precision, device, batch, threads and library
+versions, so a new version measures again). A runtime
 that needs an export first (ONNX Runtime, TensorRT) has its cost counted against the
 cohort: when even a 3x speed-up over the measured eager rate could not pay back the
 estimated export over the items of the run, it is not exported and eager runs. The choice
