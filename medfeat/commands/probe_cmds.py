@@ -165,7 +165,7 @@ def train(store_path, labels, covariates, target, task, folds, seeds, probe_kind
     from medfeat.probes.features import array_meta, load_features
     from medfeat.probes.sweep import config_record, evaluate_features, write_results
 
-    labels = _labels(labels, store_path)
+    # without a labels CSV, load_features joins the store's items table it reads anyway
     fs = load_features(store_path, spec, labels, target, pair_mode, _covs(covariates))
     _echo_features(fs)
     kind = probe_kind if head in (None, "linear") else head
@@ -176,7 +176,8 @@ def train(store_path, labels, covariates, target, task, folds, seeds, probe_kind
     kw = _cv_kwargs(task, folds, seeds, kind, n_boot, ci_method, balanced)
     if kind not in ("linear", "knn"):
         kw["probe_params"] = _head_params(kind, array_meta(store_path, spec), fs.X.ndim, **head_opts)
-    res = evaluate_features(fs, labels=labels, split_column=split_column, **kw)
+    res = evaluate_features(fs, labels=_labels(labels, store_path) if split_column else None,
+                            split_column=split_column, **kw)
     _echo_result(res, f"{spec}{' / ' + pair_mode if pair_mode else ''}")
     if out is not None:
         write_results([config_record(spec, res, pair_mode=pair_mode, fs=fs)], out)
