@@ -56,7 +56,7 @@ class Standardised:
     """Z = (X - mean) / scale for X (n, d) float32 or float64, with ``mean`` and ``scale``
     (d,) float64; products with Z as products with X (see the module docstring).
 
-    ``dot`` and ``tdot`` return float64; ``rows`` materialises standardised rows.
+    ``dot`` and ``dot_then_tdot`` return float64; ``rows`` materialises standardised rows.
     """
 
     def __init__(self, X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> None:
@@ -99,13 +99,6 @@ class Standardised:
             return (self._Z @ W.astype(self.dtype)).astype(np.float64)
         Ws = W / self.scale[:, None]
         return (self.X @ Ws.astype(self.dtype)).astype(np.float64) - self.mean @ Ws
-
-    def tdot(self, R: np.ndarray) -> np.ndarray:
-        """``Z.T @ R`` (d, c) float64 for R (n, c)."""
-        if self._Z is not None:
-            return (self._Z.T @ R.astype(self.dtype)).astype(np.float64)
-        XtR = (self.X.T @ R.astype(self.dtype)).astype(np.float64)
-        return (XtR - np.outer(self.mean, R.sum(axis=0))) / self.scale[:, None]
 
     def dot_then_tdot(self, W: np.ndarray, residual: Callable[[slice, np.ndarray], np.ndarray]
                       ) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,8 @@ def test_products_equal_those_of_the_standardised_matrix(offset):
     W, R = rng.standard_normal((X.shape[1], 3)), rng.standard_normal((len(X), 3))
     tol = {"rtol": 1e-4, "atol": 1e-4 * np.sqrt(X.shape[1])}
     np.testing.assert_allclose(A.dot(W), Z @ W, **tol)
-    np.testing.assert_allclose(A.tdot(R), Z.T @ R, rtol=1e-4, atol=1e-4 * np.sqrt(len(X)))
+    np.testing.assert_allclose(A.dot_then_tdot(W, lambda rows, Zw: R[rows])[0], Z.T @ R, rtol=1e-4,
+                               atol=1e-4 * np.sqrt(len(X)))
     np.testing.assert_allclose(A.rows(np.arange(5, 9)), Z[5:9], rtol=1e-5, atol=1e-5)
     # The fused pass: blocks of rows, the residual of each block from its products.
     seen = []
